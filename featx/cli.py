@@ -66,6 +66,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="Autocast precision (bf16 on CPUs with native support, fp16/bf16 on GPU).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the features in the HDF5 file.")
+@click.option("--image-size", type=click.IntRange(min=16),
+              help="Input size in pixels instead of the backbone's own (resize keeps the same crop ratio).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decoding workers (default: spare cores).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -75,8 +77,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
 @click.pass_context
-def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, precision, dtype, batch_size,
-            workers, device, split, seed, split_from):
+def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, precision, dtype, image_size,
+            batch_size, workers, device, split, seed, split_from):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -96,7 +98,7 @@ def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, pr
                f"split: {dataset.split_source}")
     for name in backbones:
         config = ExtractConfig(backbone=name, weights=weights, layer=layer, tta=tta, precision=precision,
-                               dtype=dtype, batch_size=batch_size, workers=workers, device=device,
+                               dtype=dtype, image_size=image_size, batch_size=batch_size, workers=workers, device=device,
                                cache_dir=str(cache_dir))
         try:
             result = run_extract(dataset, config, progress=ctx.obj["progress"])

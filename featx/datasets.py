@@ -82,7 +82,10 @@ def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, flo
     """Read ``"0.7,0.15,0.15"`` (or two numbers, train and test) into three fractions."""
     if text is None:
         return None
-    parts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(p) for p in text]
+    try:
+        parts = [float(p) for p in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        parts = []
     if len(parts) == 2:
         parts = [parts[0], 0.0, parts[1]]
     if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:

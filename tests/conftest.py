@@ -1,0 +1,53 @@
+"""Shared fixtures: small Pillow-made image folders and a tiny, fast extraction config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+
+# Tests never reach the network: weight resolution stops at the local caches.
+os.environ["FEATX_OFFLINE"] = "1"
+
+
+def make_image(path: Path, colour, size=(48, 40), seed=0, fmt=None) -> Path:
+    """A coloured image with a little noise, so classes are learnable and images differ."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_class_folders(root: Path, per_class: int = 6, splits: tuple[str, ...] = ()) -> Path:
+    """``root/<class>/`` (or ``root/<split>/<class>/``) holding ``per_class`` JPEGs per class."""
+    for split in splits or ("",):
+        for c, (name, colour) in enumerate(COLOURS.items()):
+            for i in range(per_class):
+                make_image(root / split / name / f"{name}_{i:02d}.jpg", colour, seed=100 * c + i)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_class_folders(tmp_path / "colours", per_class=6)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """resnet18 with random weights at 64 px: a real backbone, fast enough for every test."""
+    from featx.extract import ExtractConfig
+
+    return ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
+                         cache_dir=str(tmp_path / "cache"))
+
+
+def needs_shared_data(*parts: str):
+    return pytest.mark.skipif(not SHARED_DATA.joinpath(*parts).is_dir(),
+                              reason=f"{SHARED_DATA.joinpath(*parts)} is absent")

@@ -1,0 +1,109 @@
+import os
+from collections import Counter
+
+import pytest
+
+from featx.datasets import scan_dataset
+from featx.errors import ConfigError, DataError
+from tests.conftest import make_class_folders, make_image
+
+
+def test_class_folders_get_a_seeded_stratified_split(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=20)
+    ds = scan_dataset(root, split="0.7,0.15,0.15", seed=0)
+    assert ds.classes == ["blue", "green", "red"]
+    assert len(ds) == 60
+    per_split_class = Counter((s.split, s.label) for s in ds.samples)
+    for label in range(3):
+        assert per_split_class[("train", label)] == 14
+        assert per_split_class[("val", label)] == 3
+        assert per_split_class[("test", label)] == 3
+    again = scan_dataset(root, split="0.7,0.15,0.15", seed=0)
+    other = scan_dataset(root, split="0.7,0.15,0.15", seed=1)
+    assert [s.split for s in again.samples] == [s.split for s in ds.samples]
+    assert [s.split for s in other.samples] != [s.split for s in ds.samples]
+    assert "seed=0" in ds.split_source
+
+
+def test_default_split_applies_when_none_is_given(tmp_path):
+    ds = scan_dataset(make_class_folders(tmp_path / "d", per_class=20))
+    assert {s.split for s in ds.samples} == {"train", "val", "test"}
+
+
+def test_split_folders_are_used_as_given(tmp_path):
+    root = tmp_path / "d"
+    make_class_folders(root, per_class=2, splits=("train", "valid", "test"))
+    ds = scan_dataset(root)
+    assert ds.split_source == "split folders"
+    assert Counter(s.split for s in ds.samples) == {"train": 6, "val": 6, "test": 6}
+    assert all(s.path.startswith(("train/", "valid/", "test/")) for s in ds.samples)
+    with pytest.raises(ConfigError, match="already defines splits"):
+        scan_dataset(root, split="0.8,0.1,0.1")
+
+
+def test_csv_with_groups_keeps_each_group_in_one_split(tmp_path):
+    rows = ["path,label,group"]
+    for patient in range(30):
+        for view in range(3):
+            name = f"img/p{patient}_{view}.png"
+            make_image(tmp_path / name, (patient * 8, 0, 0), fmt="PNG")
+            rows.append(f"{name},{'sick' if patient % 2 else 'healthy'},p{patient}")
+    (tmp_path / "index.csv").write_text("\n".join(rows) + "\n")
+    ds = scan_dataset(tmp_path / "index.csv", split="0.6,0.2,0.2", seed=3)
+    splits_of_group = {}
+    for s in ds.samples:
+        splits_of_group.setdefault(s.group, set()).add(s.split)
+    assert all(len(v) == 1 for v in splits_of_group.values())
+    assert Counter(s.split for s in ds.samples) == {"train": 54, "val": 18, "test": 18}
+    assert "by group" in ds.split_source
+
+
+def test_csv_split_column_and_errors(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / f"a{i}.png", (0, 0, 0), fmt="PNG")
+    (tmp_path / "data.csv").write_text("path,label,split\na0.png,x,train\na1.png,y,train\na2.png,x,test\na3.png,y,val\n")
+    ds = scan_dataset(tmp_path / "data.csv")
+    assert [s.split for s in ds.samples] == ["train", "train", "test", "val"]
+    (tmp_path / "bad.csv").write_text("file,class\na0.png,x\n")
+    with pytest.raises(DataError, match=r"bad.csv: the header must name at least 'path' and 'label'"):
+        scan_dataset(tmp_path / "bad.csv")
+    (tmp_path / "badsplit.csv").write_text("path,label,split\na0.png,x,training\n")
+    with pytest.raises(DataError, match=r"badsplit.csv:2: unknown split 'training'"):
+        scan_dataset(tmp_path / "badsplit.csv")
+
+
+def test_split_from_csv(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=2)
+    ds = scan_dataset(root)
+    lines = ["path,split"] + [f"{s.path},{'test' if i % 2 else 'train'}" for i, s in enumerate(ds.samples)]
+    (tmp_path / "splits.csv").write_text("\n".join(lines))
+    again = scan_dataset(root, split_from=tmp_path / "splits.csv")
+    assert [s.split for s in again.samples] == ["test" if i % 2 else "train" for i in range(len(ds))]
+
+
+def test_fingerprint_changes_with_any_input(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=3)
+    first = scan_dataset(root).fingerprint()
+    assert scan_dataset(root).fingerprint() == first
+    make_image(root / "red" / "extra.jpg", (200, 0, 0), seed=99)
+    added = scan_dataset(root).fingerprint()
+    assert added != first
+    target = root / "red" / "extra.jpg"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    assert scan_dataset(root).fingerprint() != added
+    assert scan_dataset(root, seed=5).fingerprint() != scan_dataset(root).fingerprint()
+
+
+@pytest.mark.parametrize("split", ["0.5,0.6,0.1", "1,2,3,4", "-0.1,0.6,0.5", "abc"])
+def test_bad_split_fractions(tmp_path, split):
+    root = make_class_folders(tmp_path / "d", per_class=2)
+    with pytest.raises(ConfigError, match="The 'split' parameter"):
+        scan_dataset(root, split=split)
+
+
+def test_empty_or_missing_folders_are_refused(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="expected one folder per class"):
+        scan_dataset(tmp_path / "empty")

@@ -1,0 +1,122 @@
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from featx.errors import DataError, SchemaError
+from featx.extract import extract
+from featx.store import CacheLock, load_embeddings
+from tests.conftest import make_image
+
+META_ATTRS = {
+    "schema", "featx_version", "created", "backbone", "weights", "weights_sha256", "layer", "pooling",
+    "image_size", "mean", "std", "tta", "dtype", "classes", "dataset_root", "dataset_fingerprint", "cache_key",
+    "torch_version", "torchvision_version", "device", "rows_done", "complete",
+}
+
+
+def test_extract_writes_the_schema_and_finds_it_cached(image_folder, tiny_config):
+    result = extract(image_folder, tiny_config, split="0.5,0.25,0.25", progress=False)
+    assert not result.cached and result.rows == 18 and not result.failed
+    emb = load_embeddings(result.path)
+    assert META_ATTRS <= set(emb.meta)
+    assert result.path.parent.name == "colours" and result.path.name.startswith("resnet18-")
+    assert emb.features().shape == (18, 512)
+    assert emb.classes == ["blue", "green", "red"]
+    assert sorted(emb.split_names) == ["test", "train", "val"]
+    assert emb.meta["complete"] and emb.meta["rows_done"] == 18 and emb.meta["image_size"] == 64
+    assert np.isfinite(emb.features()).all() and emb.features().std() > 0
+    mtime = result.path.stat().st_mtime_ns
+    again = extract(image_folder, tiny_config, split="0.5,0.25,0.25", progress=False)
+    assert again.cached and again.path == result.path and result.path.stat().st_mtime_ns == mtime
+
+
+def test_changed_inputs_make_a_new_key(image_folder, tiny_config):
+    first = extract(image_folder, tiny_config, progress=False).path
+    assert extract(image_folder, replace(tiny_config, tta=True), progress=False).path != first
+    assert extract(image_folder, replace(tiny_config, dtype="float32"), progress=False).path != first
+    assert extract(image_folder, replace(tiny_config, backbone="resnet34"), progress=False).path != first
+    make_image(image_folder / "red" / "new.jpg", (200, 30, 30), seed=999)
+    added = extract(image_folder, tiny_config, progress=False)
+    assert added.path != first and added.rows == 19
+
+
+def test_rows_follow_dataset_order_whatever_the_workers(image_folder, tiny_config):
+    threads = load_embeddings(extract(image_folder, tiny_config, progress=False).path)
+    procs = load_embeddings(extract(image_folder, replace(tiny_config, workers=2, out=str(image_folder.parent / "w.h5")),
+                                    progress=False).path)
+    assert threads.paths.tolist() == procs.paths.tolist()
+    np.testing.assert_allclose(threads.features(), procs.features(), rtol=1e-3, atol=1e-3)
+    # the red images (third class) are the reddest rows: order and content line up
+    red = threads.labels() == threads.classes.index("red")
+    assert all("red" in p for p in threads.paths[red])
+
+
+def test_unreadable_images_are_recorded_and_skipped(image_folder, tiny_config):
+    (image_folder / "red" / "empty.jpg").write_bytes(b"")
+    (image_folder / "green" / "notes.jpg").write_text("not an image")
+    good = (image_folder / "blue" / "blue_00.jpg").read_bytes()
+    (image_folder / "blue" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    result = extract(image_folder, tiny_config, progress=False)
+    assert {p for p, _ in result.failed} == {"red/empty.jpg", "green/notes.jpg", "blue/cut.jpg"}
+    emb = load_embeddings(result.path)
+    assert len(emb) == 21 and (~emb.ok).sum() == 3
+    bad = np.flatnonzero(~emb.ok)
+    assert (emb._features[bad] == 0).all()
+    assert {emb.errors[i].split(" (")[0] for i in bad} == {"empty file", "not an image", "cannot decode"}
+    assert len(emb.features()) == 18  # readers see readable rows only
+
+
+def test_stages_and_tta(image_folder, tiny_config):
+    stages = load_embeddings(extract(image_folder, replace(tiny_config, layer="stages"), progress=False).path)
+    assert stages.features().shape[1] == 64 + 128 + 256 + 512
+    plain = load_embeddings(extract(image_folder, tiny_config, progress=False).path).features()
+    tta = load_embeddings(extract(image_folder, replace(tiny_config, tta=True), progress=False).path).features()
+    assert tta.shape == plain.shape and not np.allclose(tta, plain)
+
+
+CRASHING_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from featx import store
+    from featx.extract import ExtractConfig, extract
+    write = store.EmbeddingWriter.write
+    def write_then_die(self, *args):
+        write(self, *args)
+        if self.rows_done >= 8:
+            os.kill(os.getpid(), signal.SIGKILL)  # as hard as a crash gets: no cleanup at all
+    store.EmbeddingWriter.write = write_then_die
+    extract(sys.argv[1], ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
+                                       cache_dir=sys.argv[2]), progress=False)
+""")
+
+
+def test_killed_extraction_resumes_to_identical_rows(image_folder, tiny_config, tmp_path):
+    crashed = tmp_path / "crashed"
+    child = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(image_folder), str(crashed)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    partial = next(crashed.rglob("*.h5.partial"))
+    with h5py.File(partial) as f:
+        assert f.attrs["rows_done"] == 8 and not f.attrs["complete"]
+    with pytest.raises(SchemaError, match="incomplete"):
+        load_embeddings(partial)
+
+    resumed = extract(image_folder, replace(tiny_config, cache_dir=str(crashed)), progress=False)
+    assert resumed.resumed_from == 8 and not partial.exists()
+    whole = extract(image_folder, tiny_config, progress=False)
+    assert resumed.path.name == whole.path.name
+    a, b = load_embeddings(resumed.path), load_embeddings(whole.path)
+    assert a.paths.tolist() == b.paths.tolist()
+    np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_a_second_process_on_the_same_key_is_refused(image_folder, tiny_config):
+    first = extract(image_folder, tiny_config, progress=False).path
+    first.unlink()
+    with CacheLock(first):
+        with pytest.raises(DataError, match="another featx process is writing"):
+            extract(image_folder, tiny_config, progress=False)
