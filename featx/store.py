@@ -64,7 +64,10 @@ class CacheLock:
         self._handle = open(self.path, "a+")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # The holder unlinks the lock file when done; a lock won on that unlinked file is no lock.
+            if os.fstat(self._handle.fileno()).st_ino != os.stat(self.path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             self._handle.close()
             raise DataError(
                 f"{self.path.with_suffix('')}: another featx process is writing this file; wait for it to finish"
