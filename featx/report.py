@@ -1,0 +1,79 @@
+"""PNG plots of a run: confusion matrices (raw and row-normalised) and ROC curves, drawn with scikit-learn's Displays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a screen
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(path: Path, truth: np.ndarray, predicted: np.ndarray, classes: list[str], title: str) -> Path:
+    """Raw counts and row-normalised rates side by side in one PNG."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    size = max(4.0, 0.6 * len(classes) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    labels = list(range(len(classes)))
+    for ax, normalize, name in ((axes[0], None, "counts"), (axes[1], "true", "row-normalised")):
+        ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, display_labels=classes,
+                                                normalize=normalize, ax=ax, colorbar=False, cmap="Blues",
+                                                values_format="d" if normalize is None else ".2f")
+        ax.set_title(name)
+        ax.tick_params(axis="x", labelrotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(path: Path, truth: np.ndarray, proba: np.ndarray, classes: list[str], title: str) -> Path:
+    """The ROC curve (binary) or one-vs-rest curves per class."""
+    from sklearn.metrics import RocCurveDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if len(classes) == 2:
+        RocCurveDisplay.from_predictions(truth, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax)
+    else:
+        for k, name in enumerate(classes):
+            if 0 < (truth == k).sum() < len(truth):
+                RocCurveDisplay.from_predictions(truth == k, proba[:, k], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(out: Path, board) -> list[str]:
+    """Every plot of a compare run, into ``out/plots``; returns their paths relative to ``out``."""
+    from featx.evaluate import predict_labels
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for detail in board.details:
+        row, classes = detail["row"], detail["classes"]
+        stem = f"{Path(row['file']).stem}__{row['head']}"
+        for split in ("val", "test"):
+            if f"{split}_truth" not in detail:
+                continue
+            truth, proba = detail[f"{split}_truth"], detail[f"{split}_proba"]
+            title = f"{row['backbone']} + {row['head']} ({split}, n={len(truth)})"
+            written.append(plot_confusion(folder / f"confusion_{stem}_{split}.png", truth,
+                                          predict_labels(proba, row["threshold"]), classes, title))
+            if split == "test" or "test_truth" not in detail:
+                written.append(plot_roc(folder / f"roc_{stem}_{split}.png", truth, proba, classes, title))
+    return [str(p.relative_to(out)) for p in written]
