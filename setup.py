@@ -22,7 +22,7 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
         "scikit-learn>=1.3",
-        "lightgbm>=4.0",
+        "lightgbm>=4.7",  # eval_X/eval_y in the scikit-learn API
         "joblib>=1.3",
         "click>=8.1",
         "pillow>=10.0",

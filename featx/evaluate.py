@@ -75,7 +75,7 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str],
         "recall_macro": float(recall.mean()),
         "f1_macro": float(f1.mean()),
         "roc_auc": _auc(y, proba),
-        "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1), labels=labels)),
+        "log_loss": float(skm.log_loss(y, proba, labels=labels)),
         "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
         "confusion": confusion.tolist(),

@@ -26,6 +26,8 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featx.errors import ConfigError, DataError
 
@@ -146,24 +148,36 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         import lightgbm
 
+        X, y = validate_data(self, X, y)
+        check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        X_fit, X_stop, y_fit, y_stop = train_test_split(X, y_index, test_size=0.1, random_state=self.seed,
-                                                        stratify=y_index if np.bincount(y_index).min() >= 2 else None)
+        # Too few rows for an inner fold: a short fixed number of trees instead of early stopping.
+        stop_early = len(y) >= 50 and np.bincount(y_index).min() >= 5
         self.model_ = lightgbm.LGBMClassifier(
-            n_estimators=self.max_trees, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
-            class_weight="balanced", subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-            random_state=self.seed, n_jobs=2, verbose=-1,
+            n_estimators=self.max_trees if stop_early else min(self.max_trees, 100),
+            learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight="balanced",
+            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, n_jobs=2, verbose=-1,
         )
-        self.model_.fit(X_fit, y_fit, eval_set=[(X_stop, y_stop)],
-                        callbacks=[lightgbm.early_stopping(self.patience, verbose=False)])
-        self.best_iteration_ = self.model_.best_iteration_
+        if stop_early:
+            X_fit, X_stop, y_fit, y_stop = train_test_split(X, y_index, test_size=0.1, random_state=self.seed,
+                                                            stratify=y_index)
+            self.model_.fit(X_fit, y_fit, eval_X=(X_stop,), eval_y=(y_stop,),
+                            callbacks=[lightgbm.early_stopping(self.patience, verbose=False)])
+        else:
+            self.model_.fit(X, y_index)
+        self.best_iteration_ = self.model_.best_iteration_ or self.model_.n_estimators
         return self
 
     def predict_proba(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        if len(self.classes_) == 1:
+            return np.ones((len(X), 1))
         return self.model_.predict_proba(X)
 
     def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(1)]
 
 
 @dataclass

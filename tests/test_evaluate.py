@@ -1,0 +1,99 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.errors import ConfigError
+from featx.evaluate import Leaderboard, choose_threshold, classification_metrics, compare
+from featx.store import load_embeddings
+
+FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8], [0.45, 0.55]])
+    m = classification_metrics(y, proba, ["neg", "pos"], with_ci=True)
+    assert m["accuracy"] == pytest.approx(4 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["per_class"]["pos"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["roc_auc"] == pytest.approx(5 / 6)  # one of six positive/negative pairs is misordered
+    assert m["confusion"] == [[2, 1], [0, 2]]
+    assert m["confusion_normalised"][0] == pytest.approx([2 / 3, 1 / 3], abs=1e-4)
+    low, high = m["accuracy_ci"]
+    assert 0 <= low <= m["accuracy"] <= high <= 1
+    strict = classification_metrics(y, proba, ["neg", "pos"], threshold=0.75)
+    assert strict["confusion"] == [[3, 0], [1, 1]]
+
+
+def test_multiclass_auc_is_one_vs_rest():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    proba = np.eye(3)[y] * 0.8 + 0.2 / 3
+    assert classification_metrics(y, proba, ["a", "b", "c"])["roc_auc"] == pytest.approx(1.0)
+
+
+def test_threshold_objectives():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300, int), np.ones(100, int)]
+    p = np.clip(np.r_[rng.normal(0.3, 0.15, 300), rng.normal(0.6, 0.15, 100)], 0, 1)
+    t = choose_threshold(y, p, "balanced_accuracy")
+    assert 0.35 < t < 0.55
+    sensitive = choose_threshold(y, p, "sensitivity=0.95")
+    assert (p[y == 1] >= sensitive).mean() >= 0.95
+    with pytest.raises(ConfigError, match="The 'threshold' parameter"):
+        choose_threshold(y, p, "youden")
+
+
+def test_compare_writes_a_complete_run_folder(tmp_path):
+    emb = load_embeddings(FIXTURE)
+    board = compare([emb], ["logreg", "knn"], threshold="balanced_accuracy", out=tmp_path / "run")
+    assert [r["head"] for r in board.rows] and {r["head"] for r in board.rows} == {"logreg", "knn"}
+    ranked = [r["val_balanced_accuracy"] for r in board.rows]
+    assert ranked == sorted(ranked, reverse=True) and board.best() is board.rows[0]
+    for row in board.rows:
+        assert row["val_source"] == "15% of train, stratified, seed 0"
+        assert 0.6 < row["test_accuracy"] <= 1 and 0.7 < row["test_roc_auc"] <= 1
+        assert row["test_accuracy_ci"][0] <= row["test_accuracy"] <= row["test_accuracy_ci"][1]
+        detail = next(d for d in board.details if d["row"] is row)
+        # the threshold comes from validation rows only
+        assert row["threshold"] == choose_threshold(detail["val_truth"], detail["val_proba"][:, 1],
+                                                    "balanced_accuracy")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["inputs"][0]["cache_key"] == emb.cache_key and len(run["inputs"][0]["sha256"]) == 64
+    assert {r["head"] for r in run["results"]} == {"logreg", "knn"}
+    assert run["results"][0]["test"]["confusion"] and run["config"]["threshold"] == "balanced_accuracy"
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json"):
+        assert (tmp_path / "run" / name).stat().st_size > 100
+    pngs = sorted((tmp_path / "run" / "plots").glob("*.png"))
+    assert len(pngs) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert sorted(run["plots"]) == sorted(f"plots/{p.name}" for p in pngs)
+
+
+def test_leaderboard_sorting_and_formats():
+    rows = [{"backbone": "a", "head": "x", "val_balanced_accuracy": 0.7, "val_log_loss": 0.3},
+            {"backbone": "b", "head": "y", "val_balanced_accuracy": 0.9, "val_log_loss": 0.5}]
+    board = Leaderboard(rows)
+    assert board.best()["backbone"] == "b"
+    assert board.best("log_loss")["backbone"] == "a"
+    assert board.to_markdown().splitlines()[0] == "| backbone | head | val_balanced_accuracy |"
+    assert json.loads(board.to_json())[0]["head"] == "x"
+    assert board.to_csv().splitlines()[0].startswith("backbone,head,")
+    with pytest.raises(ConfigError, match="The 'sort_by' parameter"):
+        board.sorted("speed")
+
+
+def test_cli_train_and_compare(tmp_path):
+    runner = CliRunner()
+    trained = runner.invoke(main, ["train", str(FIXTURE), "--head", "logreg", "--out", str(tmp_path / "lr")])
+    assert trained.exit_code == 0, trained.output
+    assert "| efficientnet_lite0 | logreg |" in trained.output and "best by validation" in trained.output
+    assert (tmp_path / "lr" / "run.json").exists()
+    compared = runner.invoke(main, ["compare", str(FIXTURE), str(FIXTURE), "--heads", "knn,logreg", "--cv", "3",
+                                    "--sort-by", "roc_auc"])
+    assert compared.exit_code == 0, compared.output
+    assert compared.output.count("| efficientnet_lite0 |") == 4
+    bad = runner.invoke(main, ["compare", str(FIXTURE), "--heads", "svn"])
+    assert bad.exit_code == 2 and "unknown head 'svn'; did you mean svm" in bad.output

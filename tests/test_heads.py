@@ -1,0 +1,88 @@
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import check_estimator
+
+from featx.errors import ConfigError, DataError
+from featx.heads import EarlyStoppedLightGBM, fit_head, get_head, list_heads, load_head, resolve_heads
+
+FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
+
+
+def test_lightgbm_head_follows_the_estimator_contract():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(EarlyStoppedLightGBM(max_trees=20), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    assert not failed
+    assert sum(r["status"] == "passed" for r in results) >= 40
+
+
+def test_registry_and_did_you_mean():
+    assert list_heads() == ["logreg", "svm", "lightgbm", "knn", "mlp"]
+    assert resolve_heads("all") == list_heads()
+    assert resolve_heads("svm, logreg") == ["svm", "logreg"]
+    with pytest.raises(ConfigError, match="unknown head 'lightgmb'; did you mean lightgbm"):
+        get_head("lightgmb")
+
+
+def blobs(n_per_class=60, n_classes=3, dim=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_classes, dim))
+    X = np.concatenate([c + rng.normal(0, 1, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return X, y
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm", "lightgbm", "knn", "mlp"])
+def test_every_head_learns_separable_classes(name):
+    X, y = blobs()
+    Xv, yv = blobs(20, seed=0)
+    fitted = fit_head(name, X, y, Xv[::3], yv[::3], seed=0)
+    proba = fitted.pipeline.predict_proba(Xv)
+    assert proba.shape == (60, 3) and np.allclose(proba.sum(1), 1, atol=1e-6)
+    assert (proba.argmax(1) == yv).mean() > 0.9
+    assert fitted.tuned_on == "validation split" and fitted.best_params and fitted.note
+
+
+def test_cv_tuning_and_svm_kernel_choice_is_recorded():
+    X, y = blobs(40)
+    fitted = fit_head("svm", X, y, cv=3)
+    assert fitted.tuned_on == "3-fold stratified CV on train" and "RBF kernel" in fitted.note
+    plan = get_head("svm").plan(20_000, 1280, 0)
+    assert "linear kernel (N=20000 > 10000" in plan.note
+
+
+def test_saved_head_is_checked_against_the_embeddings(tmp_path):
+    from featx.evaluate import compare
+    from featx.store import load_embeddings
+
+    emb = load_embeddings(FIXTURE)
+    board = compare([emb], ["logreg"], out=tmp_path / "run")
+    with pytest.warns(UserWarning, match="joblib files are code"):
+        head = load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key=emb.cache_key)
+    assert head["classes"] == ["NORMAL", "PNEUMONIA"]
+    np.testing.assert_allclose(head["pipeline"].predict_proba(emb.features("test")),
+                               board.details[0]["test_proba"])
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="trained on embeddings .* not on other"):
+        load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key="other")
+    (tmp_path / "junk.joblib").write_text("nope")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="not a featx head file"):
+        load_head(tmp_path / "junk.joblib")
+
+
+def test_the_head_path_never_imports_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from featx.cli import main\n"
+        f"result = CliRunner().invoke(main, ['compare', r'{FIXTURE}', '--heads', 'logreg,knn', '--out', r'{tmp_path}'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
