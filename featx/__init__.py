@@ -10,14 +10,18 @@ from featx.store import load_embeddings
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataError", "FeatxError", "SchemaError", "WeightsError",
-    "extract", "list_backbones", "load_embeddings", "scan_dataset",
+    "compare", "extract", "list_backbones", "list_heads", "load_embeddings", "scan_dataset",
 ]
 
 logging.getLogger("featx").addHandler(logging.NullHandler())
 
+# Imported on first use: extraction pulls in torch, heads pull in scikit-learn; `import featx` needs neither.
+_LAZY = {"extract": "featx.extraction", "compare": "featx.evaluate", "list_heads": "featx.heads"}
 
-def extract(*args, **kwargs):
-    """Run a backbone over a dataset into the HDF5 cache; see ``featx.extract.extract``."""
-    from featx.extract import extract as _extract  # torch is imported only when extraction is asked for
 
-    return _extract(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featx' has no attribute {name!r}")

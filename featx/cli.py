@@ -86,7 +86,7 @@ def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, pr
     interrupted run resumes where it stopped. Unreadable images are recorded and skipped.
     """
     from featx.datasets import scan_dataset
-    from featx.extract import ExtractConfig, extract as run_extract
+    from featx.extraction import ExtractConfig, extract as run_extract
     from featx.sample import sample_path
 
     if sample == (data_dir is not None):

@@ -26,7 +26,7 @@ import torch
 
 from featx.backbones import create_feature_model, get_backbone, resolve_weights
 from featx.datasets import scan_dataset
-from featx.extract import ExtractConfig, extract, resolve_precision
+from featx.extraction import ExtractConfig, extract, resolve_precision
 from featx.feature_model import optimise_for_cpu
 from featx.images import load_image
 

@@ -42,7 +42,7 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path):
     """resnet18 with random weights at 64 px: a real backbone, fast enough for every test."""
-    from featx.extract import ExtractConfig
+    from featx.extraction import ExtractConfig
 
     return ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
                          cache_dir=str(tmp_path / "cache"))

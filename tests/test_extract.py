@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featx.errors import DataError, SchemaError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import CacheLock, load_embeddings
 from tests.conftest import make_image
 
@@ -82,7 +82,7 @@ def test_stages_and_tta(image_folder, tiny_config):
 CRASHING_CHILD = textwrap.dedent("""
     import os, signal, sys
     from featx import store
-    from featx.extract import ExtractConfig, extract
+    from featx.extraction import ExtractConfig, extract
     write = store.EmbeddingWriter.write
     def write_then_die(self, *args):
         write(self, *args)

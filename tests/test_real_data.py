@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from featx.extract import ExtractConfig, extract
+from featx.extraction import ExtractConfig, extract
 from featx.store import load_embeddings
 from tests.conftest import SHARED_DATA, needs_shared_data
 

@@ -1,0 +1,143 @@
+"""Head speed and the accuracy cost of featx's speed shortcuts, measured in one run.
+
+1. Fit and predict time, and peak memory (each in a fresh process), of every head with its
+   middle hyper-parameters, on the committed fixture (280 × 1280) and on a synthetic
+   70,000 × 1280 matrix (predict on 10,000 rows).
+2. `compare` of logreg + svm + lightgbm, each tuned, on the chest X-ray training set
+   (5,216 × 1280) when its embeddings are cached, else on a synthetic matrix of that size.
+3. The shortcuts against their slow versions on the same embeddings: SVM on PCA-256 vs all
+   dims, LightGBM on PCA-64 vs all dims, a linear vs an RBF SVM.
+
+Usage: python scripts/bench_heads.py [--chest-xray cache/chest_xray/efficientnet_lite0-<key>.h5] [--quick]
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import click
+import numpy as np
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "chest_xray_efficientnet_lite0.h5"
+
+
+def synthetic(n_rows: int, dim: int = 1280, n_classes: int = 10, seed: int = 0):
+    """Non-negative, correlated features like pooled CNN embeddings, with a learnable class signal."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(0, 1, (64, dim)).astype(np.float32)
+    centres = rng.normal(0, 1, (n_classes, 64)).astype(np.float32)
+    y = rng.integers(0, n_classes, n_rows)
+    latent = centres[y] + rng.normal(0, 1.5, (n_rows, 64)).astype(np.float32)
+    X = np.maximum(latent @ basis / 8 + rng.normal(0, 0.3, (n_rows, dim)).astype(np.float32), 0)
+    return X.astype(np.float32), y
+
+
+def middle(grid: dict) -> dict:
+    return {k: v[len(v) // 2] for k, v in grid.items()}
+
+
+def time_one_head(args) -> dict:
+    """Runs in its own process so that ru_maxrss is this head's peak."""
+    name, source, n_predict = args
+    from featx.heads import get_head
+
+    X, y = np.load(source)["X"], np.load(source)["y"]
+    plan = get_head(name).plan(len(X), X.shape[1], 0)
+    pipeline = plan.pipeline.set_params(**middle(plan.grid))
+    began = time.perf_counter()
+    pipeline.fit(X, y)
+    fit = time.perf_counter() - began
+    began = time.perf_counter()
+    pipeline.predict_proba(X[:n_predict])
+    predict = time.perf_counter() - began
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"head": name, "fit_s": fit, "predict_s": predict, "peak_mb": peak_mb, "note": plan.note}
+
+
+def head_table(label: str, X, y, n_predict: int, tmp: Path, heads) -> None:
+    source = tmp / f"{label}.npz"
+    np.savez(source, X=X, y=y)
+    print(f"\n{label}: {X.shape[0]} × {X.shape[1]}, predict on {min(n_predict, len(X))} rows")
+    print(f"  {'head':9s} {'fit s':>8s} {'predict s':>10s} {'peak MB':>8s}  how")
+    for name in heads:
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            r = pool.submit(time_one_head, (name, source, n_predict)).result()
+        print(f"  {r['head']:9s} {r['fit_s']:8.2f} {r['predict_s']:10.3f} {r['peak_mb']:8.0f}  {r['note']}")
+
+
+def shortcut_costs(emb) -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
+    from featx.heads import EarlyStoppedLightGBM
+
+    X, y = emb.features("train"), emb.labels("train")
+    X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=0.15, random_state=0, stratify=y)
+    variants = {
+        "svm RBF on PCA-256 (featx)": make_pipeline(StandardScaler(), PCA(256, random_state=0),
+                                                    SVC(class_weight="balanced")),
+        "svm RBF on all dims": make_pipeline(StandardScaler(), SVC(class_weight="balanced")),
+        "svm linear on PCA-256 (featx beyond 10k rows)": make_pipeline(
+            StandardScaler(), PCA(256, random_state=0), LinearSVC(C=0.01, class_weight="balanced")),
+        "lightgbm on PCA-64 (featx)": make_pipeline(PCA(64, random_state=0), EarlyStoppedLightGBM()),
+        "lightgbm on all dims": EarlyStoppedLightGBM(),
+    }
+    print(f"\nshortcut costs on {emb.path.name} (train {len(X_fit)}, validation {len(X_val)} carved from train)")
+    print(f"  {'variant':48s} {'fit s':>7s} {'val acc':>8s} {'val AUC':>8s}")
+    for label, model in variants.items():
+        began = time.perf_counter()
+        model.fit(X_fit, y_fit)
+        fit = time.perf_counter() - began
+        score = model.decision_function(X_val) if hasattr(model, "decision_function") else \
+            model.predict_proba(X_val)[:, 1]
+        print(f"  {label:48s} {fit:7.2f} {accuracy_score(y_val, model.predict(X_val)):8.4f} "
+              f"{roc_auc_score(y_val, score):8.4f}")
+
+
+@click.command()
+@click.option("--chest-xray", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Embeddings of the full chest X-ray set (from `featx extract ../shared/data/chest_xray`).")
+@click.option("--quick", is_flag=True, help="Skip the 70,000-row table.")
+def main(chest_xray, quick):
+    import tempfile
+
+    from featx.evaluate import compare
+    from featx.heads import list_heads
+    from featx.store import load_embeddings
+
+    fixture = load_embeddings(FIXTURE)
+    with tempfile.TemporaryDirectory() as tmp:
+        head_table("fixture", fixture.features("train"), fixture.labels("train"), 1000, Path(tmp), list_heads())
+        if not quick:
+            X, y = synthetic(70_000)
+            head_table("synthetic", X, y, 10_000, Path(tmp), list_heads())
+
+    if chest_xray:
+        emb = load_embeddings(chest_xray)
+        label = f"{chest_xray.name} (chest X-ray train {len(emb.rows('train'))} rows)"
+    else:
+        from featx.store import Embeddings
+
+        X, y = synthetic(5216 + 624, n_classes=2)
+        split = np.array(["train"] * 5216 + ["test"] * 624)
+        emb = Embeddings(Path("synthetic.h5"), {"backbone": "synthetic", "cache_key": "-"}, ["a", "b"],
+                         np.array([f"{i}" for i in range(len(y))]), split, np.ones(len(y), bool),
+                         np.array([""] * len(y)), X.astype(np.float16), y)
+        label = "synthetic 5,216 × 1280 (pass --chest-xray for the real one)"
+    began = time.perf_counter()
+    board = compare([emb], ["logreg", "svm", "lightgbm"])
+    seconds = time.perf_counter() - began
+    print(f"\nfeatx compare logreg+svm+lightgbm, each tuned, on {label}: {seconds:.1f} s (target <= 60 s)")
+    print(board.to_markdown())
+    shortcut_costs(emb)
+
+
+if __name__ == "__main__":
+    main()
