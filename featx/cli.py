@@ -57,6 +57,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               metavar="NAME", help="Registered backbone (see `featx list`) or timm:<model>; repeat for several.")
 @click.option("--weights", metavar="PATH|none",
               help="Weights file, or 'none' for random init. Default: offline package, torch hub cache, download.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A fine-tuned best.pt from `featx finetune`: its backbone, cached under a key of its own.")
 @click.option("--out", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
               help="Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.")
 @click.option("--layer", default="penultimate", show_default=True,
@@ -77,7 +79,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
 @click.pass_context
-def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, precision, dtype, image_size,
+def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
             batch_size, workers, device, split, seed, split_from):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
@@ -96,8 +98,11 @@ def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, pr
     summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
     click.echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
                f"split: {dataset.split_source}")
+    if checkpoint and backbones != (DEFAULT_BACKBONE,):
+        raise click.UsageError("--checkpoint sets the backbone; drop --backbone")
     for name in backbones:
-        config = ExtractConfig(backbone=name, weights=weights, layer=layer, tta=tta, precision=precision,
+        config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
+                               layer=layer, tta=tta, precision=precision,
                                dtype=dtype, image_size=image_size, batch_size=batch_size, workers=workers, device=device,
                                cache_dir=str(cache_dir))
         try:
@@ -105,6 +110,7 @@ def extract(ctx, data_dir, sample, backbones, weights, cache_dir, layer, tta, pr
         except KeyboardInterrupt:
             click.echo("featx: interrupted; run the same command again to resume", err=True)
             ctx.exit(1)
+        name = result.label
         if result.cached:
             click.echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
             continue
@@ -233,6 +239,85 @@ def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, s
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
     _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME",
+              help="Registered backbone or timm:<model>.")
+@click.option("--weights", metavar="PATH|none", help="Starting weights (default: the backbone's pretrained ones).")
+@click.option("--unfreeze", default="all", show_default=True, metavar="0..4|all",
+              help="Backbone stages trained after the head-only epochs, from the top; 0 trains the head only.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Epochs with the stages unfrozen.")
+@click.option("--head-epochs", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Epochs training the new head alone first (fastai's freeze_epochs).")
+@click.option("--lr", default=3e-4, show_default=True, help="Peak one-cycle LR of the head and the top stage.")
+@click.option("--lr-min", type=float, help="Peak LR of the earliest stage (default lr/100); stages in between "
+                                           "are spaced geometrically.")
+@click.option("--lr-find", is_flag=True, help="Only run the LR finder: plot, suggested LRs, weights untouched.")
+@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay (not on norms, biases).")
+@click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
+              help="BatchNorm: keep pretrained statistics and affine (frozen) or train them.")
+@click.option("--aug", type=click.Choice(["natural", "xray", "none"]), default="natural", show_default=True,
+              help="Training augmentation; xray never flips left-right.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
+@click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Early stop after this many epochs without a better validation loss.")
+@click.option("--class-weights/--no-class-weights", default=True, show_default=True,
+              help="Weight the loss by inverse class frequency.")
+@click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A featx train/compare run whose logreg head (same backbone) starts the new head.")
+@click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="Share of train carved out (stratified) for validation when there is no val split.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader worker processes for decoding and augmentation.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/finetune-<backbone>).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
+@click.pass_context
+def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
+             bn, aug, batch_size, image_size, patience, class_weights, init_head_from, val_fraction, seed, device,
+             precision, workers, out, resume):
+    """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
+    validation split (the data's own, or carved from train; never test).
+
+    \b
+    Then cache its embeddings and compare them with the frozen ones:
+      featx extract DATA_DIR --checkpoint OUT/best.pt
+      featx compare cache/<dataset>/*.h5
+    """
+    from featx.finetune import FinetuneConfig, Trainer, finetune as run_finetune, lr_find as run_lr_find
+
+    config = FinetuneConfig(
+        backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
+        lr_min=lr_min, weight_decay=weight_decay, bn=bn, batch_size=batch_size, image_size=image_size, aug=aug,
+        class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
+        precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
+    )
+    out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
+    progress = ctx.obj["progress"]
+    if lr_find:
+        found = run_lr_find(Trainer(data_dir, config, out))
+        click.echo(f"suggested LR: {found['steepest']:.1e} (steepest descent), {found['valley']:.1e} (valley); "
+                   f"plot: {found['plot']}")
+        return
+    try:
+        result = run_finetune(data_dir, config, out=out, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        click.echo(f"featx: interrupted; continue with the same command and --resume --out {out}", err=True)
+        ctx.exit(1)
+    rows = [("epoch", "unfreeze", "train loss", "val loss", "val acc", "val bal acc")]
+    for h in result.history:
+        rows.append((str(h["epoch"]), h["unfreeze"], f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
+                     f"{h['val_accuracy']:.4f}", f"{h['val_balanced_accuracy']:.4f}"))
+    click.echo(_table(rows))
+    click.echo(f"best epoch {result.best_epoch}: val loss {result.best_metrics['val_loss']:.4f}, "
+               f"val accuracy {result.best_metrics['val_accuracy']:.4f} ({result.seconds:.0f} s)")
+    click.echo(f"checkpoint: {out}/best.pt; next: featx extract {data_dir} --checkpoint {out}/best.pt")
 
 
 @main.command(name="list")

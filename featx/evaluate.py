@@ -201,13 +201,13 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     for emb in files:
         (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = _splits(emb, val_fraction, seed)
         for name in names:
-            log.info("%s × %s: tuning on %d rows", emb.backbone, name, len(X_train))
+            log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
             fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed)
             p_val = fitted.pipeline.predict_proba(X_val)
             chosen = None
             if threshold and len(emb.classes) == 2:
                 chosen = choose_threshold(y_val, p_val[:, 1], threshold)
-            row = {"file": emb.path.name, "backbone": emb.backbone, "cache_key": emb.cache_key, "head": name,
+            row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
                    "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
                    "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
             detail = {"row": row, "classes": emb.classes,

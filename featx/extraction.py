@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 
 import featx
-from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone, parse_layer, resolve_weights
+from featx.backbones import (DEFAULT_BACKBONE, ResolvedWeights, create_feature_model, get_backbone, parse_layer,
+                             resolve_weights)
 from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, check_positive_int
 from featx.feature_model import optimise_for_cpu
 from featx.images import ImageError, Preprocess, load_image
-from featx.store import CacheLock, EmbeddingWriter, cache_key, cache_path, read_meta
+from featx.store import CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
+RANDOM_INIT = ResolvedWeights("none", None, "none")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -37,6 +39,7 @@ class ExtractConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # None: default search; "none": random init; else a file
+    checkpoint: str | None = None  # a fine-tuned best.pt from `featx finetune`; sets backbone and preprocessing
     layer: str = "penultimate"
     tta: bool = False
     precision: str = "fp32"
@@ -56,6 +59,7 @@ class ExtractResult:
     path: Path
     cached: bool
     rows: int
+    label: str = ""
     resumed_from: int = 0
     seconds: float = 0.0
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -127,20 +131,25 @@ def extract(
     check_positive_int(config.batch_size, "batch_size", "extract")
     if config.dtype not in STORAGE_DTYPES:
         raise ConfigError(f"The 'dtype' parameter of extract must be float16 or float32. Got {config.dtype!r} instead.")
-    spec = get_backbone(config.backbone)
     layers = parse_layer(config.layer)
-    weights = resolve_weights(spec, config.weights)
+    if config.checkpoint:
+        spec, weights, preprocess, backbone_state = _from_checkpoint(config)
+    else:
+        spec = get_backbone(config.backbone)
+        weights, backbone_state = resolve_weights(spec, config.weights), None
+        preprocess = spec.preprocess
+    if config.image_size is not None:
+        preprocess = spec.preprocess_at(check_positive_int(config.image_size, "image_size", "extract"))
+    label = spec.name if backbone_state is None else f"{spec.name}+ft-{weights.sha256[:8]}"
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    preprocess = spec.preprocess if config.image_size is None else spec.preprocess_at(
-        check_positive_int(config.image_size, "image_size", "extract"))
     recipe = {
         "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": weights.sha256,
         "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
         "dtype": config.dtype, "precision": precision,
     }
     key = cache_key(recipe)
-    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, spec.name, key)
+    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, label, key)
 
     cached = _cached(path, key)
     if cached:
@@ -149,12 +158,16 @@ def extract(
         cached = _cached(path, key)  # another process may have finished it while we waited
         if cached:
             return cached
-        model = create_feature_model(spec, weights, ",".join(layers)).to(device)
+        model = create_feature_model(spec, weights if backbone_state is None else RANDOM_INIT, ",".join(layers))
+        if backbone_state is not None:
+            model.net.load_state_dict(backbone_state, strict=True)
+        model = model.to(device)
         dim = spec.dim if layers == ("penultimate",) else _probe_dim(model, preprocess, device)
         if device.type == "cpu" and precision == "fp32":
             model = optimise_for_cpu(model, preprocess.size)
         attrs = {
-            "featx_version": featx.__version__, "backbone": spec.name, "weights": weights.identifier,
+            "featx_version": featx.__version__, "backbone": spec.name, "label": label,
+            "weights": weights.identifier,
             "weights_sha256": weights.sha256, "layer": ",".join(layers), "pooling": "avg",
             **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
             "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
@@ -174,6 +187,22 @@ def extract(
     return result
 
 
+def _from_checkpoint(config: ExtractConfig):
+    """Backbone spec, weights identity, preprocessing and backbone state of a fine-tuned checkpoint."""
+    from featx.finetune import read_checkpoint
+
+    sidecar, state = read_checkpoint(config.checkpoint)
+    spec = get_backbone(sidecar["backbone"])
+    if config.backbone not in (DEFAULT_BACKBONE, spec.name):
+        raise ConfigError(f"{config.checkpoint} is a {spec.name} checkpoint; drop --backbone {config.backbone}")
+    pre = sidecar["preprocess"]
+    preprocess = Preprocess(pre["image_size"], pre["resize"], pre["interpolation"], tuple(pre["mean"]),
+                            tuple(pre["std"]))
+    weights = ResolvedWeights(f"checkpoint:{Path(config.checkpoint).name}", Path(config.checkpoint),
+                              file_sha256(config.checkpoint))
+    return spec, weights, preprocess, state
+
+
 def _cached(path: Path, key: str) -> ExtractResult | None:
     if not path.exists():
         return None
@@ -184,7 +213,8 @@ def _cached(path: Path, key: str) -> ExtractResult | None:
     if not meta["complete"]:
         return None
     log.info("using cached %s", path)
-    return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), resumed_from=int(meta["n_rows"]))
+    return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), label=meta.get("label") or meta["backbone"],
+                         resumed_from=int(meta["n_rows"]))
 
 
 def _run(model, dataset, writer, preprocess, config, device, precision, progress) -> ExtractResult:
@@ -199,7 +229,7 @@ def _run(model, dataset, writer, preprocess, config, device, precision, progress
     )
     failed: list[tuple[str, str]] = []
     began = time.perf_counter()
-    bar = tqdm(total=len(files), initial=start, unit="img", desc=config.backbone, disable=not progress,
+    bar = tqdm(total=len(files), initial=start, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
     with torch.inference_mode(), autocast, bar:
         for images, ok, errors in batches:
@@ -223,7 +253,8 @@ def _run(model, dataset, writer, preprocess, config, device, precision, progress
     if failed:
         log.warning("%d of %d images could not be read and were skipped (recorded in 'errors')",
                     len(failed), len(files))
-    return ExtractResult(path=path, cached=False, rows=len(files), resumed_from=start, seconds=seconds,
+    return ExtractResult(path=path, cached=False, rows=len(files), label=writer.label, resumed_from=start,
+                         seconds=seconds,
                          failed=failed)
 
 

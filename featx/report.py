@@ -77,3 +77,43 @@ def plot_run(out: Path, board) -> list[str]:
             if split == "test" or "test_truth" not in detail:
                 written.append(plot_roc(folder / f"roc_{stem}_{split}.png", truth, proba, classes, title))
     return [str(p.relative_to(out)) for p in written]
+
+
+def plot_lr_finder(path: Path, lrs: list[float], losses: list[float], suggestion: dict) -> Path:
+    """Smoothed loss against learning rate (log scale) with the suggested rates marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    # The divergence at the end of the sweep would flatten everything else; show the useful range.
+    ax.set_ylim(min(losses) * 0.95, max(losses[0], min(losses)) * 1.5)
+    for key, colour in (("steepest", "tab:red"), ("valley", "tab:green")):
+        ax.axvline(suggestion[key], color=colour, linestyle="--", label=f"{key}: {suggestion[key]:.1e}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title("LR finder")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_history(path: Path, history: list[dict]) -> Path:
+    """Train and validation loss, and validation accuracy, per epoch of a fine-tune."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.legend()
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc"):
+        if all(key in h for h in history):
+            acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.replace("_", " "))
+    acc_ax.set_xlabel("epoch")
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -95,6 +95,7 @@ class EmbeddingWriter:
         if self._file is None:
             self._file = self._create(dim, paths, labels, splits, attrs, dtype)
         self.rows_done = int(self._file.attrs["rows_done"])
+        self.label = attrs.get("label") or attrs["backbone"]
 
     def _open_existing(self, key: str, dim: int):
         try:
@@ -255,6 +256,11 @@ class Embeddings:
     @property
     def backbone(self) -> str:
         return self.meta["backbone"]
+
+    @property
+    def label(self) -> str:
+        """The backbone as shown in leaderboards: ``efficientnet_lite0``, or ``…+ft-<hash>`` when fine-tuned."""
+        return self.meta.get("label") or self.backbone
 
     @property
     def cache_key(self) -> str:

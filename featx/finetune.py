@@ -1,0 +1,568 @@
+"""Fine-tuning (strategies 1 and 2) for data far from ImageNet, feeding the same cache and leaderboard.
+
+fastai's ``fine_tune`` recipe, made explicit: the new linear head trains first with the
+backbone frozen, then the top ``unfreeze`` stages (or all) train with discriminative learning
+rates (geometric from ``lr_min`` at the earliest stage to ``lr`` at the head), AdamW without
+weight decay on norms and biases, a one-cycle schedule, gradient clipping, class weights and
+early stopping on validation loss. The test split is never read here.
+
+A run folder holds ``best.pt`` / ``last.pt`` (state dicts, loaded with ``weights_only=True``),
+``best.json`` (backbone, classes, preprocessing, metrics), ``history.csv`` and ``history.png``.
+``last.pt`` also holds optimiser, scheduler and epoch, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import featx
+from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone, resolve_weights
+from featx.datasets import ImageDataset, scan_dataset
+from featx.errors import ConfigError, DataError, check_positive_int
+from featx.extraction import resolve_device, resolve_precision
+from featx.images import ImageError, Preprocess, load_image, open_rgb
+from featx.store import file_sha256
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "featx.checkpoint/1"
+AUGMENTATIONS = ("natural", "xray", "none")
+STAGE_GROUPS = 4  # backbone parameter groups, earliest first: stem+stage1, stage2, stage3, stage4+top
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    unfreeze: str = "all"  # "0" (head only), "1".."4" (top stages), or "all"
+    epochs: int = 4  # after the head-only epochs
+    head_epochs: int = 1  # fastai's freeze_epochs: the head alone first
+    lr: float = 3e-4  # head and top stage (fastai's slice(lr_min, lr))
+    lr_min: float | None = None  # earliest stage; default lr / 100
+    weight_decay: float = 0.01
+    bn: str = "frozen"  # "frozen": BatchNorm statistics and affine kept as pretrained (Keras' advice)
+    batch_size: int = 32
+    image_size: int | None = None
+    aug: str = "natural"
+    class_weights: bool = True
+    clip_grad: float = 1.0
+    patience: int = 2
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = 0
+    init_head_from: str | None = None
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Classifier(nn.Module):
+    """A feature model plus a new linear head: uint8 images in, logits out."""
+
+    def __init__(self, features: nn.Module, dim: int, n_classes: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def augmentation(name: str, size: int):
+    """Training-time transforms on uint8 CHW tensors; ``xray`` never flips (laterality matters)."""
+    from torchvision.transforms import v2
+
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"The 'aug' parameter must be one of {', '.join(AUGMENTATIONS)}. Got {name!r} instead.")
+    if name == "none":
+        return None
+    if name == "xray":
+        return v2.Compose([
+            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
+        ])
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+    ])
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(uint8 CHW image, label) pairs; unreadable files are dropped up front with a warning."""
+
+    def __init__(self, files: list[Path], labels: list[int], preprocess: Preprocess, transform=None):
+        self.files, self.labels, self.preprocess, self.transform = files, labels, preprocess, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        pixels = torch.from_numpy(load_image(self.files[i], self.preprocess).copy()).permute(2, 0, 1)
+        if self.transform is not None:
+            pixels = self.transform(pixels)
+        return pixels, self.labels[i]
+
+
+def _readable(dataset: ImageDataset, samples) -> list:
+    kept = []
+    for s in samples:
+        try:
+            with open_rgb(dataset.absolute_path(s)):
+                kept.append(s)
+        except ImageError as err:
+            log.warning("%s: %s; skipped", s.path, err)
+    return kept
+
+
+def train_val_samples(dataset: ImageDataset, val_fraction: float, seed: int):
+    """Train and validation samples; validation is carved from train (stratified, seeded) when absent."""
+    train = [s for s in dataset.samples if s.split == "train" and s.label >= 0]
+    val = [s for s in dataset.samples if s.split == "val" and s.label >= 0]
+    if not train:
+        raise DataError(f"{dataset.root}: no labelled training images")
+    if not val:
+        from sklearn.model_selection import train_test_split
+
+        train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
+                                      stratify=[s.label for s in train])
+    return train, val
+
+
+# --- parameter groups, learning rates, freezing --------------------------------------------------------
+
+def stage_groups(model: Classifier, spec) -> list[list[nn.Parameter]]:
+    """Backbone parameters in ``STAGE_GROUPS`` groups, earliest first, then the head as the last group.
+
+    Groups end where the subtrees of the registry's stage modules end, in module order; what
+    follows the last stage (timm's conv_head, convnext's final norm) belongs with the top stage.
+    """
+    modules = list(model.features.net.named_modules())
+    names = [name for name, _ in modules]
+    ends = sorted(max(i for i, n in enumerate(names) if n == b or n.startswith(b + "."))
+                  for b in spec.stages[:STAGE_GROUPS - 1])
+    groups: list[list[nn.Parameter]] = [[] for _ in range(STAGE_GROUPS)]
+    for i, (_, module) in enumerate(modules):
+        groups[sum(i > end for end in ends)].extend(module.parameters(recurse=False))
+    return groups + [list(model.head.parameters())]
+
+
+def trainable_groups(unfreeze: str) -> int:
+    """How many backbone groups (from the top) train: 0..4."""
+    if unfreeze == "all":
+        return STAGE_GROUPS
+    if not unfreeze.isdigit() or int(unfreeze) > STAGE_GROUPS:
+        raise ConfigError(f"The 'unfreeze' parameter must be 0..{STAGE_GROUPS} or 'all'. Got {unfreeze!r} instead.")
+    return int(unfreeze)
+
+
+def group_learning_rates(lr: float, lr_min: float, n_groups: int) -> list[float]:
+    """fastai's ``slice(lr_min, lr)``: geometric from the earliest backbone group to the top; the head gets ``lr``."""
+    if n_groups == 1:
+        return [lr]
+    return [lr_min * (lr / lr_min) ** (i / (n_groups - 1)) for i in range(n_groups)]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) or \
+        "Norm" in type(module).__name__
+
+
+def set_trainable(model: Classifier, spec, unfreeze: str, bn: str) -> list[list[nn.Parameter]]:
+    """Freeze all but the top ``unfreeze`` groups and the head; return the trainable groups, earliest first."""
+    groups = stage_groups(model, spec)
+    n_train = trainable_groups(unfreeze)
+    frozen_bn = set()
+    if bn == "frozen":
+        frozen_bn = {id(p) for m in model.features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for p in m.parameters(recurse=False)}
+    active = []
+    for index, params in enumerate(groups):
+        is_head = index == len(groups) - 1
+        train_group = is_head or index >= STAGE_GROUPS - n_train
+        for p in params:
+            p.requires_grad_(train_group and id(p) not in frozen_bn)
+        if train_group:
+            active.append([p for p in params if p.requires_grad])
+    return active
+
+
+def set_train_mode(model: Classifier, bn: str) -> None:
+    """Train mode, except BatchNorm layers stay in inference mode when ``bn == "frozen"``."""
+    model.train()
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def make_optimizer(model: Classifier, groups: list[list[nn.Parameter]], lrs: list[float], weight_decay: float):
+    """AdamW with one decayed and one undecayed parameter group per learning rate (norms and biases undecayed)."""
+    no_decay = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    no_decay |= {id(p) for p in model.parameters() if p.ndim <= 1}
+    param_groups = []
+    for params, lr in zip(groups, lrs):
+        decay = [p for p in params if id(p) not in no_decay]
+        plain = [p for p in params if id(p) in no_decay]
+        param_groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                         {"params": plain, "lr": lr, "weight_decay": 0.0}]
+    param_groups = [g for g in param_groups if g["params"]]
+    return torch.optim.AdamW(param_groups)
+
+
+# --- the training loop -----------------------------------------------------------------------------------
+
+class Trainer:
+    """Everything one fine-tuning run needs, built once from a dataset and a config."""
+
+    def __init__(self, data: ImageDataset | str | Path, config: FinetuneConfig, out: str | Path):
+        self.config = config
+        self.out = Path(out)
+        check_positive_int(config.batch_size, "batch_size", "finetune")
+        if config.bn not in ("frozen", "train"):
+            raise ConfigError(f"The 'bn' parameter must be frozen or train. Got {config.bn!r} instead.")
+        self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, seed=config.seed)
+        self.spec = get_backbone(config.backbone)
+        self.preprocess = (self.spec.preprocess if config.image_size is None
+                           else self.spec.preprocess_at(config.image_size))
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.weights = resolve_weights(self.spec, config.weights)
+        train, val = train_val_samples(self.dataset, config.val_fraction, config.seed)
+        self.train_samples, self.val_samples = _readable(self.dataset, train), _readable(self.dataset, val)
+        self.classes = self.dataset.classes
+        torch.manual_seed(config.seed)
+        features = create_feature_model(self.spec, self.weights)
+        self.model = Classifier(features, self.spec.dim, len(self.classes)).to(self.device)
+        if config.init_head_from:
+            warm_start_head(self.model, config.init_head_from, self.spec.name, self.classes)
+        counts = np.bincount([s.label for s in self.train_samples], minlength=len(self.classes))
+        weights = len(self.train_samples) / (len(self.classes) * np.maximum(counts, 1))
+        self.loss = nn.CrossEntropyLoss(
+            weight=torch.tensor(weights, dtype=torch.float32, device=self.device) if config.class_weights else None)
+
+    def loader(self, samples, train: bool, epoch: int = 0):
+        transform = augmentation(self.config.aug, self.preprocess.size) if train else None
+        images = LabelledImages([self.dataset.absolute_path(s) for s in samples], [s.label for s in samples],
+                                self.preprocess, transform)
+        # A generator seeded by (seed, epoch) fixes order and augmentation, so a resumed run repeats exactly.
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        return torch.utils.data.DataLoader(images, batch_size=self.config.batch_size, shuffle=train,
+                                           drop_last=train and len(samples) > self.config.batch_size,
+                                           num_workers=self.config.workers, generator=generator,
+                                           pin_memory=self.device.type == "cuda")
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def phases(self) -> list[tuple[str, int]]:
+        """(unfreeze, epochs) per phase: head alone first, then the asked stages."""
+        phases = []
+        if self.config.head_epochs and self.config.unfreeze != "0":
+            phases.append(("0", self.config.head_epochs))
+        phases.append((self.config.unfreeze, self.config.epochs))
+        return [(u, e) for u, e in phases if e > 0]
+
+    def optimizer_for(self, unfreeze: str, steps: int):
+        groups = set_trainable(self.model, self.spec, unfreeze, self.config.bn)
+        # A stage's rate depends on its depth alone, not on how many stages are unfrozen.
+        ladder = group_learning_rates(self.config.lr, self.config.lr_min or self.config.lr / 100, STAGE_GROUPS)
+        lrs = ladder[STAGE_GROUPS - (len(groups) - 1):] + [self.config.lr]
+        optimizer = make_optimizer(self.model, groups, lrs, self.config.weight_decay)
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=max(1, steps),
+                                                        pct_start=0.25)
+        return optimizer, scheduler
+
+    def train_epoch(self, epoch: int, optimizer, scheduler, progress: bool) -> float:
+        from tqdm.auto import tqdm
+
+        set_train_mode(self.model, self.config.bn)
+        total, seen = 0.0, 0
+        scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
+        batches = self.loader(self.train_samples, train=True, epoch=epoch)
+        for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress,
+                                   leave=False):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self.autocast():
+                loss = self.loss(self.model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                     self.config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler.last_epoch < scheduler.total_steps:
+                scheduler.step()
+            total += loss.item() * len(labels)
+            seen += len(labels)
+        return total / max(seen, 1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+        self.model.eval()
+        losses, probs, truth = [], [], []
+        for images, labels in self.loader(self.val_samples, train=False):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self.autocast():
+                logits = self.model(images).float()
+            losses.append(nn.functional.cross_entropy(logits, labels, reduction="sum").item())
+            probs.append(logits.softmax(1).cpu().numpy())
+            truth.append(labels.cpu().numpy())
+        p, y = np.concatenate(probs), np.concatenate(truth)
+        metrics = {"val_loss": sum(losses) / len(y), "val_accuracy": float((p.argmax(1) == y).mean()),
+                   "val_balanced_accuracy": float(balanced_accuracy_score(y, p.argmax(1)))}
+        if len(np.unique(y)) == p.shape[1]:
+            metrics["val_roc_auc"] = float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
+                                           roc_auc_score(y, p, multi_class="ovr"))
+        return metrics
+
+
+def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneConfig(), *,
+             out: str | Path = "runs/finetune", resume: bool = False, progress: bool = True,
+             stop_after_epochs: int | None = None) -> FinetuneResult:
+    """Fine-tune ``config.backbone`` on the train split, early-stopping on validation; save checkpoints.
+
+    ``stop_after_epochs`` ends the run early as an interruption would (tests and time-boxed runs).
+    """
+    trainer = Trainer(data, config, out)
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    state = _load_resume_state(trainer.out, trainer) if resume else None
+    history: list[dict] = state["history"] if state else []
+    best = state["best"] if state else {"val_loss": math.inf, "epoch": 0}
+    done = state["epoch"] if state else 0  # epochs completed, counted across phases
+    began = time.perf_counter()
+    first = 0
+    steps_per_epoch = len(trainer.loader(trainer.train_samples, train=True))
+    for phase, (unfreeze, n_epochs) in enumerate(trainer.phases(), start=1):
+        phase_end, phase_start = first + n_epochs, first
+        first = phase_end
+        if done >= phase_end:
+            continue
+        optimizer, scheduler = trainer.optimizer_for(unfreeze, n_epochs * steps_per_epoch)
+        stale = 0
+        if state and done > phase_start:  # resuming inside this phase: its optimiser and schedule go on
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            stale = state["stale"]
+        for epoch in range(max(done, phase_start), phase_end):
+            if stale >= config.patience:
+                log.info("early stop: validation loss has not improved for %d epochs", stale)
+                break
+            if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
+            train_loss = trainer.train_epoch(epoch, optimizer, scheduler, progress)
+            metrics = {"epoch": epoch + 1, "phase": phase, "unfreeze": unfreeze, "train_loss": train_loss,
+                       **trainer.evaluate(), "lr": max(g["lr"] for g in optimizer.param_groups)}
+            history.append(metrics)
+            log.info("epoch %d (unfreeze %s): train loss %.4f, val loss %.4f, val accuracy %.4f",
+                     epoch + 1, unfreeze, train_loss, metrics["val_loss"], metrics["val_accuracy"])
+            if metrics["val_loss"] < best["val_loss"]:
+                best, stale = metrics, 0
+                save_checkpoint(trainer.out / "best.pt", trainer, metrics)
+            else:
+                stale += 1
+            _save_last(trainer.out, trainer, optimizer, scheduler, epoch + 1, history, best, stale)
+            _write_history(trainer.out, history)
+    return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+def _sidecar(trainer: Trainer, metrics: dict) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT, "featx_version": featx.__version__, "backbone": trainer.spec.name,
+        "base_weights": trainer.weights.identifier, "base_weights_sha256": trainer.weights.sha256,
+        "classes": trainer.classes, "preprocess": trainer.preprocess.as_dict(), "metrics": metrics,
+        "config": asdict(trainer.config), "dataset_root": str(trainer.dataset.root),
+        "dataset_fingerprint": trainer.dataset.fingerprint(),
+        "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
+    }
+
+
+def save_checkpoint(path: Path, trainer: Trainer, metrics: dict) -> None:
+    """The model's state dict (backbone ``features.net.*`` and ``head.*``) plus a JSON sidecar."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(trainer.model.state_dict(), tmp)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(_sidecar(trainer, metrics), indent=2) + "\n")
+
+
+def _save_last(out, trainer, optimizer, scheduler, epoch, history, best, stale) -> None:
+    state = {
+        "model": trainer.model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "epoch": epoch, "history": json.dumps(history),
+        "best": json.dumps(best), "stale": stale, "torch_rng": torch.get_rng_state(),
+        "python_rng": json.dumps(random.getstate()),
+    }
+    tmp = out / "last.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / "last.pt")
+    (out / "last.json").write_text(json.dumps(_sidecar(trainer, history[-1] if history else {}), indent=2) + "\n")
+
+
+def _load_resume_state(out: Path, trainer: Trainer) -> dict | None:
+    path = out / "last.pt"
+    if not path.exists():
+        raise DataError(f"{path}: nothing to resume; run without --resume first")
+    check_checkpoint(json.loads(path.with_suffix(".json").read_text()), trainer.spec.name, trainer.classes, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trainer.model.load_state_dict(state["model"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_tuples(json.loads(state["python_rng"])))
+    return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, path: Path) -> None:
+    """Refuse a checkpoint made for another backbone or another class list."""
+    if sidecar.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a featx checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if sidecar["backbone"] != backbone:
+        raise DataError(f"{path}: made for backbone {sidecar['backbone']!r}, not {backbone!r}")
+    if classes is not None and sidecar["classes"] != list(classes):
+        raise DataError(f"{path}: made for classes {sidecar['classes']}, not {list(classes)}")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(sidecar, backbone state dict) of a ``best.pt``/``last.pt``; the head is dropped."""
+    path = Path(path)
+    sidecar_path = path.with_suffix(".json")
+    if not path.is_file() or not sidecar_path.is_file():
+        raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
+    sidecar = json.loads(sidecar_path.read_text())
+    check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    prefix = "features.net."
+    return sidecar, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def warm_start_head(model: Classifier, run_dir: str | Path, backbone: str, classes: list[str]) -> None:
+    """Start the linear head from the logistic-regression head of a ``featx train/compare`` run.
+
+    The scaler folds into the weights: ``W (x - mu) / sigma + b = (W / sigma) x + (b - W mu / sigma)``.
+    """
+    from featx.heads import load_head
+
+    candidates = sorted(Path(run_dir).glob("heads/*__logreg.joblib"))
+    heads = [h for h in (load_head(p) for p in candidates) if h["backbone"] == backbone]
+    if not heads:
+        raise DataError(f"{run_dir}: no logreg head trained on {backbone} embeddings")
+    head = heads[0]
+    if head["classes"] != list(classes):
+        raise DataError(f"{run_dir}: logreg head classes {head['classes']} differ from {list(classes)}")
+    if head["embeddings_meta"].get("layer") != "penultimate":
+        raise DataError(f"{run_dir}: the logreg head was trained on layer {head['embeddings_meta'].get('layer')}, "
+                        "not on penultimate features")
+    scaler, logreg = head["pipeline"]["scale"], head["pipeline"]["clf"]
+    coef, intercept = logreg.coef_, logreg.intercept_
+    if coef.shape[0] == 1:  # binary: softmax over [0, w·x + b] equals the sigmoid
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
+    with torch.no_grad():
+        model.head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        model.head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+
+# --- LR finder --------------------------------------------------------------------------------------------
+
+def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100) -> dict:
+    """Exponential LR sweep on the train split with the asked unfreezing; returns the curve and a suggestion.
+
+    The loss is smoothed (EMA 0.98, bias-corrected); the sweep stops when it exceeds 4× the best.
+    Suggested LR: the steepest descent of the smoothed curve, and the "valley" (a tenth of the
+    LR at the minimum). Model and optimiser state are restored afterwards.
+    """
+    config = trainer.config
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    flags = [p.requires_grad for p in trainer.model.parameters()]
+    groups = set_trainable(trainer.model, trainer.spec, config.unfreeze, config.bn)
+    optimizer = make_optimizer(trainer.model, groups, [start_lr] * len(groups), config.weight_decay)
+    factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    step = 0
+    set_train_mode(trainer.model, config.bn)
+    while step < steps:
+        for images, labels in trainer.loader(trainer.train_samples, train=True, epoch=step):
+            lr = start_lr * factor ** step
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with trainer.autocast():
+                loss = trainer.loss(trainer.model(images.to(trainer.device)), labels.to(trainer.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            avg = 0.98 * avg + 0.02 * loss.item()
+            smooth = avg / (1 - 0.98 ** (step + 1))
+            lrs.append(lr)
+            losses.append(smooth)
+            best = min(best, smooth)
+            step += 1
+            if step >= steps or not math.isfinite(smooth) or smooth > 4 * best:
+                step = steps
+                break
+    trainer.model.load_state_dict(saved)
+    for p, flag in zip(trainer.model.parameters(), flags):
+        p.requires_grad_(flag)
+    result = suggest_lr(np.array(lrs), np.array(losses))
+    out = trainer.out
+    out.mkdir(parents=True, exist_ok=True)
+    from featx.report import plot_lr_finder
+
+    result["plot"] = str(plot_lr_finder(out / "lr_find.png", lrs, losses, result))
+    (out / "lr_find.json").write_text(json.dumps({**result, "lrs": lrs, "losses": losses}, indent=2) + "\n")
+    return result
+
+
+def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> dict:
+    """Steepest descent of loss vs log LR, and the valley (the LR at the minimum divided by 10)."""
+    finite = np.isfinite(losses)
+    lrs, losses = lrs[finite], losses[finite]
+    if len(lrs) < 3:
+        raise DataError("the LR sweep stopped too early to suggest anything; use more images or steps")
+    cut = max(3, int(np.argmin(losses)) + 1)
+    gradient = np.gradient(losses[:cut], np.log10(lrs[:cut]))
+    return {"steepest": float(lrs[int(np.argmin(gradient))]), "valley": float(lrs[int(np.argmin(losses))] / 10),
+            "min_loss_lr": float(lrs[int(np.argmin(losses))])}
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(out / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    from featx.report import plot_history
+
+    plot_history(out / "history.png", history)
