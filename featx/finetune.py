@@ -293,8 +293,10 @@ class Trainer:
         lrs = ladder[STAGE_GROUPS - (len(groups) - 1):] + [self.config.lr]
         optimizer = make_optimizer(self.model, groups, lrs, self.config.weight_decay)
         max_lrs = [g["lr"] for g in optimizer.param_groups]
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=max(1, steps),
-                                                        pct_start=0.25)
+        # One-cycle needs a warm-up and an anneal of at least a step each; tiny runs get a short cycle.
+        total = max(steps, 4)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total,
+                                                        pct_start=max(0.25, 2 / total))
         return optimizer, scheduler
 
     def train_epoch(self, epoch: int, optimizer, scheduler, progress: bool) -> float:

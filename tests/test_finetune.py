@@ -1,0 +1,183 @@
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from featx.errors import ConfigError, DataError
+from featx.extraction import ExtractConfig, extract
+from featx.finetune import (STAGE_GROUPS, FinetuneConfig, Trainer, finetune, group_learning_rates, lr_find,
+                            read_checkpoint, stage_groups)
+from featx.store import load_embeddings
+from tests.conftest import SHARED_DATA, make_class_folders, needs_shared_data
+
+TINY = FinetuneConfig(backbone="resnet18", weights="none", image_size=32, batch_size=8, epochs=2, head_epochs=1,
+                      lr=3e-3, aug="none", patience=5)
+
+
+@pytest.fixture
+def colours(tmp_path):
+    return make_class_folders(tmp_path / "colours", per_class=8, splits=("train", "val"))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_decreases_on_a_learnable_task(colours, tmp_path):
+    trainer = Trainer(colours, TINY, tmp_path / "run")
+    optimizer, scheduler = trainer.optimizer_for("all", 30)
+    images, labels = next(iter(trainer.loader(trainer.train_samples, train=True)))
+    losses = []
+    for _ in range(30):
+        trainer.model.train()
+        loss = trainer.loss(trainer.model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("unfreeze, trained_groups", [("0", 0), ("1", 1), ("2", 2), ("all", STAGE_GROUPS)])
+def test_only_the_intended_parameters_change(colours, tmp_path, unfreeze, trained_groups):
+    config = replace(TINY, unfreeze=unfreeze, head_epochs=0, epochs=1)
+    trainer = Trainer(colours, config, tmp_path / "run")
+    before = {id(p): p.detach().clone() for p in trainer.model.parameters()}
+    buffers = {k: v.clone() for k, v in trainer.model.named_buffers()}
+    optimizer, scheduler = trainer.optimizer_for(unfreeze, 4)
+    trainer.train_epoch(0, optimizer, scheduler, progress=False)
+    bn_params = {id(p) for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                 for p in m.parameters()}
+    groups = stage_groups(trainer.model, trainer.spec)
+    for index, params in enumerate(groups):
+        should_train = index == len(groups) - 1 or index >= STAGE_GROUPS - trained_groups
+        for p in params:
+            changed = not torch.equal(before[id(p)], p.detach())
+            assert changed == (should_train and id(p) not in bn_params), (index, p.shape)
+    for name, value in trainer.model.named_buffers():  # BatchNorm statistics stay pretrained (bn=frozen)
+        assert torch.equal(buffers[name], value), name
+
+
+def test_discriminative_learning_rates_are_as_asked(colours, tmp_path):
+    trainer = Trainer(colours, replace(TINY, lr=1e-3, lr_min=1e-5), tmp_path / "run")
+    optimizer, _ = trainer.optimizer_for("all", 10)
+    ladder = group_learning_rates(1e-3, 1e-5, STAGE_GROUPS)
+    assert ladder == pytest.approx([1e-5, 1e-5 * 100 ** (1 / 3), 1e-5 * 100 ** (2 / 3), 1e-3])
+    max_lrs = sorted({round(g["max_lr"], 12) for g in optimizer.param_groups})
+    assert max_lrs == pytest.approx(sorted({round(x, 12) for x in ladder}))
+    for group in optimizer.param_groups:
+        if any(p.ndim <= 1 for p in group["params"]):
+            assert group["weight_decay"] == 0 and all(p.ndim <= 1 for p in group["params"])
+    top_two, _ = trainer.optimizer_for("2", 10)
+    assert sorted({round(g["max_lr"], 12) for g in top_two.param_groups}) == pytest.approx(
+        sorted({round(x, 12) for x in ladder[2:]}))
+
+
+def test_resume_after_interruption_gives_the_same_weights(colours, tmp_path):
+    config = replace(TINY, aug="natural")
+    whole = finetune(colours, config, out=tmp_path / "whole", progress=False)
+    assert len(whole.history) == 3
+    cut = finetune(colours, config, out=tmp_path / "cut", progress=False, stop_after_epochs=2)
+    assert len(cut.history) == 2
+    resumed = finetune(colours, config, out=tmp_path / "cut", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp_path / "whole" / "history.csv").read_text() == (tmp_path / "cut" / "history.csv").read_text()
+
+
+def test_lr_finder_suggests_and_restores_the_weights(colours, tmp_path):
+    trainer = Trainer(colours, TINY, tmp_path / "run")
+    before = snapshot(trainer.model)
+    found = lr_find(trainer, steps=30)
+    after = snapshot(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert 1e-7 <= found["steepest"] <= 10 and 1e-8 <= found["valley"] <= 1
+    assert (tmp_path / "run" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_round_trip_into_the_cache(colours, tmp_path):
+    result = finetune(colours, TINY, out=tmp_path / "run", progress=False)
+    sidecar = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert sidecar["backbone"] == "resnet18" and sidecar["classes"] == ["blue", "green", "red"]
+    assert sidecar["metrics"]["epoch"] == result.best_epoch and sidecar["preprocess"]["image_size"] == 32
+    _, state = read_checkpoint(tmp_path / "run" / "best.pt")
+    trainer = Trainer(colours, TINY, tmp_path / "other")
+    trainer.model.features.net.load_state_dict(state, strict=True)
+    emb = load_embeddings(extract(colours, ExtractConfig(checkpoint=str(tmp_path / "run" / "best.pt"),
+                                                         cache_dir=str(tmp_path / "cache")), progress=False).path)
+    assert emb.label.startswith("resnet18+ft-") and emb.meta["image_size"] == 32
+    first = trainer.dataset.absolute_path(trainer.dataset.samples[0])
+    from featx.images import load_image
+
+    image = torch.from_numpy(load_image(first, trainer.preprocess).copy()).permute(2, 0, 1)[None]
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model.features(image).numpy()[0]
+    np.testing.assert_allclose(emb.features()[0], expected, rtol=2e-2, atol=2e-2)  # float16 storage
+    frozen = extract(colours, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
+                                            cache_dir=str(tmp_path / "cache")), progress=False)
+    assert frozen.path != emb.path  # the fine-tuned backbone caches under its own key
+
+
+def test_foreign_checkpoints_are_refused(colours, tmp_path):
+    finetune(colours, TINY, out=tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="is a resnet18 checkpoint; drop --backbone resnet34"):
+        extract(colours, ExtractConfig(backbone="resnet34", checkpoint=str(tmp_path / "run" / "best.pt"),
+                                       cache_dir=str(tmp_path / "c")), progress=False)
+    with pytest.raises(DataError, match="made for backbone 'resnet18', not 'resnet34'"):
+        finetune(colours, replace(TINY, backbone="resnet34"), out=tmp_path / "run", resume=True, progress=False)
+    shutil.rmtree(colours / "train" / "red")
+    shutil.rmtree(colours / "val" / "red")
+    with pytest.raises(DataError, match=r"made for classes \['blue', 'green', 'red'\], not \['blue', 'green'\]"):
+        finetune(colours, TINY, out=tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "fake.pt").write_bytes(b"x")
+    (tmp_path / "fake.json").write_text("{}")
+    with pytest.raises(DataError, match="not a featx checkpoint"):
+        read_checkpoint(tmp_path / "fake.pt")
+
+
+def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
+    from featx.evaluate import compare
+    from featx.heads import load_head
+
+    emb = load_embeddings(extract(colours, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
+                                                         cache_dir=str(tmp_path / "cache")), progress=False).path)
+    compare([emb], ["logreg"], out=tmp_path / "lr-run")
+    with pytest.warns(UserWarning, match="joblib files are code"):
+        trainer = Trainer(colours, replace(TINY, init_head_from=str(tmp_path / "lr-run")), tmp_path / "ft")
+    with pytest.warns(UserWarning):
+        head = load_head(next((tmp_path / "lr-run" / "heads").glob("*.joblib")))
+    features = emb.features("val")
+    with torch.no_grad():
+        proba = trainer.model.head(torch.from_numpy(features)).softmax(1).numpy()
+    np.testing.assert_allclose(proba, head["pipeline"].predict_proba(features), atol=1e-4)
+
+
+def test_bad_settings_are_refused(colours, tmp_path):
+    with pytest.raises(ConfigError, match="The 'unfreeze' parameter"):
+        Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
+    with pytest.raises(ConfigError, match="The 'aug' parameter"):
+        Trainer(colours, replace(TINY, aug="medical"), tmp_path).loader([], train=True)
+    with pytest.raises(DataError, match="nothing to resume"):
+        finetune(colours, TINY, out=tmp_path / "empty", resume=True, progress=False)
+
+
+@pytest.mark.slow
+@needs_shared_data("chest_xray")
+def test_real_chest_xray_subset_fine_tunes(tmp_path):
+    root = tmp_path / "xray"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / "train" / label).mkdir(parents=True)
+        for path in sorted((SHARED_DATA / "chest_xray" / "train" / label).glob("*.jpeg"))[:120]:
+            shutil.copy(path, root / "train" / label / path.name)
+    config = FinetuneConfig(unfreeze="2", epochs=2, image_size=160, aug="xray", batch_size=16)
+    result = finetune(root, config, out=tmp_path / "run", progress=False)
+    assert result.best_metrics["val_accuracy"] > 0.75
+    assert (tmp_path / "run" / "history.png").exists()
