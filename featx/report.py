@@ -117,3 +117,196 @@ def plot_history(path: Path, history: list[dict]) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+REPORT_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>featx report: {{ name }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+.scroll { overflow-x: auto; } .plots { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
+.plots img.plot { max-width: 560px; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.text, th.text { text-align: left; }
+tr.best td { background: #eef7ee; font-weight: 600; }
+img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
+.grid { display: flex; flex-wrap: wrap; gap: 8px; } .grid figure { margin: 0; width: 120px; font-size: 0.75em; }
+.grid img { width: 120px; height: 120px; object-fit: cover; display: block; }
+.grid figcaption { overflow-wrap: anywhere; }
+.muted { color: #777; font-size: 0.85em; } code { background: #f6f6f6; padding: 0 0.2em; }
+</style></head><body>
+<h1>featx report: {{ name }}</h1>
+<p class="muted">created {{ created }} · featx {{ version }} · {{ n_rows }} leaderboard rows · ranked by validation {{ sort_by }}; the test split was used for nothing but these numbers</p>
+
+<h2 id="leaderboard">Leaderboard</h2>
+<div class="scroll"><table><tr>{% for c in columns %}<th class="{{ 'text' if c in text_columns else '' }}">{{ c }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr class="{{ 'best' if loop.first else '' }}">{% for c in columns %}<td class="{{ 'text' if c in text_columns else '' }}">{{ fmt(row.get(c)) }}</td>{% endfor %}</tr>
+{% endfor %}</table></div>
+
+{% if finetune %}<h2 id="finetune">Fine-tuning</h2>
+{% for item in finetune %}<h3>{{ item.title }}</h3>{% for img in item.images %}<img class="plot" src="data:image/png;base64,{{ img }}" alt="{{ item.title }}">{% endfor %}{% endfor %}
+{% endif %}
+
+<h2 id="heads">Per head</h2>
+{% for head in heads %}<h3>{{ head.backbone }} + {{ head.head }}</h3>
+<p class="muted">{{ head.note }} · params {{ head.params }} · tuned on {{ head.tuned_on }} · validation: {{ head.val_source }}{% if head.threshold is not none %} · decision threshold {{ fmt(head.threshold) }}{% endif %}</p>
+{% for split in head.splits %}<h4>{{ split.name }} (n={{ split.n }})</h4>
+<table><tr><th class="text">class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
+{% for cls, m in split.per_class.items() %}<tr><td class="text">{{ cls }}</td><td>{{ fmt(m.precision) }}</td><td>{{ fmt(m.recall) }}</td><td>{{ fmt(m.f1) }}</td><td>{{ m.support }}</td></tr>{% endfor %}
+</table>
+<div class="plots">{% for img in split.images %}<img class="plot" src="data:image/png;base64,{{ img }}" alt="{{ split.name }} plot">{% endfor %}</div>
+{% endfor %}{% endfor %}
+
+<h2 id="examples">Examples per class</h2>
+{% if examples %}{% for cls, items in examples.items() %}<h4>{{ cls }}</h4><div class="grid">
+{% for item in items %}<figure><img src="data:image/jpeg;base64,{{ item.data }}" alt="{{ item.caption }}"><figcaption>{{ item.caption }}</figcaption></figure>{% endfor %}</div>{% endfor %}
+{% else %}<p class="muted">The images are not reachable from here ({{ dataset_root }}).</p>{% endif %}
+
+<h2 id="wrong">Most confidently wrong ({{ wrong_title }})</h2>
+{% if wrong %}<div class="grid">{% for item in wrong %}<figure><img src="data:image/jpeg;base64,{{ item.data }}" alt="{{ item.caption }}"><figcaption>{{ item.caption }}</figcaption></figure>{% endfor %}</div>
+{% else %}<p class="muted">No wrong predictions, or the images are not reachable.</p>{% endif %}
+
+<h2 id="provenance">Provenance</h2>
+<table>{% for key, value in provenance %}<tr><th class="text">{{ key }}</th><td class="text"><code>{{ value }}</code></td></tr>{% endfor %}</table>
+</body></html>
+"""
+TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci"}
+
+
+def _b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _thumbnail(path: Path, size: int = 120) -> str | None:
+    """A small JPEG of an image, base64-encoded, or None when it cannot be read."""
+    import base64
+    import io
+
+    from featx.images import ImageError, open_rgb
+
+    try:
+        img = open_rgb(path, min_side=size)
+    except (ImageError, OSError):
+        return None
+    img.thumbnail((size * 2, size * 2))
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=80)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: int = 12) -> Path:
+    """One self-contained HTML file (every image embedded) for a ``featx compare`` run folder."""
+    import json
+
+    from jinja2 import Environment
+
+    from featx.errors import DataError
+    from featx.evaluate import Leaderboard, _fmt
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise DataError(f"{run_dir}: no run.json; point at a folder written by `featx compare --out` or `featx train --out`")
+    run = json.loads((run_dir / "run.json").read_text())
+    rows = json.loads((run_dir / "leaderboard.json").read_text())
+    inputs = {Path(i["path"]).name: i for i in run["inputs"]}
+
+    heads = []
+    for result in run["results"]:
+        stem = f"{Path(result['file']).stem}__{result['head']}"
+        splits = []
+        for split in ("val", "test"):
+            if result.get(split):
+                images = [_b64(p) for p in sorted((run_dir / "plots").glob(f"*_{stem}_{split}.png"))]
+                splits.append({"name": split, "n": result[split]["n"], "per_class": result[split]["per_class"],
+                               "images": images})
+        heads.append({**result, "params": json.dumps(result["params"]), "splits": splits})
+
+    best = rows[0]
+    meta = _embeddings_meta(inputs.get(best["file"], {}).get("path"))
+    root = Path(meta.get("dataset_root", ""))
+    examples = _examples(root, Path(inputs[best["file"]]["path"]), examples_per_class) if root.is_dir() else {}
+    wrong_file = sorted((run_dir / "predictions").glob(f"{Path(best['file']).stem}__{best['head']}_*.csv"))
+    wrong = _confidently_wrong(root, wrong_file[-1], wrong_count) if wrong_file and root.is_dir() else []
+
+    provenance = [("featx", run["featx_version"]), ("created", run["created"]),
+                  ("config", json.dumps(run["config"])), ("versions", json.dumps(run["versions"]))]
+    for item in run["inputs"]:
+        m = _embeddings_meta(item["path"])
+        recipe = {k: m.get(k) for k in ("backbone", "label", "weights", "weights_sha256", "layer", "image_size",
+                                        "resize", "interpolation", "tta", "precision", "dtype", "dataset_root",
+                                        "split_source", "torch_version", "device") if k in m}
+        provenance.append((f"{Path(item['path']).name} (cache key {item['cache_key']})",
+                           json.dumps({"sha256": item["sha256"], **recipe})))
+
+    env = Environment(autoescape=True)
+    html = env.from_string(REPORT_TEMPLATE).render(
+        name=run_dir.name, created=run["created"], version=run["featx_version"], n_rows=len(rows),
+        sort_by=run["config"].get("sort_by", "balanced_accuracy"), rows=rows, fmt=_fmt,
+        columns=[c for c in Leaderboard.COLUMNS if any(c in r for r in rows)], text_columns=TEXT_COLUMNS,
+        heads=heads, examples=examples, dataset_root=str(root), wrong=wrong,
+        wrong_title=f"{best['backbone']} + {best['head']}, {wrong_file[-1].stem.rsplit('_', 1)[-1]}" if wrong_file else "",
+        finetune=_finetune_plots(run["inputs"]), provenance=provenance,
+    )
+    path = run_dir / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def _embeddings_meta(path) -> dict:
+    from featx.errors import DataError
+    from featx.store import read_meta
+
+    try:
+        return read_meta(path) if path else {}
+    except DataError:
+        return {}
+
+
+def _examples(root: Path, embeddings_path: Path, per_class: int) -> dict:
+    """A few training images per class, read from the dataset the embeddings were made from."""
+    from featx.store import load_embeddings
+
+    emb = load_embeddings(embeddings_path)
+    split = "train" if "train" in emb.split_names else None
+    paths, labels = emb.paths_of(split), emb.labels(split)
+    grid = {}
+    for k, name in enumerate(emb.classes):
+        items = []
+        for rel in paths[labels == k][:per_class]:
+            data = _thumbnail(root / rel)
+            if data:
+                items.append({"data": data, "caption": rel.split("/")[-1]})
+        grid[name] = items
+    return grid
+
+
+def _confidently_wrong(root: Path, predictions_csv: Path, count: int) -> list[dict]:
+    import csv
+
+    with open(predictions_csv, newline="") as handle:
+        records = [r for r in csv.DictReader(handle) if r["path"] and r["truth"] != r["predicted"]]
+    records.sort(key=lambda r: -float(r[f"p_{r['predicted']}"]))
+    wrong = []
+    for r in records[:count]:
+        data = _thumbnail(root / r["path"])
+        if data:
+            confidence = float(r[f"p_{r['predicted']}"])
+            wrong.append({"data": data, "caption": f"{r['path'].split('/')[-1]}: {r['truth']} → "
+                                                   f"{r['predicted']} ({confidence:.2f})"})
+    return wrong
+
+
+def _finetune_plots(inputs: list[dict]) -> list[dict]:
+    """Training curves and LR-finder plots of the fine-tunes whose checkpoints made any of the inputs."""
+    found = []
+    for item in inputs:
+        checkpoint = (_embeddings_meta(item["path"]).get("config") or {}).get("checkpoint")
+        if checkpoint:
+            folder = Path(checkpoint).parent
+            images = [_b64(folder / n) for n in ("history.png", "lr_find.png") if (folder / n).exists()]
+            if images:
+                found.append({"title": f"{Path(item['path']).name} — fine-tune run {folder}", "images": images})
+    return found
