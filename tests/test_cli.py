@@ -85,3 +85,13 @@ def test_missing_weights_exit_1_with_where_to_put_them(runner, image_folder, tmp
 def test_list_shows_the_registry(runner):
     result = runner.invoke(main, ["list"])
     assert result.exit_code == 0 and "efficientnet_lite0" in result.output and "timm:<name>" in result.output
+
+
+def test_demo_runs_end_to_end(runner, tmp_path):
+    result = runner.invoke(main, ["demo", "--backbone", "resnet18", "--weights", "none", "--image-size", "64",
+                                  "--heads", "logreg,knn", "--out", str(tmp_path / "demo"),
+                                  "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "| resnet18 | logreg |" in result.output and "3/3 report:" in result.output
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "best" / "head.joblib").exists()

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.evaluate import compare
+from featx.extraction import extract
+from featx.predict import OpenSet, Predictor
+from featx.store import load_embeddings
+from tests.conftest import make_class_folders, make_image
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_config):
+    data = make_class_folders(tmp_path / "colours", per_class=10, splits=("train", "val", "test"))
+    emb = load_embeddings(extract(data, tiny_config, progress=False).path)
+    compare([emb], ["logreg"], out=tmp_path / "run")
+    return data, tmp_path / "run"
+
+
+def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path):
+    data, run = tiny_run
+    folder = tmp_path / "new"
+    for i, colour in enumerate([(200, 30, 30), (30, 180, 40), (30, 40, 200)]):
+        make_image(folder / f"img{i}.png", colour, seed=500 + i, fmt="PNG")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.warns(UserWarning, match="joblib files are code"):
+        predictor = Predictor(run)
+    results = predictor.predict([folder], top_k=2)
+    assert [r.path.split("/")[-1] for r in results] == ["broken.jpg", "img0.png", "img1.png", "img2.png"]
+    broken, *good = results
+    assert broken.error.startswith("not an image") and broken.prediction is None
+    for r in good:
+        probabilities = [p for _, p in r.top_k]
+        assert len(r.top_k) == 2 and probabilities == sorted(probabilities, reverse=True)
+        assert 0.5 < sum(probabilities) <= 1 + 1e-6
+        assert r.prediction in {"red", "green", "blue", "unknown"} and r.unknown_score is not None
+    # the known colours are recognised
+    assert [r.top_k[0][0] for r in good] == ["red", "green", "blue"]
+
+
+def test_cli_json_and_csv(tiny_run, tmp_path):
+    data, run = tiny_run
+    image = next((data / "test" / "red").glob("*.jpg"))
+    result = CliRunner().invoke(main, ["predict", str(run / "best"), str(image), "--top-k", "3", "--json",
+                                       "--csv", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert set(answer[0]) == {"path", "prediction", "top_k", "unknown_score", "error"}
+    assert [t["class"] for t in answer[0]["top_k"]][0] == "red" and len(answer[0]["top_k"]) == 3
+    assert sum(t["probability"] for t in answer[0]["top_k"]) == pytest.approx(1, abs=1e-6)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("path,prediction,unknown_score,error,class_1,probability_1") and len(lines) == 2
+    missing = CliRunner().invoke(main, ["predict", str(run), str(tmp_path / "nothing.jpg")])
+    assert missing.exit_code == 2 and "no such file or folder" in missing.output
+
+
+def test_unknown_threshold_meets_its_coverage_and_rejects_far_inputs():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (3, 64)) * 3 + 10
+    def draw(n):
+        y = rng.integers(0, 3, n)
+        return np.abs(centres[y] + rng.normal(0, 1, (n, 64))), y
+    X_train, y_train = draw(600)
+    X_val, _ = draw(400)
+    proba_val = np.full((400, 3), 1 / 3)
+    open_set = OpenSet.calibrate(X_train, y_train, X_val, proba_val, coverage=0.95)
+    for name, scores in open_set.scores(X_val, proba_val).items():
+        assert (scores <= open_set.thresholds[name]).mean() >= 0.95
+    X_new, _ = draw(300)
+    far = np.abs(rng.normal(0, 1, (300, 64)) * 3 + 10)  # same scale, no class structure
+    for name in ("knn", "centroid"):
+        accepted_in = (open_set.scores(X_new, np.full((300, 3), 1 / 3))[name] <= open_set.thresholds[name]).mean()
+        accepted_far = (open_set.scores(far, np.full((300, 3), 1 / 3))[name] <= open_set.thresholds[name]).mean()
+        assert accepted_in > 0.85 and accepted_far < 0.2, name
+
+
+def test_predict_refuses_weights_that_changed(tiny_run, tmp_path):
+    import joblib
+
+    _, run = tiny_run
+    head = joblib.load(run / "best" / "head.joblib")
+    head["embeddings_meta"]["weights_sha256"] = "0" * 64
+    joblib.dump(head, run / "best" / "head.joblib")
+    result = CliRunner().invoke(main, ["predict", str(run), str(next(run.parent.rglob("*.jpg")))])
+    assert result.exit_code == 2 and "re-extract and retrain" in result.output

@@ -1,0 +1,49 @@
+import re
+import shutil
+
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.evaluate import compare
+from featx.extraction import extract
+from featx.store import load_embeddings
+from tests.conftest import make_class_folders
+
+
+def test_report_has_every_section_and_escapes_user_strings(tmp_path, tiny_config):
+    data = make_class_folders(tmp_path / "data", per_class=10, splits=("train", "val", "test"))
+    for split in ("train", "val", "test"):
+        shutil.move(data / split / "red", data / split / "<script>")  # a hostile class name
+    emb = load_embeddings(extract(data, tiny_config, progress=False).path)
+    assert "<script>" in emb.classes
+    compare([emb], ["logreg", "knn"], out=tmp_path / "run")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    for section in ("leaderboard", "heads", "examples", "wrong", "provenance"):
+        assert f'id="{section}"' in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 6  # confusion val + test, ROC test; 2 heads
+    assert len(re.findall(r'src="data:image/jpeg;base64,', html)) >= 3  # example thumbnails
+    assert 'src="http' not in html and "src='http" not in html  # self-contained
+    assert emb.cache_key in html
+
+
+def test_report_of_a_fine_tuned_backbone_shows_its_curves(tmp_path):
+    from featx.extraction import ExtractConfig
+    from featx.finetune import FinetuneConfig, finetune
+
+    data = make_class_folders(tmp_path / "data", per_class=8, splits=("train", "val", "test"))
+    finetune(data, FinetuneConfig(backbone="resnet18", weights="none", image_size=32, epochs=1, aug="none"),
+             out=tmp_path / "ft", progress=False)
+    emb = extract(data, ExtractConfig(checkpoint=str(tmp_path / "ft" / "best.pt"), cache_dir=str(tmp_path / "c")),
+                  progress=False)
+    compare([emb.path], ["logreg"], out=tmp_path / "run")
+    CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="finetune"' in html and "fine-tune run" in html
+
+
+def test_report_needs_a_run_folder(tmp_path):
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no run.json" in result.output
