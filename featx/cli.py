@@ -179,7 +179,7 @@ def info(file):
 HEAD_HELP = "Comma list of heads (logreg, svm, lightgbm, knn, mlp) or 'all'."
 
 
-def _head_options(default: str):
+def _head_options():
     """Options shared by train and compare: what to fit, how to tune, where to save."""
     def decorate(command):
         options = [
@@ -204,11 +204,11 @@ def _head_options(default: str):
     return decorate
 
 
-def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by):
+def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, concat=False):
     from featx.evaluate import compare
 
     board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
-                    sort_by=sort_by, out=out)
+                    sort_by=sort_by, concat=concat, out=out)
     click.echo(board.to_markdown())
     best = board.best()
     click.echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
@@ -221,7 +221,7 @@ def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by):
 @main.command()
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--head", "heads", default="logreg", show_default=True, help=HEAD_HELP)
-@_head_options("logreg")
+@_head_options()
 def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
     """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
 
@@ -234,11 +234,13 @@ def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
 @main.command(name="compare")
 @click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
-@_head_options("logreg,svm,lightgbm")
-def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
+@_head_options()
+@click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
+                                             "of the same images) as one more input.")
+def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, concat):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
-    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by)
+    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, concat)
 
 
 @main.command()

@@ -27,6 +27,15 @@ class WeightsError(FeatxError):
     """Pretrained weights could not be found anywhere featx looked."""
 
 
+def unknown_name(kind: str, name: str, known, also: str = "") -> ConfigError:
+    """The registries' one error for a misspelt name: the closest matches, else every choice."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(known)}{also}"
+    return ConfigError(f"unknown {kind} {name!r}; {hint}")
+
+
 def check_positive_int(value, name: str, where: str) -> int:
     """The one wording for a bad count parameter, after scikit-learn's."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

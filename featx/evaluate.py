@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from featx.errors import ConfigError, DataError
 from featx.heads import fit_head, resolve_heads, save_head
-from featx.store import Embeddings, load_embeddings
+from featx.store import Embeddings, concat_embeddings, load_embeddings
 
 log = logging.getLogger(__name__)
 SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")
@@ -169,7 +169,7 @@ def _fmt(value, seconds: bool = False) -> str:
     return "" if value is None else str(value)
 
 
-def _splits(emb: Embeddings, val_fraction: float, seed: int):
+def split_arrays(emb: Embeddings, val_fraction: float, seed: int):
     """train / val / test arrays; val is carved from train (stratified, seeded) when the file has none."""
     if "train" not in emb.split_names:
         raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
@@ -186,20 +186,25 @@ def _splits(emb: Embeddings, val_fraction: float, seed: int):
 
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
             cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
-            sort_by: str = "balanced_accuracy", out: str | Path | None = None) -> Leaderboard:
+            sort_by: str = "balanced_accuracy", concat: bool = False, out: str | Path | None = None) -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; optionally save a run folder.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
-    scored once per head, at the end.
+    scored once per head, at the end. ``concat`` adds the files' features side by side as one
+    more input (several backbones of the same images).
     """
     files = [e if isinstance(e, Embeddings) else load_embeddings(e) for e in embeddings]
     if not files:
         raise ConfigError("compare needs at least one embedding file")
+    if concat:
+        if len(files) < 2:
+            raise ConfigError("--concat needs at least two embedding files")
+        files.append(concat_embeddings(files))
     names = resolve_heads(heads)
     out = Path(out) if out else None
     rows, details, splits = [], [], {}
     for emb in files:
-        splits[emb.path.name] = _splits(emb, val_fraction, seed)
+        splits[emb.path.name] = split_arrays(emb, val_fraction, seed)
         (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = splits[emb.path.name]
         for name in names:
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
@@ -257,8 +262,9 @@ def _save_run(out: Path, board: Leaderboard, files: list[Embeddings], heads: lis
         "featx_version": featx.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {"heads": heads, **config},
-        "inputs": [{"path": str(e.path), "sha256": file_sha256(e.path), "cache_key": e.cache_key,
-                    "backbone": e.backbone, "classes": e.classes} for e in files],
+        "inputs": [{"path": str(e.path), "sha256": file_sha256(e.path) if e.path.exists() else None,
+                    "cache_key": e.cache_key, "backbone": e.label, "classes": e.classes,
+                    **({"parts": e.meta["parts"]} if "parts" in e.meta else {})} for e in files],
         "versions": _versions(),
         "results": [{**d["row"], "val": d["val"], "test": d.get("test")} for d in board.details],
         "plots": plots,

@@ -7,7 +7,6 @@ stratified K-fold CV on train when asked); the test split is never seen here.
 
 from __future__ import annotations
 
-import difflib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featx.errors import ConfigError, DataError
+from featx.errors import ConfigError, DataError, unknown_name
 
 HEAD_FORMAT = "featx.head/1"
 # Beyond this many training rows an RBF SVM's cost (about N² kernel evaluations) outgrows the budget.
@@ -70,9 +69,7 @@ def get_head(name: str) -> HeadSpec:
     try:
         return HEADS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, HEADS, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(HEADS)}"
-        raise ConfigError(f"unknown head {name!r}; {hint}") from None
+        raise unknown_name("head", name, HEADS) from None
 
 
 def resolve_heads(names: str | list[str]) -> list[str]:

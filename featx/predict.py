@@ -119,6 +119,9 @@ class Predictor:
         self.folder, self.score = folder, score
         self.head = load_head(folder / "head.joblib")
         self.meta = self.head["embeddings_meta"]
+        if "parts" in self.meta:
+            raise DataError(f"{folder}: this head uses the concatenated features of {self.meta['label']}; "
+                            "predicting through several backbones at once is not supported yet")
         self.classes = self.head["classes"]
         self.open_set = OpenSet.load(folder) if (folder / "open_set.npz").exists() else None
         self.preprocess = Preprocess(self.meta["image_size"], self.meta["resize"], self.meta["interpolation"],

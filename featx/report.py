@@ -16,6 +16,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_confusion(path: Path, truth: np.ndarray, predicted: np.ndarray, classes: list[str], title: str) -> Path:
     """Raw counts and row-normalised rates side by side in one PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -31,10 +38,7 @@ def plot_confusion(path: Path, truth: np.ndarray, predicted: np.ndarray, classes
         ax.set_title(name)
         ax.tick_params(axis="x", labelrotation=45)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_roc(path: Path, truth: np.ndarray, proba: np.ndarray, classes: list[str], title: str) -> Path:
@@ -51,10 +55,7 @@ def plot_roc(path: Path, truth: np.ndarray, proba: np.ndarray, classes: list[str
                 RocCurveDisplay.from_predictions(truth == k, proba[:, k], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_run(out: Path, board) -> list[str]:
@@ -93,10 +94,7 @@ def plot_lr_finder(path: Path, lrs: list[float], losses: list[float], suggestion
     ax.set_ylabel("smoothed training loss")
     ax.set_title("LR finder")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_history(path: Path, history: list[dict]) -> Path:
@@ -113,10 +111,7 @@ def plot_history(path: Path, history: list[dict]) -> Path:
             acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.replace("_", " "))
     acc_ax.set_xlabel("epoch")
     acc_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 REPORT_TEMPLATE = """<!doctype html>
@@ -225,11 +220,14 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         heads.append({**result, "params": json.dumps(result["params"]), "splits": splits})
 
     best = rows[0]
-    meta = _embeddings_meta(inputs.get(best["file"], {}).get("path"))
-    root = Path(meta.get("dataset_root", ""))
-    examples = _examples(root, Path(inputs[best["file"]]["path"]), examples_per_class) if root.is_dir() else {}
+    best_input = inputs.get(best["file"], {})
+    source = (best_input.get("parts") or [best_input.get("path")])[0]  # concatenated inputs: their first part
+    meta = _embeddings_meta(source)
+    root = Path(meta["dataset_root"]) if meta.get("dataset_root") else None
+    reachable = root is not None and root.is_dir()
+    examples = _examples(root, Path(source), examples_per_class) if reachable else {}
     wrong_file = sorted((run_dir / "predictions").glob(f"{Path(best['file']).stem}__{best['head']}_*.csv"))
-    wrong = _confidently_wrong(root, wrong_file[-1], wrong_count) if wrong_file and root.is_dir() else []
+    wrong = _confidently_wrong(root, wrong_file[-1], wrong_count) if wrong_file and reachable else []
 
     provenance = [("featx", run["featx_version"]), ("created", run["created"]),
                   ("config", json.dumps(run["config"])), ("versions", json.dumps(run["versions"]))]
@@ -246,7 +244,7 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         name=run_dir.name, created=run["created"], version=run["featx_version"], n_rows=len(rows),
         sort_by=run["config"].get("sort_by", "balanced_accuracy"), rows=rows, fmt=_fmt,
         columns=[c for c in Leaderboard.COLUMNS if any(c in r for r in rows)], text_columns=TEXT_COLUMNS,
-        heads=heads, examples=examples, dataset_root=str(root), wrong=wrong,
+        heads=heads, examples=examples, dataset_root=str(root or "unknown"), wrong=wrong,
         wrong_title=f"{best['backbone']} + {best['head']}, {wrong_file[-1].stem.rsplit('_', 1)[-1]}" if wrong_file else "",
         finetune=_finetune_plots(run["inputs"]), provenance=provenance,
     )

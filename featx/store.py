@@ -306,6 +306,30 @@ def load_embeddings(path: str | Path) -> Embeddings:
         )
 
 
+def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
+    """Several backbones' embeddings of the same images, side by side in one feature matrix.
+
+    Rows must match one for one (same paths, splits and classes); a row is readable only if it
+    was readable for every part.
+    """
+    first = parts[0]
+    for other in parts[1:]:
+        if other.paths.tolist() != first.paths.tolist() or other.splits.tolist() != first.splits.tolist():
+            raise DataError(f"{other.path}: rows differ from {first.path} (other images or splits); "
+                            "extract both from the same data with the same split")
+        if other.classes != first.classes:
+            raise DataError(f"{other.path}: classes {other.classes} differ from {first.classes}")
+    label = "+".join(p.label for p in parts)
+    meta = {**first.meta, "backbone": label, "label": label, "cache_key": "+".join(p.cache_key for p in parts),
+            "parts": [str(p.path) for p in parts]}
+    return Embeddings(
+        path=Path("+".join(p.path.stem for p in parts) + ".h5"), meta=meta, classes=first.classes,
+        paths=first.paths, splits=first.splits, ok=np.logical_and.reduce([p.ok for p in parts]),
+        errors=first.errors, _features=np.concatenate([p._features.astype(np.float32) for p in parts], axis=1),
+        _labels=first._labels,
+    )
+
+
 def list_cache(cache_dir: str | Path) -> list[dict]:
     """One summary per embedding file (complete or partial) under ``cache_dir``."""
     entries = []

@@ -97,3 +97,19 @@ def test_cli_train_and_compare(tmp_path):
     assert compared.output.count("| efficientnet_lite0 |") == 4
     bad = runner.invoke(main, ["compare", str(FIXTURE), "--heads", "svn"])
     assert bad.exit_code == 2 and "unknown head 'svn'; did you mean svm" in bad.output
+
+
+def test_concatenated_backbones_are_one_more_row(tmp_path):
+    from featx.errors import DataError
+    from featx.store import concat_embeddings
+
+    emb = load_embeddings(FIXTURE)
+    both = concat_embeddings([emb, emb])
+    assert both.features("train").shape == (200, 2560) and both.label == "efficientnet_lite0+efficientnet_lite0"
+    board = compare([FIXTURE, FIXTURE], ["logreg"], concat=True, out=tmp_path / "run")
+    assert sorted(r["backbone"] for r in board.rows)[-1] == "efficientnet_lite0+efficientnet_lite0"
+    assert len(board.rows) == 3
+    other = load_embeddings(FIXTURE)
+    other.paths = other.paths[::-1].copy()
+    with pytest.raises(DataError, match="rows differ"):
+        concat_embeddings([emb, other])
