@@ -155,7 +155,7 @@ def extract(
     if cached:
         return cached
     with CacheLock(path):
-        cached = _cached(path, key)  # another process may have finished it while we waited
+        cached = _cached(path, key)  # another process may have finished it since the first look
         if cached:
             return cached
         model = create_feature_model(spec, weights if backbone_state is None else RANDOM_INIT, ",".join(layers))
@@ -195,9 +195,7 @@ def _from_checkpoint(config: ExtractConfig):
     spec = get_backbone(sidecar["backbone"])
     if config.backbone not in (DEFAULT_BACKBONE, spec.name):
         raise ConfigError(f"{config.checkpoint} is a {spec.name} checkpoint; drop --backbone {config.backbone}")
-    pre = sidecar["preprocess"]
-    preprocess = Preprocess(pre["image_size"], pre["resize"], pre["interpolation"], tuple(pre["mean"]),
-                            tuple(pre["std"]))
+    preprocess = Preprocess.from_dict(sidecar["preprocess"])
     weights = ResolvedWeights(f"checkpoint:{Path(config.checkpoint).name}", Path(config.checkpoint),
                               file_sha256(config.checkpoint))
     return spec, weights, preprocess, state

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, DataError, check_positive_int
 from featx.extraction import resolve_device, resolve_precision
 from featx.images import ImageError, Preprocess, load_image, open_rgb
-from featx.store import file_sha256
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "featx.checkpoint/1"

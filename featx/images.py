@@ -31,6 +31,12 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    @classmethod
+    def from_dict(cls, recorded: dict) -> "Preprocess":
+        """The preprocessing recorded in an embedding file or checkpoint sidecar."""
+        return cls(recorded["image_size"], recorded["resize"], recorded["interpolation"], tuple(recorded["mean"]),
+                   tuple(recorded["std"]))
+
     def as_dict(self) -> dict:
         return {
             "image_size": self.size,

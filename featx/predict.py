@@ -124,8 +124,7 @@ class Predictor:
                             "predicting through several backbones at once is not supported yet")
         self.classes = self.head["classes"]
         self.open_set = OpenSet.load(folder) if (folder / "open_set.npz").exists() else None
-        self.preprocess = Preprocess(self.meta["image_size"], self.meta["resize"], self.meta["interpolation"],
-                                     tuple(self.meta["mean"]), tuple(self.meta["std"]))
+        self.preprocess = Preprocess.from_dict(self.meta)
         self._model = None
 
     def model(self):

@@ -201,7 +201,8 @@ def read_meta(path: str | Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     try:
-        handle = h5py.File(path, "r")
+        # No HDF5 file lock: `featx ls` and `info` must read a file another process is still writing.
+        handle = h5py.File(path, "r", locking=False)
     except OSError:
         raise SchemaError(f"{path}: not an HDF5 file") from None
     with handle:

@@ -1,0 +1,163 @@
+"""Reproducible results table: frozen (and fine-tuned) featx on the chest X-ray test set, next to published figures.
+
+One command extracts every configuration (cached: a second run only re-fits heads), compares
+heads, and writes a markdown table. Every choice — hyper-parameters, decision threshold, the best
+configuration — is made on a validation split carved from train (15 %, stratified, seeded); the
+624 test images are scored once per configuration and never used to choose (asserted below).
+
+Usage:
+  python scripts/reproduce_chest_xray.py [--data ../shared/data/chest_xray] [--cache cache]
+         [--checkpoint runs/ft-lite0/best.pt] [--flowers ../shared/data/flowers5] [--out runs/reproduce]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from featx.evaluate import compare
+from featx.extraction import ExtractConfig, extract
+from featx.store import concat_embeddings, load_embeddings
+
+PUBLISHED = [
+    ("Kermany et al. 2018, InceptionV3 fine-tuned", "92.8 %", "0.968"),
+    ("fastai ResNet fine-tuned (seed notebook)", "92.9 %", ""),
+    ("Keras ResNet-152, frozen base + dense head", "93.75 %", ""),
+    ("Keras VGG16, frozen base + dense head", "90.06 %", ""),
+]
+HEADS = ["logreg", "svm", "lightgbm"]
+
+
+@dataclass
+class Lever:
+    name: str
+    configs: list[ExtractConfig]
+    threshold: str | None = None
+    extract_seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+
+def levers(cache: str, checkpoint: str | None) -> list[Lever]:
+    def cfg(**kw):
+        return ExtractConfig(cache_dir=cache, **kw)
+
+    found = [
+        Lever("lite0 (baseline)", [cfg()]),
+        Lever("lite0 + threshold for balanced accuracy on val", [cfg()], threshold="balanced_accuracy"),
+        Lever("lite1", [cfg(backbone="efficientnet_lite1")]),
+        Lever("lite2", [cfg(backbone="efficientnet_lite2")]),
+        Lever("lite0 at 288 px", [cfg(image_size=288)]),
+        Lever("lite0 stages + penultimate", [cfg(layer="stages,penultimate")]),
+        Lever("lite0 + flip TTA", [cfg(tta=True)]),
+        Lever("lite0+lite1+lite2 concatenated", [cfg(), cfg(backbone="efficientnet_lite1"),
+                                                 cfg(backbone="efficientnet_lite2")]),
+    ]
+    if checkpoint:
+        found.append(Lever("lite0 fine-tuned (unfreeze 2), frozen afterwards", [cfg(checkpoint=checkpoint)]))
+        found.append(Lever("lite0 fine-tuned + threshold on val", [cfg(checkpoint=checkpoint)],
+                           threshold="balanced_accuracy"))
+    return found
+
+
+def inputs_of(lever: Lever) -> list:
+    """The lever's embeddings: one file, or several backbones' files side by side."""
+    embeddings = [load_embeddings(f) for f in lever.files]
+    return [concat_embeddings(embeddings)] if len(embeddings) > 1 else embeddings
+
+
+def run_lever(lever: Lever, data: Path, seed: int = 0):
+    for config in lever.configs:
+        result = extract(data, config, progress=False)
+        lever.files.append(result.path)
+        lever.extract_seconds += load_embeddings(result.path).meta.get("extract_seconds", 0.0)
+    board = compare(inputs_of(lever), HEADS, seed=seed, threshold=lever.threshold)
+    rows = board.rows
+    for row in rows:  # nothing was chosen on test: tuning and thresholds come from train/val only
+        assert row["tuned_on"] in ("validation split",) and "test" not in row["val_source"]
+    return rows, board
+
+
+def pneumonia(board, row) -> dict:
+    detail = next(d for d in board.details if d["row"] is row)
+    return detail["test"]["per_class"]["PNEUMONIA"]
+
+
+def table(results, title: str) -> str:
+    lines = [f"### {title}", "",
+             "| configuration | head | val bal. acc | test acc | test bal. acc | PNEUMONIA P / R / F1 | test AUC [95 % CI] "
+             "| extract s | head fit s |", "|---|---|---|---|---|---|---|---|---|"]
+    for lever, rows, board in results:
+        for row in rows:
+            p = pneumonia(board, row)
+            ci = row["test_roc_auc_ci"]
+            lines.append(
+                f"| {lever.name} | {row['head']} | {row['val_balanced_accuracy']:.4f} | {row['test_accuracy']:.2%} | "
+                f"{row['test_balanced_accuracy']:.4f} | {p['precision']:.3f} / {p['recall']:.3f} / {p['f1']:.3f} | "
+                f"{row['test_roc_auc']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] | {lever.extract_seconds:.0f} | "
+                f"{row['fit_s']:.1f} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--data", default="../shared/data/chest_xray", type=click.Path(exists=True, path_type=Path))
+@click.option("--cache", default="cache", show_default=True)
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="A fine-tuned best.pt to add.")
+@click.option("--flowers", type=click.Path(exists=True, path_type=Path), help="Also the smaller flowers5 table.")
+@click.option("--out", default="runs/reproduce", show_default=True, type=click.Path(path_type=Path))
+def main(data, cache, checkpoint, flowers, out):
+    began = time.perf_counter()
+    results = []
+    for lever in levers(cache, checkpoint):
+        rows, board = run_lever(lever, data)
+        results.append((lever, rows, board))
+        best = max(rows, key=lambda r: r["val_balanced_accuracy"])
+        print(f"{lever.name}: best by val {best['head']} → test accuracy {best['test_accuracy']:.2%}, "
+              f"AUC {best['test_roc_auc']:.4f}", flush=True)
+
+    # The best configuration is chosen by validation balanced accuracy, then repeated with 3 seeds.
+    chosen = max(((lv, r) for lv, rows, _ in results for r in rows), key=lambda t: t[1]["val_balanced_accuracy"])
+    lever, row = chosen
+    seeds = []
+    for seed in (0, 1, 2):
+        picked = compare(inputs_of(lever), [row["head"]], seed=seed, threshold=lever.threshold).rows[0]
+        seeds.append((picked["test_accuracy"], picked["test_roc_auc"], picked["test_f1_macro"]))
+    acc, auc, f1 = zip(*seeds)
+    summary = (f"Best configuration by validation balanced accuracy: **{lever.name} + {row['head']}**; over seeds 0, 1, 2 "
+               f"(validation carve and head): test accuracy {statistics.mean(acc):.2%} ± {statistics.stdev(acc):.2%}, "
+               f"AUC {statistics.mean(auc):.4f} ± {statistics.stdev(auc):.4f}, macro F1 {statistics.mean(f1):.4f} ± "
+               f"{statistics.stdev(f1):.4f}.")
+    published = "\n".join(["| published | test accuracy | AUC |", "|---|---|---|"] +
+                          [f"| {n} | {a} | {u} |" for n, a, u in PUBLISHED])
+    parts = [table(results, "Chest X-ray (Kermany et al. 2018 test set, 624 images)"), "", summary, "", published]
+    if flowers:
+        flower_results = []
+        for lever in [Lever("lite0", [ExtractConfig(cache_dir=cache)]),
+                      Lever("lite1", [ExtractConfig(cache_dir=cache, backbone="efficientnet_lite1")]),
+                      Lever("lite0 stages + penultimate", [ExtractConfig(cache_dir=cache, layer="stages,penultimate")])]:
+            rows, board = run_lever(lever, flowers)
+            flower_results.append((lever, rows, board))
+        parts += ["", _flowers_table(flower_results)]
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(parts) + f"\n\n(total {time.perf_counter() - began:.0f} s)\n"
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+def _flowers_table(results) -> str:
+    lines = ["### flowers5 (featx's own stratified 70/15/15 split, seed 0)", "",
+             "| configuration | head | val bal. acc | test acc | test macro F1 | test AUC (OvR) | extract s |",
+             "|---|---|---|---|---|---|---|"]
+    for lever, rows, _ in results:
+        for row in rows:
+            lines.append(f"| {lever.name} | {row['head']} | {row['val_balanced_accuracy']:.4f} | "
+                         f"{row['test_accuracy']:.2%} | {row['test_f1_macro']:.4f} | {row['test_roc_auc']:.4f} | "
+                         f"{lever.extract_seconds:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
