@@ -7,6 +7,7 @@ stratified K-fold CV on train when asked); the test split is never seen here.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
         self.model_ = lightgbm.LGBMClassifier(
             n_estimators=self.max_trees if stop_early else min(self.max_trees, 100),
             learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight="balanced",
-            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, n_jobs=2, verbose=-1,
+            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, verbose=-1,
+            # Threads only pay off on large inputs; on small ones OpenMP start-up and spinning dominate.
+            n_jobs=min(2, os.cpu_count() or 1) if len(X) * X.shape[1] > 2_000_000 else 1,
         )
         if stop_early:
             X_fit, X_stop, y_fit, y_stop = train_test_split(X, y_index, test_size=0.1, random_state=self.seed,
