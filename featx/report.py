@@ -111,6 +111,10 @@ def plot_history(path: Path, history: list[dict]) -> Path:
             acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.replace("_", " "))
     acc_ax.set_xlabel("epoch")
     acc_ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
