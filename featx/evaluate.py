@@ -186,12 +186,14 @@ def split_arrays(emb: Embeddings, val_fraction: float, seed: int):
 
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
             cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
-            sort_by: str = "balanced_accuracy", concat: bool = False, out: str | Path | None = None) -> Leaderboard:
+            sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
+            out: str | Path | None = None) -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; optionally save a run folder.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
     scored once per head, at the end. ``concat`` adds the files' features side by side as one
-    more input (several backbones of the same images).
+    more input (several backbones of the same images). ``head_params`` maps a head name to
+    pipeline parameters fixed instead of tuned (``{"logreg": {"clf__class_weight": None}}``).
     """
     files = [e if isinstance(e, Embeddings) else load_embeddings(e) for e in embeddings]
     if not files:
@@ -208,7 +210,8 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = splits[emb.path.name]
         for name in names:
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
-            fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed)
+            fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed,
+                              params=(head_params or {}).get(name))
             p_val = fitted.pipeline.predict_proba(X_val)
             chosen = None
             if threshold and len(emb.classes) == 2:

@@ -136,8 +136,9 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
     """LightGBM that stops adding trees when a stratified inner validation fold stops improving."""
 
     def __init__(self, num_leaves: int = 15, learning_rate: float = 0.05, max_trees: int = 1000,
-                 patience: int = 30, seed: int = 0):
+                 patience: int = 30, class_weight: str | None = "balanced", seed: int = 0):
         self.num_leaves = num_leaves
+        self.class_weight = class_weight
         self.learning_rate = learning_rate
         self.max_trees = max_trees
         self.patience = patience
@@ -153,7 +154,7 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
         stop_early = len(y) >= 50 and np.bincount(y_index).min() >= 5
         self.model_ = lightgbm.LGBMClassifier(
             n_estimators=self.max_trees if stop_early else min(self.max_trees, 100),
-            learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight="balanced",
+            learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight=self.class_weight,
             subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, verbose=-1,
             # Threads only pay off on large inputs; on small ones OpenMP start-up and spinning dominate.
             n_jobs=min(2, os.cpu_count() or 1) if len(X) * X.shape[1] > 2_000_000 else 1,
@@ -195,10 +196,21 @@ class FittedHead:
 
 
 def fit_head(name: str, X_train, y_train, X_val=None, y_val=None, *, cv: int | None = None, seed: int = 0,
-             scoring: str = "balanced_accuracy") -> FittedHead:
-    """Tune ``name`` on the validation rows (or K-fold CV on train), then refit the best on train only."""
+             scoring: str = "balanced_accuracy", params: dict | None = None) -> FittedHead:
+    """Tune ``name`` on the validation rows (or K-fold CV on train), then refit the best on train only.
+
+    ``params`` fixes pipeline parameters (``{"clf__C": 1.0}``, ``{"clf__class_weight": None}``); a fixed
+    parameter leaves the search space.
+    """
     spec = get_head(name)
     plan = spec.plan(len(X_train), X_train.shape[1], seed)
+    if params:
+        try:
+            plan.pipeline.set_params(**params)
+        except ValueError as err:
+            raise ConfigError(f"head {name!r}: {err}") from None
+        grid = {k: v for k, v in plan.grid.items() if k not in params}  # may be empty: one candidate
+        plan = HeadPlan(plan.pipeline, grid, f"{plan.note}; fixed {params}")
     began = time.perf_counter()
     if cv is not None or X_val is None:
         folds = min(cv or 5, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))

@@ -86,3 +86,13 @@ def test_the_head_path_never_imports_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_fixed_parameters_leave_the_search_space():
+    X, y = blobs(30)
+    Xv, yv = blobs(10, seed=1)
+    fitted = fit_head("logreg", X, y, Xv, yv, params={"clf__C": 0.5, "clf__class_weight": None})
+    assert fitted.best_params == {} and fitted.pipeline["clf"].C == 0.5
+    assert fitted.pipeline["clf"].class_weight is None and "fixed" in fitted.note
+    with pytest.raises(ConfigError, match="head 'logreg': Invalid parameter"):
+        fit_head("logreg", X, y, Xv, yv, params={"clf__gamma": 1})
