@@ -40,9 +40,13 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
     \b
     Typical session:
-      featx extract data/chest_xray            # embeddings into cache/chest_xray/
-      featx ls                                  # what is cached
-      featx info cache/chest_xray/efficientnet_lite0-<key>.h5
+      featx demo                                # the bundled sample, end to end
+      featx advise data/chest_xray              # which strategy, and why
+      featx extract data/chest_xray             # embeddings into cache/chest_xray/
+      featx compare cache/chest_xray/*.h5 --out runs/xray
+      featx report runs/xray                    # runs/xray/report.html
+      featx predict runs/xray new_images/       # top-3 classes, or unknown
+      featx finetune data/chest_xray --unfreeze 2 --out runs/ft
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)

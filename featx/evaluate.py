@@ -216,6 +216,9 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             chosen = None
             if threshold and len(emb.classes) == 2:
                 chosen = choose_threshold(y_val, p_val[:, 1], threshold)
+            elif threshold:
+                log.warning("%s: a decision threshold needs two classes, not %d; using argmax",
+                            emb.path.name, len(emb.classes))
             row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
                    "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
                    "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
