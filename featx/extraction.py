@@ -23,7 +23,7 @@ from featx.backbones import (DEFAULT_BACKBONE, ResolvedWeights, create_feature_m
                              resolve_weights)
 from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, check_positive_int
-from featx.feature_model import optimise_for_cpu
+from featx.feature_model import embed, optimise_for_cpu
 from featx.images import ImageError, Preprocess, load_image
 from featx.store import CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
 
@@ -232,9 +232,9 @@ def _run(model, dataset, writer, preprocess, config, device, precision, progress
     with torch.inference_mode(), autocast, bar:
         for images, ok, errors in batches:
             images = images.to(device, non_blocking=True)
-            features = model(images)
+            features = embed(model, images)
             if config.tta:
-                features = (features + model(images.flip(3))) / 2
+                features = (features + embed(model, images.flip(3))) / 2
             features = features.float().cpu().numpy()
             ok = ok.numpy()
             features[~ok] = 0.0

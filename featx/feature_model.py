@@ -14,6 +14,9 @@ from torch import nn
 from featx.backbones import STAGE_NAMES, BackboneSpec
 
 log = logging.getLogger(__name__)
+# On a CPU the activations of a few images stay in cache: for efficientnet_lite0 on 2 cores a forward
+# of 4 images at a time ran at 106-110 img/s against 54 img/s for 32 at a time (measured, frozen model).
+CPU_CHUNK = 4
 
 
 class FeatureModel(nn.Module):
@@ -68,6 +71,13 @@ def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
         parent[int(leaf)] = new
     else:
         setattr(parent, leaf, new)
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Features of a uint8 batch; on a CPU, computed in chunks of ``CPU_CHUNK`` images."""
+    if images.device.type != "cpu":
+        return model(images)
+    return torch.cat([model(chunk) for chunk in images.split(CPU_CHUNK)])
 
 
 def optimise_for_cpu(model: FeatureModel, image_size: int) -> nn.Module:

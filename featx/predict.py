@@ -156,12 +156,14 @@ class Predictor:
     def features(self, pixels: np.ndarray) -> np.ndarray:
         import torch
 
+        from featx.feature_model import embed
+
         model = self.model()
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
         with torch.inference_mode():
-            out = model(batch)
+            out = embed(model, batch)
             if self.meta.get("tta"):
-                out = (out + model(batch.flip(3))) / 2
+                out = (out + embed(model, batch.flip(3))) / 2
         # Round as the cache stored them, so the head sees the numbers it was trained on.
         return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
 
