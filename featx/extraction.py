@@ -259,10 +259,10 @@ def _run(model, dataset, writer, preprocess, config, device, precision, progress
 def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
     """Decoded batches in dataset order.
 
-    On a GPU, DataLoader worker processes decode while the GPU computes. On a CPU, worker
-    processes competing with the model's threads made the whole pipeline 35 % slower than the
-    bare forward on 2 cores; instead a thread pool in this process (Pillow releases the GIL)
-    decodes the next batch while the model works on the current one.
+    On a GPU, DataLoader worker processes decode while the GPU computes. On a CPU the model
+    already uses every core, and worker processes competing with its threads made the whole
+    pipeline 35 % slower than the bare forward on 2 cores; decoding each batch with a thread
+    pool between forwards (Pillow releases the GIL) keeps the cores busy with one thing at a time.
     ``--workers N`` forces N DataLoader workers on any device.
     """
     workers = config.workers
@@ -272,20 +272,11 @@ def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
         yield from torch.utils.data.DataLoader(rows, batch_size=config.batch_size, num_workers=workers,
                                                pin_memory=device.type == "cuda")
         return
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as decoders, ThreadPoolExecutor(1) as ahead:
-        def decode(begin: int):
-            items = list(decoders.map(rows.__getitem__, range(begin, min(begin + config.batch_size, len(rows)))))
-            return (torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items]),
-                    [i[2] for i in items])
-
-        # The next batch decodes while the model runs on this one: the small CPU chunks leave the
-        # cores idle part of the time (+15 % end to end on 2 cores, measured).
-        pending = ahead.submit(decode, 0)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for begin in range(0, len(rows), config.batch_size):
-            batch = pending.result()
-            if begin + config.batch_size < len(rows):
-                pending = ahead.submit(decode, begin + config.batch_size)
-            yield batch
+            items = list(pool.map(rows.__getitem__, range(begin, min(begin + config.batch_size, len(rows)))))
+            yield (torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items]),
+                   [i[2] for i in items])
 
 
 def _probe_dim(model, preprocess: Preprocess, device) -> int:
