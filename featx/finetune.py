@@ -325,7 +325,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+        from featx.evaluate import classification_metrics
 
         self.model.eval()
         losses, probs, truth = [], [], []
@@ -337,11 +337,11 @@ class Trainer:
             probs.append(logits.softmax(1).cpu().numpy())
             truth.append(labels.cpu().numpy())
         p, y = np.concatenate(probs), np.concatenate(truth)
-        metrics = {"val_loss": sum(losses) / len(y), "val_accuracy": float((p.argmax(1) == y).mean()),
-                   "val_balanced_accuracy": float(balanced_accuracy_score(y, p.argmax(1)))}
-        if len(np.unique(y)) == p.shape[1]:
-            metrics["val_roc_auc"] = float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
-                                           roc_auc_score(y, p, multi_class="ovr"))
+        scores = classification_metrics(y, p, self.classes)  # the same definitions as the leaderboard's
+        metrics = {"val_loss": sum(losses) / len(y), "val_accuracy": scores["accuracy"],
+                   "val_balanced_accuracy": scores["balanced_accuracy"]}
+        if np.isfinite(scores["roc_auc"]):
+            metrics["val_roc_auc"] = scores["roc_auc"]
         return metrics
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from featx.datasets import IMAGE_EXTENSIONS
 from featx.errors import ConfigError, DataError
 from featx.images import ImageError, Preprocess, load_image
+from featx.store import file_sha256
 
 log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
@@ -141,7 +142,7 @@ class Predictor:
                 _, state = read_checkpoint(config["checkpoint"])
                 model = create_feature_model(get_backbone(self.meta["backbone"]), RANDOM_INIT, self.meta["layer"])
                 model.net.load_state_dict(state, strict=True)
-                found = _sha(config["checkpoint"])
+                found = file_sha256(config["checkpoint"])
             else:
                 spec = get_backbone(self.meta["backbone"])
                 weights = resolve_weights(spec, config.get("weights"))
@@ -215,9 +216,3 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     if not files:
         raise DataError(f"no images in {', '.join(map(str, paths))}")
     return files
-
-
-def _sha(path) -> str:
-    from featx.store import file_sha256
-
-    return file_sha256(path)
