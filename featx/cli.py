@@ -74,6 +74,15 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="Storage type of the features in the HDF5 file.")
 @click.option("--image-size", type=click.IntRange(min=16),
               help="Input size in pixels instead of the backbone's own (resize keeps the same crop ratio).")
+@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
+              help="crop: shorter side resized, centre crop (ImageNet); full: the whole image squeezed to the "
+                   "input size (Keras' target_size), for images whose edges matter such as X-rays.")
+@click.option("--augment", default=0, show_default=True, type=click.IntRange(min=0), metavar="K",
+              help="Also embed K augmented copies of each train image; heads then train on them too "
+                   "(never on copies of validation images).")
+@click.option("--aug", type=click.Choice(["natural", "xray"]), default="natural", show_default=True,
+              help="Transforms of the --augment copies; xray varies contrast, exposure, sharpness and position "
+                   "and never flips.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decoding workers (default: spare cores).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -84,7 +93,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="CSV with path,split columns giving each image's split.")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
-            batch_size, workers, device, split, seed, split_from):
+            fit, augment, aug, batch_size, workers, device, split, seed, split_from):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -107,8 +116,8 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
     for name in backbones:
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
                                layer=layer, tta=tta, precision=precision,
-                               dtype=dtype, image_size=image_size, batch_size=batch_size, workers=workers, device=device,
-                               cache_dir=str(cache_dir))
+                               dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
+                               batch_size=batch_size, workers=workers, device=device, cache_dir=str(cache_dir))
         try:
             result = run_extract(dataset, config, progress=ctx.obj["progress"])
         except KeyboardInterrupt:
@@ -158,7 +167,7 @@ def info(file):
     """Show how an embedding file was made and what is in it (splits, classes, failures)."""
     import numpy as np
 
-    from featx.store import load_embeddings, read_meta
+    from featx.store import AUGMENTED, load_embeddings, read_meta
 
     meta = read_meta(file)
     skip = {"recipe", "config", "n_rows", "dim", "classes"}
@@ -171,7 +180,7 @@ def info(file):
         return
     emb = load_embeddings(file)
     rows = [("split", *emb.classes, "unreadable")]
-    for split in emb.split_names or [""]:
+    for split in (emb.split_names + [AUGMENTED] * bool(emb.n_copies)) or [""]:
         counts = np.bincount(emb.labels(split or None), minlength=len(emb.classes))
         unreadable = int(((emb.splits == split) & ~emb.ok).sum())
         rows.append((split or "-", *(str(c) for c in counts), str(unreadable)))
@@ -269,6 +278,8 @@ def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, s
               help="Training augmentation; xray never flips left-right.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
+@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
+              help="crop: shorter side resized, centre crop; full: the whole image squeezed to the input size.")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1),
               help="Early stop after this many epochs without a better validation loss.")
 @click.option("--class-weights/--no-class-weights", default=True, show_default=True,
@@ -286,7 +297,7 @@ def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, s
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, aug, batch_size, image_size, patience, class_weights, init_head_from, val_fraction, seed, device,
+             bn, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, val_fraction, seed, device,
              precision, workers, out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
@@ -300,8 +311,8 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
 
     config = FinetuneConfig(
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
-        lr_min=lr_min, weight_decay=weight_decay, bn=bn, batch_size=batch_size, image_size=image_size, aug=aug,
-        class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
+        lr_min=lr_min, weight_decay=weight_decay, bn=bn, batch_size=batch_size, image_size=image_size, fit=fit,
+        aug=aug, class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
         precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
     )
     out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
@@ -405,6 +416,8 @@ def advise(data_dir, backbone, weights, sample_per_class, seed):
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
 @click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (random init, for tests).")
 @click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
+@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
+              help="crop: shorter side resized, centre crop; full: the whole image squeezed to the input size.")
 @click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
 @click.pass_context
 def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):

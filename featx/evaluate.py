@@ -169,17 +169,27 @@ def _fmt(value, seconds: bool = False) -> str:
     return "" if value is None else str(value)
 
 
-def split_arrays(emb: Embeddings, val_fraction: float, seed: int):
-    """train / val / test arrays; val is carved from train (stratified, seeded) when the file has none."""
+def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
+    """train / val / test arrays; val is carved from train (stratified, seeded) when the file has none.
+
+    Augmented copies in the file (``extract --augment``) join train, but only those of images
+    that stayed in train: a validation image's copies would leak it into training.
+    """
     if "train" not in emb.split_names:
         raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
-    X_train, y_train = emb.features("train"), emb.labels("train")
+    X_train, y_train, train_paths = emb.features("train"), emb.labels("train"), emb.paths_of("train")
     if "val" in emb.split_names:
         X_val, y_val, val_source = emb.features("val"), emb.labels("val"), "val split of the file"
     else:
-        X_train, X_val, y_train, y_val = train_test_split(X_train, y_train, test_size=val_fraction,
-                                                          random_state=seed, stratify=y_train)
+        kept, carved = train_test_split(np.arange(len(y_train)), test_size=val_fraction, random_state=seed,
+                                        stratify=y_train)
+        X_train, X_val, y_train, y_val = X_train[kept], X_train[carved], y_train[kept], y_train[carved]
+        train_paths = train_paths[kept]
         val_source = f"{val_fraction:.0%} of train, stratified, seed {seed}"
+    X_copies, y_copies = emb.augmented_copies(train_paths if with_copies else [])
+    if len(y_copies):
+        X_train, y_train = np.concatenate([X_train, X_copies]), np.concatenate([y_train, y_copies])
+        log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train_paths), len(y_copies))
     test = (emb.features("test"), emb.labels("test")) if "test" in emb.split_names else (None, None)
     return (X_train, y_train), (X_val, y_val), test, val_source
 
@@ -206,7 +216,10 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     out = Path(out) if out else None
     rows, details, splits = [], [], {}
     for emb in files:
-        splits[emb.path.name] = split_arrays(emb, val_fraction, seed)
+        if cv and emb.n_copies:
+            log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in "
+                        "different folds)", emb.path.name)
+        splits[emb.path.name] = split_arrays(emb, val_fraction, seed, with_copies=not cv)
         (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = splits[emb.path.name]
         for name in names:
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))

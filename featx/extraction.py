@@ -13,7 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,11 +21,12 @@ import torch
 import featx
 from featx.backbones import (DEFAULT_BACKBONE, ResolvedWeights, create_feature_model, get_backbone, parse_layer,
                              resolve_weights)
-from featx.datasets import ImageDataset, scan_dataset
+from featx.augment import augmentation, seeded
+from featx.datasets import ImageDataset, Sample, scan_dataset
 from featx.errors import ConfigError, check_positive_int
 from featx.feature_model import embed, optimise_for_cpu
-from featx.images import ImageError, Preprocess, load_image
-from featx.store import CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
+from featx.images import FITS, ImageError, Preprocess, load_image
+from featx.store import AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -45,6 +46,9 @@ class ExtractConfig:
     precision: str = "fp32"
     dtype: str = "float16"
     image_size: int | None = None  # None: the backbone's own input size
+    fit: str = "crop"  # "crop": ImageNet centre crop; "full": the whole image squeezed to the input size
+    augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
+    aug: str = "natural"  # the copies' transforms (featx.augment)
     batch_size: int = 32
     workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
     device: str = "auto"
@@ -70,18 +74,27 @@ class ExtractResult:
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Decoded uint8 CHW tensors of ``files[start:]``; unreadable files give zeros and their reason."""
+    """Decoded uint8 CHW tensors of ``files[start:]``; unreadable files give zeros and their reason.
 
-    def __init__(self, files: list[Path], preprocess: Preprocess, start: int = 0):
+    Rows from ``first_copy`` on are augmented copies: ``transform`` seeded by the row number, so
+    a resumed extraction writes exactly the copies an uninterrupted one would.
+    """
+
+    def __init__(self, files: list[Path], preprocess: Preprocess, start: int = 0, first_copy: int | None = None,
+                 transform=None):
         self.files, self.preprocess, self.start = files, preprocess, start
+        self.first_copy, self.transform = first_copy if first_copy is not None else len(files), transform
 
     def __len__(self) -> int:
         return len(self.files) - self.start
 
     def __getitem__(self, i: int):
+        row = self.start + i
         try:
-            pixels = torch.from_numpy(load_image(self.files[self.start + i], self.preprocess).copy())
-            return pixels.permute(2, 0, 1), True, ""
+            pixels = torch.from_numpy(load_image(self.files[row], self.preprocess).copy()).permute(2, 0, 1)
+            if row >= self.first_copy:
+                pixels = seeded(self.transform, pixels, row)
+            return pixels, True, ""
         except ImageError as err:
             size = self.preprocess.size
             return torch.zeros(3, size, size, dtype=torch.uint8), False, str(err)
@@ -140,6 +153,16 @@ def extract(
         preprocess = spec.preprocess
     if config.image_size is not None:
         preprocess = spec.preprocess_at(check_positive_int(config.image_size, "image_size", "extract"))
+    if config.fit not in FITS:
+        raise ConfigError(f"The 'fit' parameter of extract must be crop or full. Got {config.fit!r} instead.")
+    if not config.checkpoint:  # a checkpoint brings the fit it was trained with
+        preprocess = replace(preprocess, fit=config.fit)
+    if config.augment < 0:
+        raise ConfigError(f"The 'augment' parameter of extract must be 0 or more. Got {config.augment!r} instead.")
+    transform = augmentation(config.aug, preprocess.size) if config.augment else None
+    samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
+                                 for _ in range(config.augment if transform else 0)
+                                 for s in dataset.samples if s.split == "train"]
     label = spec.name if backbone_state is None else f"{spec.name}+ft-{weights.sha256[:8]}"
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -148,6 +171,8 @@ def extract(
         "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
         "dtype": config.dtype, "precision": precision,
     }
+    if transform:  # only when asked, so keys of files made without copies stay as they were
+        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, label, key)
 
@@ -177,11 +202,13 @@ def extract(
             "device": str(device), "config": asdict(config),
         }
         writer = EmbeddingWriter(
-            path, dim=dim, paths=[s.path for s in dataset.samples], labels=[s.label for s in dataset.samples],
-            splits=[s.split for s in dataset.samples], attrs=attrs, dtype=config.dtype,
+            path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
+            splits=[s.split for s in samples], attrs=attrs, dtype=config.dtype,
         )
+        rows = ImageRows([dataset.absolute_path(s) for s in samples], preprocess, writer.rows_done,
+                         len(dataset.samples), transform)
         try:
-            result = _run(model, dataset, writer, preprocess, config, device, precision, progress)
+            result = _run(model, dataset, rows, writer, config, device, precision, progress)
         finally:
             writer.close()
     return result
@@ -215,12 +242,12 @@ def _cached(path: Path, key: str) -> ExtractResult | None:
                          resumed_from=int(meta["n_rows"]))
 
 
-def _run(model, dataset, writer, preprocess, config, device, precision, progress) -> ExtractResult:
+def _run(model, dataset, rows: ImageRows, writer, config, device, precision, progress) -> ExtractResult:
     from tqdm.auto import tqdm
 
-    files = [dataset.absolute_path(s) for s in dataset.samples]
-    start = writer.rows_done
-    batches = _batches(ImageRows(files, preprocess, start), config, device)
+    files, start = rows.files, rows.start
+    n_images = len(dataset.samples)  # later rows are augmented copies, whose failures repeat their source's
+    batches = _batches(rows, config, device)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
         if precision != "fp32" else nullcontext()
@@ -239,18 +266,18 @@ def _run(model, dataset, writer, preprocess, config, device, precision, progress
             ok = ok.numpy()
             features[~ok] = 0.0
             row = writer.rows_done
-            failed += [(dataset.samples[row + i].path, e) for i, e in enumerate(errors) if e]
+            failed += [(dataset.samples[row + i].path, e) for i, e in enumerate(errors) if e and row + i < n_images]
             writer.write(features.astype(config.dtype), ok, list(errors))
             bar.update(len(features))
             if failed:
                 bar.set_postfix(failed=len(failed))
     seconds = time.perf_counter() - began
     if start:  # the earlier run's failures are in the file; report every row, not just this run's
-        failed = [(dataset.samples[i].path, reason) for i, reason in writer.failures()]
+        failed = [(dataset.samples[i].path, reason) for i, reason in writer.failures() if i < n_images]
     path = writer.finish({"extract_seconds": round(seconds, 3), "failed": len(failed)})
     if failed:
         log.warning("%d of %d images could not be read and were skipped (recorded in 'errors')",
-                    len(failed), len(files))
+                    len(failed), n_images)
     return ExtractResult(path=path, cached=False, rows=len(files), label=writer.label, resumed_from=start,
                          seconds=seconds,
                          failed=failed)

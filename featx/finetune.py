@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +27,15 @@ import torch
 from torch import nn
 
 import featx
+from featx.augment import augmentation
 from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone, resolve_weights
 from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, DataError, check_positive_int
 from featx.extraction import resolve_device, resolve_precision
-from featx.images import ImageError, Preprocess, load_image, open_rgb
+from featx.images import FITS, ImageError, Preprocess, load_image, open_rgb
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "featx.checkpoint/1"
-AUGMENTATIONS = ("natural", "xray", "none")
 STAGE_GROUPS = 4  # backbone parameter groups, earliest first: stem+stage1, stage2, stage3, stage4+top
 
 
@@ -52,6 +52,7 @@ class FinetuneConfig:
     bn: str = "frozen"  # "frozen": BatchNorm statistics and affine kept as pretrained (Keras' advice)
     batch_size: int = 32
     image_size: int | None = None
+    fit: str = "crop"  # "full": the whole image squeezed to the input size (featx.images.Preprocess)
     aug: str = "natural"
     class_weights: bool = True
     clip_grad: float = 1.0
@@ -86,27 +87,6 @@ class Classifier(nn.Module):
 
 
 # --- data ---------------------------------------------------------------------------------------------
-
-def augmentation(name: str, size: int):
-    """Training-time transforms on uint8 CHW tensors; ``xray`` never flips (laterality matters)."""
-    from torchvision.transforms import v2
-
-    if name not in AUGMENTATIONS:
-        raise ConfigError(f"The 'aug' parameter must be one of {', '.join(AUGMENTATIONS)}. Got {name!r} instead.")
-    if name == "none":
-        return None
-    if name == "xray":
-        return v2.Compose([
-            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-            v2.ColorJitter(brightness=0.1, contrast=0.1),
-        ])
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomRotation(10),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-    ])
-
 
 class LabelledImages(torch.utils.data.Dataset):
     """(uint8 CHW image, label) pairs; unreadable files are dropped up front with a warning."""
@@ -243,8 +223,10 @@ class Trainer:
             raise ConfigError(f"The 'bn' parameter must be frozen or train. Got {config.bn!r} instead.")
         self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, seed=config.seed)
         self.spec = get_backbone(config.backbone)
-        self.preprocess = (self.spec.preprocess if config.image_size is None
-                           else self.spec.preprocess_at(config.image_size))
+        preprocess = self.spec.preprocess if config.image_size is None else self.spec.preprocess_at(config.image_size)
+        if config.fit not in FITS:
+            raise ConfigError(f"The 'fit' parameter must be crop or full. Got {config.fit!r} instead.")
+        self.preprocess = replace(preprocess, fit=config.fit)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.weights = resolve_weights(self.spec, config.weights)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+FITS = ("crop", "full")
 
 
 class ImageError(Exception):
@@ -23,28 +24,38 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to ``resize``, centre-crop ``size`` × ``size``, as at ImageNet evaluation."""
+    """How a file becomes a ``size`` × ``size`` input.
+
+    ``fit="crop"``: shorter side to ``resize``, centre crop, as at ImageNet evaluation.
+    ``fit="full"``: the whole image squeezed to ``size`` × ``size`` (Keras' ``target_size``),
+    for images whose edges matter, such as chest X-rays whose lungs reach the border.
+    """
 
     size: int
     resize: int
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    fit: str = "crop"
 
     @classmethod
     def from_dict(cls, recorded: dict) -> "Preprocess":
         """The preprocessing recorded in an embedding file or checkpoint sidecar."""
         return cls(recorded["image_size"], recorded["resize"], recorded["interpolation"], tuple(recorded["mean"]),
-                   tuple(recorded["std"]))
+                   tuple(recorded["std"]), recorded.get("fit", "crop"))
 
     def as_dict(self) -> dict:
-        return {
+        recorded = {
             "image_size": self.size,
             "resize": self.resize,
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        # Recorded only when not the default, so the cache keys of files made before ``fit`` existed still match.
+        if self.fit != "crop":
+            recorded["fit"] = self.fit
+        return recorded
 
 
 def open_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
@@ -96,11 +107,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """Shorter side to ``resize``, centre crop to ``size``; returns HWC uint8.
+    """Shorter side to ``resize``, centre crop to ``size`` (or the whole image to ``size``); returns HWC uint8.
 
     Only the source region under the crop is resampled (Pillow's ``box``): the same pixels as
     resizing the whole image and cropping, with about 13 % less work.
     """
+    if preprocess.fit == "full":
+        return np.asarray(img.resize((preprocess.size,) * 2, INTERPOLATIONS[preprocess.interpolation]), dtype=np.uint8)
     width, height = img.size
     scale = preprocess.resize / min(width, height)
     new_w, new_h = max(preprocess.resize, int(width * scale)), max(preprocess.resize, int(height * scale))

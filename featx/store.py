@@ -26,6 +26,8 @@ SCHEMA = "featx.embeddings/1"
 DATASETS = ("features", "labels", "paths", "split", "ok", "errors")
 REQUIRED_ATTRS = ("schema", "backbone", "classes", "cache_key", "rows_done", "complete")
 PARTIAL_SUFFIX = ".partial"
+# Split name of the rows that hold augmented copies of train images (``featx extract --augment K``).
+AUGMENTED = "augmented"
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
 
@@ -235,9 +237,11 @@ class Embeddings:
     _labels: np.ndarray
 
     def rows(self, split: str | None = None) -> np.ndarray:
-        """Indices of the readable rows of ``split`` (all splits when None)."""
+        """Indices of the readable rows of ``split`` (every image once when None: no augmented copies)."""
         mask = self.ok.copy()
-        if split is not None:
+        if split is None:
+            mask &= self.splits != AUGMENTED
+        else:
             if split not in set(self.splits.tolist()):
                 present = sorted(set(self.splits.tolist()) - {""})
                 raise DataError(f"{self.path}: no rows in split {split!r}; splits present: {present}")
@@ -254,6 +258,15 @@ class Embeddings:
     def paths_of(self, split: str | None = None) -> np.ndarray:
         return self.paths[self.rows(split)]
 
+    def augmented_copies(self, of_paths) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the augmented copies of the images ``of_paths`` (none: empty arrays).
+
+        Taking copies by source path keeps a validation image's copies out of training.
+        """
+        rows = self.rows(AUGMENTED) if self.n_copies else np.zeros(0, dtype=int)
+        rows = rows[np.isin(self.paths[rows], np.asarray(of_paths))]
+        return self._features[rows].astype(np.float32), self._labels[rows]
+
     @property
     def backbone(self) -> str:
         return self.meta["backbone"]
@@ -266,6 +279,11 @@ class Embeddings:
     @property
     def cache_key(self) -> str:
         return self.meta["cache_key"]
+
+    @property
+    def n_copies(self) -> int:
+        """How many rows are augmented copies of train images (``extract --augment``)."""
+        return int((self.splits == AUGMENTED).sum())
 
     @property
     def split_names(self) -> list[str]:

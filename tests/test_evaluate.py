@@ -113,3 +113,23 @@ def test_concatenated_backbones_are_one_more_row(tmp_path):
     other.paths = other.paths[::-1].copy()
     with pytest.raises(DataError, match="rows differ"):
         concat_embeddings([emb, other])
+
+
+def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(tmp_path, tiny_config):
+    from dataclasses import replace
+
+    from featx.evaluate import split_arrays
+    from featx.extraction import extract
+    from tests.conftest import make_class_folders
+
+    folder = make_class_folders(tmp_path / "xray", per_class=8, splits=("train", "test"))
+    emb = load_embeddings(extract(folder, replace(tiny_config, augment=1, aug="xray"), progress=False).path)
+    (X_train, y_train), (X_val, y_val), _, source = split_arrays(emb, 0.25, seed=0)
+    assert source.startswith("25% of train") and len(y_val) == 6
+    assert len(y_train) == 2 * (24 - 6)  # the 18 kept images and one copy of each
+    all_copies = emb.augmented_copies(emb.paths_of("train"))[0]
+    trained_on = {row.tobytes() for row in X_train}
+    left_out = [row for row in all_copies if row.tobytes() not in trained_on]
+    assert len(left_out) == 6  # exactly the validation images' copies stayed out
+    (X_plain, _), _, _, _ = split_arrays(emb, 0.25, seed=0, with_copies=False)
+    assert len(X_plain) == 18

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featx.errors import DataError, SchemaError
+from featx.errors import ConfigError, DataError, SchemaError
 from featx.extraction import extract
 from featx.store import CacheLock, load_embeddings
 from tests.conftest import make_image
@@ -120,3 +120,32 @@ def test_a_second_process_on_the_same_key_is_refused(image_folder, tiny_config):
     with CacheLock(first):
         with pytest.raises(DataError, match="another featx process is writing"):
             extract(image_folder, tiny_config, progress=False)
+
+
+def test_augmented_copies_of_train_images_are_extra_rows_made_the_same_every_run(image_folder, tiny_config):
+    config = replace(tiny_config, augment=2, aug="xray")
+    result = extract(image_folder, config, split="0.5,0.25,0.25", progress=False)
+    emb = load_embeddings(result.path)
+    plain = load_embeddings(extract(image_folder, tiny_config, split="0.5,0.25,0.25", progress=False).path)
+    train = emb.paths_of("train")
+    assert result.rows == 18 + 2 * len(train) and emb.n_copies == 2 * len(train)
+    assert emb.features().shape == (18, 512) and emb.meta["recipe"]["augment"] == {"copies": 2, "aug": "xray"}
+    copies, labels = emb.augmented_copies(train[:1])
+    assert len(copies) == 2 and (labels == emb.labels("train")[0]).all()
+    # the copies are other pictures of the image, not the image again or each other
+    original = plain.features("train")[0]
+    assert not np.allclose(copies[0], original, atol=1e-2) and not np.allclose(copies[0], copies[1], atol=1e-2)
+    assert emb.augmented_copies(emb.paths_of("test"))[0].shape == (0, 512)
+    again = load_embeddings(extract(image_folder, replace(config, out=str(image_folder.parent / "again.h5")),
+                                    split="0.5,0.25,0.25", progress=False).path)
+    np.testing.assert_array_equal(again.augmented_copies(train)[0], emb.augmented_copies(train)[0])
+
+
+def test_full_fit_keeps_the_image_edges_and_its_own_cache_key(image_folder, tiny_config):
+    cropped = extract(image_folder, tiny_config, progress=False)
+    full = extract(image_folder, replace(tiny_config, fit="full"), progress=False)
+    assert full.path != cropped.path
+    assert load_embeddings(full.path).meta["recipe"]["preprocess"]["fit"] == "full"
+    assert "fit" not in load_embeddings(cropped.path).meta["recipe"]["preprocess"]
+    with pytest.raises(ConfigError, match="'fit' parameter"):
+        extract(image_folder, replace(tiny_config, fit="stretch"), progress=False)

@@ -55,6 +55,18 @@ def test_resize_then_centre_crop(tmp_path):
     assert out[:, 8:12].mean() > 200 and out[:, :3].mean() < 30
 
 
+def test_full_fit_squeezes_the_whole_image_in(tmp_path):
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # a white edge that a centre crop cuts off
+    Image.fromarray(pixels).save(tmp_path / "edge.png")
+    assert load_image(tmp_path / "edge.png", Preprocess(size=20, resize=20))[:, :2].mean() < 30
+    full = Preprocess(size=20, resize=20, fit="full")
+    out = load_image(tmp_path / "edge.png", full)
+    assert out.shape == (20, 20, 3) and out[:, :2].mean() > 200 and out[:, 5:].mean() < 30
+    assert Preprocess.from_dict(full.as_dict()) == full
+    assert "fit" not in Preprocess(20, 20).as_dict()  # files made before ``fit`` keep their cache keys
+
+
 def test_bad_files_raise_image_error_with_a_reason(tmp_path, monkeypatch):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("hello, not an image")

@@ -1,0 +1,46 @@
+"""Random image transforms, shared by fine-tuning and by the augmented copies of ``extract --augment``.
+
+``xray`` varies what differs between X-ray machines and sites (contrast, exposure, sharpness,
+positioning) and never flips, since laterality matters; ``natural`` is the usual photo recipe.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from featx.errors import ConfigError
+
+AUGMENTATIONS = ("natural", "xray", "none")
+# torchvision draws from torch's global generator; seeding it per image must not interleave across threads.
+_GLOBAL_RNG = threading.Lock()
+
+
+def augmentation(name: str, size: int):
+    """Training-time transforms on uint8 CHW tensors, or None for ``none``."""
+    from torchvision.transforms import v2
+
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"The 'aug' parameter must be one of {', '.join(AUGMENTATIONS)}. Got {name!r} instead.")
+    if name == "none":
+        return None
+    if name == "xray":
+        return v2.Compose([
+            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.2)),
+            v2.ColorJitter(brightness=0.2, contrast=(0.5, 1.2)),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.5),
+        ])
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+    ])
+
+
+def seeded(transform, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(image)`` with its randomness fixed by ``seed``: the same copy on every run and on resume."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
