@@ -416,8 +416,6 @@ def advise(data_dir, backbone, weights, sample_per_class, seed):
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
 @click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (random init, for tests).")
 @click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
-@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
-              help="crop: shorter side resized, centre crop; full: the whole image squeezed to the input size.")
 @click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
 @click.pass_context
 def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):

@@ -30,6 +30,7 @@ PUBLISHED = [
     ("Keras VGG16, frozen base + dense head", "90.06 %", ""),
 ]
 HEADS = ["logreg", "svm", "lightgbm"]
+COPIES = {"fit": "full", "augment": 2, "aug": "xray"}  # whole image, two augmented copies of each train image
 
 
 @dataclass
@@ -61,6 +62,16 @@ def levers(cache: str, checkpoint: str | None) -> list[Lever]:
         Lever("lite0 + flip TTA", [cfg(tta=True)]),
         Lever("lite0+lite1+lite2 concatenated", [cfg(), cfg(backbone="efficientnet_lite1"),
                                                  cfg(backbone="efficientnet_lite2")]),
+        Lever("lite0, whole image (--fit full)", [cfg(fit="full")]),
+        Lever("lite0 full + threshold", [cfg(fit="full")], threshold="balanced_accuracy"),
+        Lever("lite0 full + 2 xray copies (--augment 2)", [cfg(**COPIES)]),
+        Lever("lite0 full + copies + threshold", [cfg(**COPIES)], threshold="balanced_accuracy"),
+        Lever("lite1 full + copies + threshold", [cfg(backbone="efficientnet_lite1", **COPIES)],
+              threshold="balanced_accuracy"),
+        Lever("lite2 full + copies + threshold", [cfg(backbone="efficientnet_lite2", **COPIES)],
+              threshold="balanced_accuracy"),
+        Lever("lite0+1+2 full + copies, concatenated, + threshold",
+              [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="balanced_accuracy"),
     ]
     if checkpoint:
         found.append(Lever("lite0 fine-tuned (unfreeze 2), frozen afterwards", [cfg(checkpoint=checkpoint)]))
@@ -144,7 +155,9 @@ def main(data, cache, checkpoint, flowers, out):
         flower_results = []
         for lever in [Lever("lite0", [ExtractConfig(cache_dir=cache)]),
                       Lever("lite1", [ExtractConfig(cache_dir=cache, backbone="efficientnet_lite1")]),
-                      Lever("lite0 stages + penultimate", [ExtractConfig(cache_dir=cache, layer="stages,penultimate")])]:
+                      Lever("lite0 stages + penultimate", [ExtractConfig(cache_dir=cache, layer="stages,penultimate")]),
+                      Lever("lite0 + 2 natural copies (--augment 2)",
+                            [ExtractConfig(cache_dir=cache, augment=2, aug="natural")])]:
             rows, board = run_lever(lever, flowers)
             flower_results.append((lever, rows, board))
         parts += ["", _flowers_table(flower_results)]

@@ -103,16 +103,18 @@ def test_lr_finder_suggests_and_restores_the_weights(colours, tmp_path):
 
 
 def test_checkpoint_round_trip_into_the_cache(colours, tmp_path):
-    result = finetune(colours, TINY, out=tmp_path / "run", progress=False)
+    whole_image = replace(TINY, fit="full")  # the checkpoint carries its preprocessing into extraction
+    result = finetune(colours, whole_image, out=tmp_path / "run", progress=False)
     sidecar = json.loads((tmp_path / "run" / "best.json").read_text())
     assert sidecar["backbone"] == "resnet18" and sidecar["classes"] == ["blue", "green", "red"]
     assert sidecar["metrics"]["epoch"] == result.best_epoch and sidecar["preprocess"]["image_size"] == 32
+    assert sidecar["preprocess"]["fit"] == "full"
     _, state = read_checkpoint(tmp_path / "run" / "best.pt")
-    trainer = Trainer(colours, TINY, tmp_path / "other")
+    trainer = Trainer(colours, whole_image, tmp_path / "other")
     trainer.model.features.net.load_state_dict(state, strict=True)
     emb = load_embeddings(extract(colours, ExtractConfig(checkpoint=str(tmp_path / "run" / "best.pt"),
                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
-    assert emb.label.startswith("resnet18+ft-") and emb.meta["image_size"] == 32
+    assert emb.label.startswith("resnet18+ft-") and emb.meta["image_size"] == 32 and emb.meta["fit"] == "full"
     first = trainer.dataset.absolute_path(trainer.dataset.samples[0])
     from featx.images import load_image
 
@@ -165,6 +167,8 @@ def test_bad_settings_are_refused(colours, tmp_path):
         Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
     with pytest.raises(ConfigError, match="The 'aug' parameter"):
         Trainer(colours, replace(TINY, aug="medical"), tmp_path).loader([], train=True)
+    with pytest.raises(ConfigError, match="The 'fit' parameter"):
+        Trainer(colours, replace(TINY, fit="stretch"), tmp_path)
     with pytest.raises(DataError, match="nothing to resume"):
         finetune(colours, TINY, out=tmp_path / "empty", resume=True, progress=False)
 
