@@ -86,3 +86,14 @@ def test_predict_refuses_weights_that_changed(tiny_run, tmp_path):
     joblib.dump(head, run / "best" / "head.joblib")
     result = CliRunner().invoke(main, ["predict", str(run), str(next(run.parent.rglob("*.jpg")))])
     assert result.exit_code == 2 and "re-extract and retrain" in result.output
+
+
+def test_predictor_preprocesses_as_the_embeddings_were_made(tmp_path, tiny_config):
+    from dataclasses import replace
+
+    data = make_class_folders(tmp_path / "colours", per_class=6, splits=("train", "val", "test"))
+    emb = load_embeddings(extract(data, replace(tiny_config, fit="full"), progress=False).path)
+    compare([emb], ["logreg"], out=tmp_path / "run")
+    with pytest.warns(UserWarning, match="joblib files are code"):
+        predictor = Predictor(tmp_path / "run")
+    assert predictor.preprocess.fit == "full" and predictor.preprocess.size == 64
