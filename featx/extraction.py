@@ -25,7 +25,7 @@ from featx.augment import augmentation, seeded
 from featx.datasets import ImageDataset, Sample, scan_dataset
 from featx.errors import ConfigError, check_positive_int
 from featx.feature_model import embed, optimise_for_cpu
-from featx.images import FITS, ImageError, Preprocess, load_image
+from featx.images import ImageError, Preprocess, load_image
 from featx.store import AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
 
 log = logging.getLogger(__name__)
@@ -153,16 +153,15 @@ def extract(
         preprocess = spec.preprocess
     if config.image_size is not None:
         preprocess = spec.preprocess_at(check_positive_int(config.image_size, "image_size", "extract"))
-    if config.fit not in FITS:
-        raise ConfigError(f"The 'fit' parameter of extract must be crop or full. Got {config.fit!r} instead.")
     if not config.checkpoint:  # a checkpoint brings the fit it was trained with
         preprocess = replace(preprocess, fit=config.fit)
     if config.augment < 0:
         raise ConfigError(f"The 'augment' parameter of extract must be 0 or more. Got {config.augment!r} instead.")
     transform = augmentation(config.aug, preprocess.size) if config.augment else None
+    if config.augment and transform is None:
+        raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
     samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
-                                 for _ in range(config.augment if transform else 0)
-                                 for s in dataset.samples if s.split == "train"]
+                                 for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
     label = spec.name if backbone_state is None else f"{spec.name}+ft-{weights.sha256[:8]}"
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)

@@ -32,7 +32,7 @@ from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone
 from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, DataError, check_positive_int
 from featx.extraction import resolve_device, resolve_precision
-from featx.images import FITS, ImageError, Preprocess, load_image, open_rgb
+from featx.images import ImageError, Preprocess, load_image, open_rgb
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "featx.checkpoint/1"
@@ -224,8 +224,6 @@ class Trainer:
         self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, seed=config.seed)
         self.spec = get_backbone(config.backbone)
         preprocess = self.spec.preprocess if config.image_size is None else self.spec.preprocess_at(config.image_size)
-        if config.fit not in FITS:
-            raise ConfigError(f"The 'fit' parameter must be crop or full. Got {config.fit!r} instead.")
         self.preprocess = replace(preprocess, fit=config.fit)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featx.errors import ConfigError
+
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 FITS = ("crop", "full")
 
@@ -37,6 +39,10 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     fit: str = "crop"
+
+    def __post_init__(self):
+        if self.fit not in FITS:
+            raise ConfigError(f"The 'fit' parameter must be crop or full. Got {self.fit!r} instead.")
 
     @classmethod
     def from_dict(cls, recorded: dict) -> "Preprocess":

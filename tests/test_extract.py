@@ -149,3 +149,5 @@ def test_full_fit_keeps_the_image_edges_and_its_own_cache_key(image_folder, tiny
     assert "fit" not in load_embeddings(cropped.path).meta["recipe"]["preprocess"]
     with pytest.raises(ConfigError, match="'fit' parameter"):
         extract(image_folder, replace(tiny_config, fit="stretch"), progress=False)
+    with pytest.raises(ConfigError, match="augmented copies need transforms"):
+        extract(image_folder, replace(tiny_config, augment=1, aug="none"), progress=False)
