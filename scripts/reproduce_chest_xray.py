@@ -7,7 +7,7 @@ configuration — is made on a validation split carved from train (15 %, stratif
 
 Usage:
   python scripts/reproduce_chest_xray.py [--data ../shared/data/chest_xray] [--cache cache]
-         [--checkpoint runs/ft-lite0/best.pt] [--flowers ../shared/data/flowers5] [--out runs/reproduce]
+         [--checkpoint runs/ft-lite0/best.pt ...] [--flowers ../shared/data/flowers5] [--out runs/reproduce]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Lever:
     files: list[Path] = field(default_factory=list)
 
 
-def levers(cache: str, checkpoint: str | None) -> list[Lever]:
+def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
     def cfg(**kw):
         return ExtractConfig(cache_dir=cache, **kw)
 
@@ -73,10 +73,10 @@ def levers(cache: str, checkpoint: str | None) -> list[Lever]:
         Lever("lite0+1+2 full + copies, concatenated, + threshold",
               [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="balanced_accuracy"),
     ]
-    if checkpoint:
-        found.append(Lever("lite0 fine-tuned (unfreeze 2), frozen afterwards", [cfg(checkpoint=checkpoint)]))
-        found.append(Lever("lite0 fine-tuned + threshold on val", [cfg(checkpoint=checkpoint)],
-                           threshold="balanced_accuracy"))
+    for path in checkpoints:
+        name = f"fine-tuned {Path(path).parent.name}"
+        found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
+        found.append(Lever(f"{name} + threshold on val", [cfg(checkpoint=path)], threshold="balanced_accuracy"))
     return found
 
 
@@ -122,13 +122,14 @@ def table(results, title: str) -> str:
 @click.command()
 @click.option("--data", default="../shared/data/chest_xray", type=click.Path(exists=True, path_type=Path))
 @click.option("--cache", default="cache", show_default=True)
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="A fine-tuned best.pt to add.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fine-tuned best.pt to add (repeatable); rows are named after its run folder.")
 @click.option("--flowers", type=click.Path(exists=True, path_type=Path), help="Also the smaller flowers5 table.")
 @click.option("--out", default="runs/reproduce", show_default=True, type=click.Path(path_type=Path))
-def main(data, cache, checkpoint, flowers, out):
+def main(data, cache, checkpoints, flowers, out):
     began = time.perf_counter()
     results = []
-    for lever in levers(cache, checkpoint):
+    for lever in levers(cache, checkpoints):
         rows, board = run_lever(lever, data)
         results.append((lever, rows, board))
         best = max(rows, key=lambda r: r["val_balanced_accuracy"])
