@@ -170,7 +170,7 @@ def extract(
         "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
         "dtype": config.dtype, "precision": precision,
     }
-    if transform:  # only when asked, so keys of files made without copies stay as they were
+    if config.augment:  # only when asked, so keys of files made without copies stay as they were
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, label, key)
