@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 version = next(
-    line.split('"')[1] for line in Path("featx/__init__.py").read_text().splitlines() if line.startswith("__version__")
+    line.split('"')[1] for line in Path("featx/version.py").read_text().splitlines() if line.startswith("__version__")
 )
 
 setup(

@@ -10,9 +10,7 @@ import threading
 
 import torch
 
-from featx.errors import ConfigError
-
-AUGMENTATIONS = ("natural", "xray", "none")
+from featx.vocab import check
 # torchvision draws from torch's global generator; seeding it per image must not interleave across threads.
 _GLOBAL_RNG = threading.Lock()
 
@@ -21,8 +19,7 @@ def augmentation(name: str, size: int):
     """Training-time transforms on uint8 CHW tensors, or None for ``none``."""
     from torchvision.transforms import v2
 
-    if name not in AUGMENTATIONS:
-        raise ConfigError(f"The 'aug' parameter must be one of {', '.join(AUGMENTATIONS)}. Got {name!r} instead.")
+    check("augmentation", aug=name)
     if name == "none":
         return None
     if name == "xray":

@@ -1,7 +1,8 @@
 """The backbone registry: name → architecture, feature size, preprocessing, and where its weights come from.
 
 The registry itself is plain data so that ``featx --help`` and ``featx list`` never import
-torch; torch, torchvision and timm are imported only when a backbone is built.
+torch; torch, torchvision and timm are imported only to look up weights, and the model is
+built by ``featx.feature_model``.
 
 Weights are resolved in this order: an explicit file; the offline weights package of
 the backbone, if it has one; the torch hub cache (``$TORCH_HOME``); a download. When
@@ -15,17 +16,17 @@ import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from featx.errors import ConfigError, DataError, WeightsError, unknown_name
+from featx.errors import ConfigError, DataError, WeightsError, name_taken, unknown_name
 from featx.images import Preprocess
+from featx.store import file_sha256
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,22 @@ class BackboneSpec:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.input_size, self.resize, self.interpolation, self.mean, self.std)
 
-    def preprocess_at(self, size: int) -> Preprocess:
-        """The same preprocessing at another input size, keeping the resize-to-crop ratio."""
-        return Preprocess(size, round(size * self.resize / self.input_size), self.interpolation, self.mean, self.std)
+    def preprocess_for(self, image_size: int | None = None, fit: str = "crop") -> Preprocess:
+        """The backbone's preprocessing at ``image_size`` (keeping its resize-to-crop ratio) with ``fit``."""
+        if image_size is None:
+            return replace(self.preprocess, fit=fit)
+        resize = round(image_size * self.resize / self.input_size)
+        return Preprocess(image_size, resize, self.interpolation, self.mean, self.std, fit)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+def register_backbone(spec: BackboneSpec, replace: bool = False) -> BackboneSpec:
+    """Add ``spec`` to the registry; a name already there is refused unless ``replace``."""
+    if spec.name in BACKBONES and not replace:
+        raise name_taken("backbone", spec.name)
     BACKBONES[spec.name] = spec
     return spec
 
@@ -187,12 +194,13 @@ class ResolvedWeights:
     sha256: str
 
 
+RANDOM_INIT = ResolvedWeights("none", None, "none")
+
+
 def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> ResolvedWeights:
     """Find the weights file for ``spec``: ``"none"`` (random init), a path, or the default search."""
-    from featx.store import file_sha256
-
     if weights is not None and str(weights).lower() == "none":
-        return ResolvedWeights("none", None, "none")
+        return RANDOM_INIT
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -251,70 +259,3 @@ def _resolve_timm_hub(spec: BackboneSpec, looked: list[str]) -> ResolvedWeights:
             "Pass --weights PATH with a state dict file (or --weights none for random init)"
         ) from None
     return ResolvedWeights(f"timm:{spec.architecture}.{spec.weights}", None, f"timm-hub:{spec.architecture}")
-
-
-def load_state_dict(path: Path) -> dict:
-    """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise DataError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def build_classifier(spec: BackboneSpec, weights: ResolvedWeights):
-    """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly."""
-    import torch
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # random init ("--weights none") must give the same numbers every run
-        if spec.library == "timm":
-            import timm
-
-            pretrained = weights.path is None and weights.identifier != "none"
-            model = timm.create_model(spec.architecture, pretrained=pretrained)
-        else:
-            import torchvision
-
-            kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
-            model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
-        if spec.name == "inception_v3" and weights.identifier != "none":
-            model.transform_input = True  # the Google weights expect torchvision's input re-scaling
-    if weights.path is not None:
-        state = load_state_dict(weights.path)
-        if spec.convert_state_dict and any(k.startswith("_blocks.") for k in state):
-            state = spec.convert_state_dict(state, model)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first = str(err).splitlines()[1:3]
-            raise DataError(f"{weights.path}: does not fit backbone {spec.name!r}: {' '.join(first)}") from None
-    return model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-
-
-def parse_layer(layer: str) -> tuple[str, ...]:
-    """``penultimate`` (default), ``stages`` (all four), or a comma list like ``stage2,stage3,penultimate``."""
-    parts = []
-    for token in layer.replace(" ", "").split(","):
-        parts.extend(STAGE_NAMES if token == "stages" else [token])
-    bad = [p for p in parts if p not in STAGE_NAMES + ("penultimate",)]
-    if bad or not parts:
-        raise ConfigError(
-            f"The 'layer' parameter must be penultimate, stages, or a comma list of "
-            f"{', '.join(STAGE_NAMES)}, penultimate. Got {layer!r} instead."
-        )
-    return tuple(dict.fromkeys(parts))
-
-
-def create_feature_model(spec: BackboneSpec, weights: ResolvedWeights, layer: str = "penultimate"):
-    """A module mapping a uint8 NCHW batch to pooled features of the chosen layers."""
-    from featx.feature_model import FeatureModel
-
-    return FeatureModel(build_classifier(spec, weights), spec, parse_layer(layer))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import click
 
-import featx
+from featx import options
 from featx.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
-from featx.errors import FeatxError
+from featx.errors import DataError, FeatxError
+from featx.version import __version__
 
 
 class FeatxGroup(click.Group):
@@ -30,7 +31,7 @@ class FeatxGroup(click.Group):
 
 
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(featx.__version__, prog_name="featx")
+@click.version_option(__version__, prog_name="featx")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 @click.pass_context
@@ -57,38 +58,30 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @main.command()
 @click.argument("data_dir", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--sample", is_flag=True, help="Use the chest X-ray sample bundled with featx instead of DATA_DIR.")
-@click.option("--backbone", "backbones", multiple=True, default=[DEFAULT_BACKBONE], show_default=True,
-              metavar="NAME", help="Registered backbone (see `featx list`) or timm:<model>; repeat for several.")
-@click.option("--weights", metavar="PATH|none",
-              help="Weights file, or 'none' for random init. Default: offline package, torch hub cache, download.")
+@options.backbone(multiple=True)
+@options.weights
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A fine-tuned best.pt from `featx finetune`: its backbone, cached under a key of its own.")
 @click.option("--out", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
               help="Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.")
-@click.option("--layer", default="penultimate", show_default=True,
-              help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
+@options.option("layer", default="penultimate", show_default=True, metavar="LAYER",
+                help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
 @click.option("--tta", is_flag=True, help="Average the features of the image and its horizontal flip.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision (bf16 on CPUs with native support, fp16/bf16 on GPU).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage type of the features in the HDF5 file.")
-@click.option("--image-size", type=click.IntRange(min=16),
-              help="Input size in pixels instead of the backbone's own (resize keeps the same crop ratio).")
-@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
-              help="crop: shorter side resized, centre crop (ImageNet); full: the whole image squeezed to the "
-                   "input size (Keras' target_size), for images whose edges matter such as X-rays.")
-@click.option("--augment", default=0, show_default=True, type=click.IntRange(min=0), metavar="K",
-              help="Also embed K augmented copies of each train image; heads then train on them too "
-                   "(never on copies of validation images).")
-@click.option("--aug", type=click.Choice(["natural", "xray"]), default="natural", show_default=True,
-              help="Transforms of the --augment copies; xray varies contrast, exposure, sharpness and position "
-                   "and never flips.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader decoding workers (default: spare cores).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@options.precision
+@options.option("dtype", default="float16", show_default=True, help="Storage type of the features in the HDF5 file.")
+@options.image_size
+@options.fit
+@options.option("augment", default=0, show_default=True, metavar="K",
+                help="Also embed K augmented copies of each train image; heads then train on them too "
+                     "(never on copies of validation images).")
+@options.aug("Transforms of the --augment copies; xray varies contrast, exposure, sharpness and position and "
+             "never flips.")
+@options.batch_size
+@options.option("workers", help="DataLoader decoding worker processes (default: a thread pool on CPU, 8 on GPU).")
+@options.device
 @click.option("--split", metavar="TRAIN,VAL,TEST",
               help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the stratified split.")
+@options.seed("Seed of the stratified split.")
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
 @click.pass_context
@@ -145,7 +138,7 @@ def list_cache(cache_dir):
     from featx.store import list_cache as entries_of
 
     if not cache_dir.is_dir():
-        raise featx.DataError(f"{cache_dir}: no such folder")
+        raise DataError(f"{cache_dir}: no such folder")
     entries = entries_of(cache_dir)
     if not entries:
         click.echo(f"{cache_dir}: no embedding files")
@@ -189,39 +182,31 @@ def info(file):
         click.echo(f"  {emb.paths[i]}: {emb.errors[i]}")
 
 
-HEAD_HELP = "Comma list of heads (logreg, svm, lightgbm, knn, mlp) or 'all'."
-
-
-def _head_options():
-    """Options shared by train and compare: what to fit, how to tune, where to save."""
-    def decorate(command):
-        options = [
-            click.option("--out", type=click.Path(path_type=Path),
-                         help="Run folder for run.json, leaderboard.{csv,md,json}, heads/ and plots/."),
-            click.option("--cv", type=click.IntRange(min=2),
-                         help="Tune by stratified K-fold CV on train instead of on the validation split."),
-            click.option("--seed", default=0, show_default=True, help="Seed for the carved validation split, CV "
-                                                                       "folds and the heads."),
-            click.option("--threshold", metavar="OBJECTIVE",
-                         help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, "
-                              "f1 or sensitivity=0.95."),
-            click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.05, 0.5),
-                         help="Share of train carved out (stratified) as validation when the file has no val."),
-            click.option("--sort-by", default="balanced_accuracy", show_default=True,
-                         type=click.Choice(["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss"]),
-                         help="Validation metric that ranks the leaderboard."),
-        ]
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
+def _head_options(command):
+    """Options shared by train and compare: how to tune and rank, where to save."""
+    for option in reversed([
+        options.run_folder("Run folder for run.json, leaderboard.{csv,md,json}, heads/, plots/ and best/."),
+        options.option("cv", help="Tune by stratified K-fold CV on train instead of on the validation split."),
+        options.seed("Seed for the carved validation split, CV folds and the heads."),
+        options.option("threshold", metavar="OBJECTIVE",
+                       help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, f1 "
+                            "or sensitivity=0.95."),
+        options.val_fraction,
+        options.option("sort_by", default="balanced_accuracy", show_default=True,
+                       help="Validation metric that ranks the leaderboard."),
+    ]):
+        command = option(command)
+    return command
 
 
 def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, concat=False):
     from featx.evaluate import compare
+    from featx.runs import save_run
 
     board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
-                    sort_by=sort_by, concat=concat, out=out)
+                    sort_by=sort_by, concat=concat)
+    if out:
+        save_run(board, out)
     click.echo(board.to_markdown())
     best = board.best()
     click.echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
@@ -233,8 +218,8 @@ def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, 
 
 @main.command()
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--head", "heads", default="logreg", show_default=True, help=HEAD_HELP)
-@_head_options()
+@options.heads("--head", "logreg")
+@_head_options
 def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
     """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
 
@@ -246,8 +231,8 @@ def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
 
 @main.command(name="compare")
 @click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
-@_head_options()
+@options.heads("--heads", "logreg,svm,lightgbm")
+@_head_options
 @click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
                                              "of the same images) as one more input.")
 def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, concat):
@@ -258,42 +243,37 @@ def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, s
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME",
-              help="Registered backbone or timm:<model>.")
-@click.option("--weights", metavar="PATH|none", help="Starting weights (default: the backbone's pretrained ones).")
-@click.option("--unfreeze", default="all", show_default=True, metavar="0..4|all",
-              help="Backbone stages trained after the head-only epochs, from the top; 0 trains the head only.")
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=0),
-              help="Epochs with the stages unfrozen.")
-@click.option("--head-epochs", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Epochs training the new head alone first (fastai's freeze_epochs).")
-@click.option("--lr", default=3e-4, show_default=True, help="Peak one-cycle LR of the head and the top stage.")
-@click.option("--lr-min", type=float, help="Peak LR of the earliest stage (default lr/100); stages in between "
-                                           "are spaced geometrically.")
+@options.backbone()
+@options.weights
+@options.option("unfreeze", default="all", show_default=True,
+                help="Backbone stages trained after the head-only epochs, from the top; 0 trains the head only.")
+@options.option("epochs", default=4, show_default=True, help="Epochs with the stages unfrozen.")
+@options.option("head_epochs", default=1, show_default=True,
+                help="Epochs training the new head alone first (fastai's freeze_epochs).")
+@options.option("lr", default=3e-4, show_default=True, help="Peak one-cycle LR of the head and the top stage.")
+@options.option("lr_min", help="Peak LR of the earliest stage (default lr/100); stages in between are spaced "
+                               "geometrically.")
 @click.option("--lr-find", is_flag=True, help="Only run the LR finder: plot, suggested LRs, weights untouched.")
-@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay (not on norms, biases).")
-@click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen", show_default=True,
-              help="BatchNorm: keep pretrained statistics and affine (frozen) or train them.")
-@click.option("--aug", type=click.Choice(["natural", "xray", "none"]), default="natural", show_default=True,
-              help="Training augmentation; xray never flips left-right.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
-@click.option("--fit", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
-              help="crop: shorter side resized, centre crop; full: the whole image squeezed to the input size.")
-@click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Early stop after this many epochs without a better validation loss.")
+@options.option("weight_decay", default=0.01, show_default=True, help="AdamW weight decay (not on norms, biases).")
+@options.option("bn", default="frozen", show_default=True,
+                help="BatchNorm: keep pretrained statistics and affine (frozen) or train them.")
+@options.aug("Training augmentation; xray never flips left-right.")
+@options.batch_size
+@options.image_size
+@options.fit
+@options.option("patience", default=2, show_default=True,
+                help="Early stop after this many epochs without a better validation loss.")
 @click.option("--class-weights/--no-class-weights", default=True, show_default=True,
               help="Weight the loss by inverse class frequency.")
 @click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A featx train/compare run whose logreg head (same backbone) starts the new head.")
-@click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0.05, 0.5),
-              help="Share of train carved out (stratified) for validation when there is no val split.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader worker processes for decoding and augmentation.")
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default runs/finetune-<backbone>).")
+@options.val_fraction
+@options.seed("Seed for the carved validation split, the head's initialisation and the batch order.")
+@options.device
+@options.precision
+@options.option("workers", default=0, show_default=True,
+                help="DataLoader worker processes for decoding and augmentation.")
+@options.run_folder("Run folder for best.pt, last.pt and the curves (default runs/finetune-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
@@ -307,7 +287,7 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
       featx extract DATA_DIR --checkpoint OUT/best.pt
       featx compare cache/<dataset>/*.h5
     """
-    from featx.finetune import FinetuneConfig, Trainer, finetune as run_finetune, lr_find as run_lr_find
+    from featx.finetuning import FinetuneConfig, Trainer, finetune as run_finetune, lr_find as run_lr_find
 
     config = FinetuneConfig(
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
@@ -340,13 +320,13 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes shown per image.")
-@click.option("--score", type=click.Choice(["knn", "centroid", "max_prob"]), default="knn", show_default=True,
-              help="Open-set score deciding 'unknown' (threshold calibrated on validation data).")
+@options.option("top_k", default=3, show_default=True, help="Classes shown per image.")
+@options.option("score", default="knn", show_default=True,
+                help="Open-set score deciding 'unknown' (threshold calibrated on validation data).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the predictions to this CSV file.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@options.batch_size
 def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
     """Classify IMAGES (files or folders) with the best head of RUN_DIR (a `featx compare --out`
     folder, or its best/ subfolder): top-k classes with probabilities, or 'unknown' for inputs
@@ -355,10 +335,11 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
     import json
     import warnings
 
+    from featx.errors import UnsafeFileWarning
     from featx.predict import Predictor
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the user points at their own run
+        warnings.simplefilter("ignore", UnsafeFileWarning)  # the user points at their own run
         predictor = Predictor(run_dir, score=score)
     results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
     if as_json:
@@ -395,28 +376,27 @@ def report(run_dir):
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
-@click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (for tests).")
-@click.option("--sample-per-class", default=60, show_default=True, type=click.IntRange(min=2),
-              help="Training images per class measured.")
-@click.option("--seed", default=0, show_default=True)
+@options.backbone()
+@options.weights
+@options.option("sample_per_class", default=60, show_default=True, help="Training images per class measured.")
+@options.seed("Seed of the sample (and of the split when the data has none).")
 def advise(data_dir, backbone, weights, sample_per_class, seed):
     """Recommend strategy 1, 2 or 3 for DATA_DIR from its size (images per class) and its measured
     similarity to ImageNet (early-layer statistics gap, linear-probe accuracy), with the commands."""
-    from featx.advise import advise as run_advise
+    from featx.advisor import advise as run_advise
 
     click.echo(run_advise(data_dir, backbone, sample_per_class=sample_per_class, seed=seed,
                           weights=weights).as_text())
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
-              help="Run folder for the leaderboard, heads, plots and report.")
-@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path))
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, metavar="NAME")
-@click.option("--weights", metavar="PATH|none", help="Weights file, or 'none' (random init, for tests).")
-@click.option("--image-size", type=click.IntRange(min=16), help="Input size instead of the backbone's own.")
-@click.option("--heads", default="logreg,svm,lightgbm", show_default=True, help=HEAD_HELP)
+@options.run_folder("Run folder for the leaderboard, heads, plots and report.", default="runs/demo")
+@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
+              help="Cache folder for the embeddings.")
+@options.backbone()
+@options.weights
+@options.image_size
+@options.heads("--heads", "logreg,svm,lightgbm")
 @click.pass_context
 def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     """The whole product on the bundled chest X-ray sample: extract, compare heads, write the
@@ -424,12 +404,14 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     from featx.evaluate import compare
     from featx.extraction import ExtractConfig, extract as run_extract
     from featx.report import write_report
+    from featx.runs import save_run
     from featx.sample import sample_path
 
     result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
                                                      cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
     click.echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
-    board = compare([result.path], heads, out=out)
+    board = compare([result.path], heads)
+    save_run(board, out)
     click.echo("2/3 leaderboard (validation carved from train; test scored once):")
     click.echo(board.to_markdown())
     click.echo(f"3/3 report: {write_report(out)}")

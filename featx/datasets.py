@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import ConfigError, DataError
+from featx.vocab import invalid
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -89,9 +90,7 @@ def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, flo
     if len(parts) == 2:
         parts = [parts[0], 0.0, parts[1]]
     if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
-        raise ConfigError(
-            f"The 'split' parameter must be train,val,test fractions summing to 1 (e.g. 0.7,0.15,0.15). Got {text!r} instead."
-        )
+        raise invalid("split", "scan_dataset", "train,val,test fractions summing to 1 (e.g. 0.7,0.15,0.15)", text)
     return tuple(parts)  # type: ignore[return-value]
 
 
@@ -144,11 +143,37 @@ def scan_dataset(
 
 
 def _is_image(path: Path) -> bool:
+    """An image file by its extension; dotfiles (macOS ``._x.jpg`` resource forks and the like) are not."""
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def list_images(paths: list[str | Path]) -> list[Path]:
+    """Files as given, folders as every image under them (sorted); a missing path is a usage error."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += _images_under(path)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no images in {', '.join(map(str, paths))}")
+    return files
+
+
+def carve_validation(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices kept for training and carved out for validation: stratified by label, seeded.
+
+    Used wherever a validation split is missing (heads and fine-tuning alike), so both carve the same rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
 
 
 def _read_folders(root: Path):

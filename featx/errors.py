@@ -1,4 +1,6 @@
-"""Exceptions raised by featx; the CLI turns each into a one-line message and an exit code."""
+"""Exceptions and warnings raised by featx; the CLI turns each exception into a one-line message and an exit code."""
+
+from __future__ import annotations
 
 
 class FeatxError(Exception):
@@ -27,6 +29,14 @@ class WeightsError(FeatxError):
     """Pretrained weights could not be found anywhere featx looked."""
 
 
+class FeatxWarning(UserWarning):
+    """featx's own warnings, so that silencing them never silences another library's."""
+
+
+class UnsafeFileWarning(FeatxWarning):
+    """A file that can run code when loaded (a joblib pickle) is being loaded."""
+
+
 def unknown_name(kind: str, name: str, known, also: str = "") -> ConfigError:
     """The registries' one error for a misspelt name: the closest matches, else every choice."""
     import difflib
@@ -36,8 +46,6 @@ def unknown_name(kind: str, name: str, known, also: str = "") -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}; {hint}")
 
 
-def check_positive_int(value, name: str, where: str) -> int:
-    """The one wording for a bad count parameter, after scikit-learn's."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"The {name!r} parameter of {where} must be a positive int. Got {value!r} instead.")
-    return value
+def name_taken(kind: str, name: str) -> ConfigError:
+    """The registries' one error for registering a name twice."""
+    return ConfigError(f"a {kind} named {name!r} is already registered; pass replace=True to replace it")

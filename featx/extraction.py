@@ -12,26 +12,24 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-import featx
-from featx.backbones import (DEFAULT_BACKBONE, ResolvedWeights, create_feature_model, get_backbone, parse_layer,
-                             resolve_weights)
 from featx.augment import augmentation, seeded
+from featx.backbones import DEFAULT_BACKBONE
+from featx.checkpoints import backbone_source
 from featx.datasets import ImageDataset, Sample, scan_dataset
-from featx.errors import ConfigError, check_positive_int
-from featx.feature_model import embed, optimise_for_cpu
+from featx.errors import ConfigError
+from featx.feature_model import (autocast, build_feature_model, embed, optimise_for_cpu, resolve_device,
+                                 resolve_precision, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
-from featx.store import AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, file_sha256, read_meta
+from featx.store import AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, package_version, read_meta
+from featx.vocab import check_fields, parse_layer
+from featx.version import __version__
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16", "fp16")
-RANDOM_INIT = ResolvedWeights("none", None, "none")
-STORAGE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,11 @@ class ExtractConfig:
     device: str = "auto"
     cache_dir: str = "cache"
     out: str | None = None  # an explicit file instead of the cache layout
+
+    def __post_init__(self):
+        check_fields(self, "extract")
+        if self.augment and self.aug == "none":
+            raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
 
 
 @dataclass
@@ -91,42 +94,13 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = self.start + i
         try:
-            pixels = torch.from_numpy(load_image(self.files[row], self.preprocess).copy()).permute(2, 0, 1)
+            pixels = to_tensor(load_image(self.files[row], self.preprocess))
             if row >= self.first_copy:
                 pixels = seeded(self.transform, pixels, row)
             return pixels, True, ""
         except ImageError as err:
             size = self.preprocess.size
             return torch.zeros(3, size, size, dtype=torch.uint8), False, str(err)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"The 'device' parameter of extract must be auto, cpu or cuda. Got {device!r} instead.")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"The 'precision' parameter of extract must be one of {', '.join(PRECISIONS)}. "
-                          f"Got {precision!r} instead.")
-    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
-        log.warning("%s is not native on this CPU; extracting in fp32 instead", precision)
-        return "fp32"
-    return precision
 
 
 def extract(
@@ -141,39 +115,29 @@ def extract(
     """Embed every image of ``data`` with ``config.backbone`` into an HDF5 file, or find it cached."""
     dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
                                                                        split_from=split_from)
-    check_positive_int(config.batch_size, "batch_size", "extract")
-    if config.dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"The 'dtype' parameter of extract must be float16 or float32. Got {config.dtype!r} instead.")
     layers = parse_layer(config.layer)
-    if config.checkpoint:
-        spec, weights, preprocess, backbone_state = _from_checkpoint(config)
+    source = backbone_source(config.backbone, config.weights, config.checkpoint)
+    spec = source.spec
+    if source.state is None:
+        preprocess = spec.preprocess_for(config.image_size, config.fit)
+    elif config.image_size is None:  # a checkpoint brings the preprocessing it was trained with
+        preprocess = source.preprocess
     else:
-        spec = get_backbone(config.backbone)
-        weights, backbone_state = resolve_weights(spec, config.weights), None
-        preprocess = spec.preprocess
-    if config.image_size is not None:
-        preprocess = spec.preprocess_at(check_positive_int(config.image_size, "image_size", "extract"))
-    if not config.checkpoint:  # a checkpoint brings the fit it was trained with
-        preprocess = replace(preprocess, fit=config.fit)
-    if config.augment < 0:
-        raise ConfigError(f"The 'augment' parameter of extract must be 0 or more. Got {config.augment!r} instead.")
+        preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
     transform = augmentation(config.aug, preprocess.size) if config.augment else None
-    if config.augment and transform is None:
-        raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
     samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
                                  for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
-    label = spec.name if backbone_state is None else f"{spec.name}+ft-{weights.sha256[:8]}"
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     recipe = {
-        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": weights.sha256,
+        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": source.weights.sha256,
         "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
         "dtype": config.dtype, "precision": precision,
     }
     if config.augment:  # only when asked, so keys of files made without copies stay as they were
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
     key = cache_key(recipe)
-    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, label, key)
+    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
 
     cached = _cached(path, key)
     if cached:
@@ -182,22 +146,19 @@ def extract(
         cached = _cached(path, key)  # another process may have finished it since the first look
         if cached:
             return cached
-        model = create_feature_model(spec, weights if backbone_state is None else RANDOM_INIT, ",".join(layers))
-        if backbone_state is not None:
-            model.net.load_state_dict(backbone_state, strict=True)
-        model = model.to(device)
+        model = build_feature_model(spec, source.weights, ",".join(layers), source.state).to(device)
         dim = spec.dim if layers == ("penultimate",) else _probe_dim(model, preprocess, device)
         if device.type == "cpu" and precision == "fp32":
             model = optimise_for_cpu(model, preprocess.size)
         attrs = {
-            "featx_version": featx.__version__, "backbone": spec.name, "label": label,
-            "weights": weights.identifier,
-            "weights_sha256": weights.sha256, "layer": ",".join(layers), "pooling": "avg",
+            "featx_version": __version__, "backbone": spec.name, "label": source.label,
+            "weights": source.weights.identifier,
+            "weights_sha256": source.weights.sha256, "layer": ",".join(layers), "pooling": "avg",
             **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
             "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
             "dataset_fingerprint": dataset.fingerprint(), "split_source": dataset.split_source,
             "cache_key": key, "recipe": recipe, "torch_version": torch.__version__,
-            "torchvision_version": _version("torchvision"), "timm_version": _version("timm"),
+            "torchvision_version": package_version("torchvision"), "timm_version": package_version("timm"),
             "device": str(device), "config": asdict(config),
         }
         writer = EmbeddingWriter(
@@ -211,20 +172,6 @@ def extract(
         finally:
             writer.close()
     return result
-
-
-def _from_checkpoint(config: ExtractConfig):
-    """Backbone spec, weights identity, preprocessing and backbone state of a fine-tuned checkpoint."""
-    from featx.finetune import read_checkpoint
-
-    sidecar, state = read_checkpoint(config.checkpoint)
-    spec = get_backbone(sidecar["backbone"])
-    if config.backbone not in (DEFAULT_BACKBONE, spec.name):
-        raise ConfigError(f"{config.checkpoint} is a {spec.name} checkpoint; drop --backbone {config.backbone}")
-    preprocess = Preprocess.from_dict(sidecar["preprocess"])
-    weights = ResolvedWeights(f"checkpoint:{Path(config.checkpoint).name}", Path(config.checkpoint),
-                              file_sha256(config.checkpoint))
-    return spec, weights, preprocess, state
 
 
 def _cached(path: Path, key: str) -> ExtractResult | None:
@@ -247,21 +194,13 @@ def _run(model, dataset, rows: ImageRows, writer, config, device, precision, pro
     files, start = rows.files, rows.start
     n_images = len(dataset.samples)  # later rows are augmented copies, whose failures repeat their source's
     batches = _batches(rows, config, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision != "fp32" else nullcontext()
-    )
     failed: list[tuple[str, str]] = []
     began = time.perf_counter()
     bar = tqdm(total=len(files), initial=start, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
-    with torch.inference_mode(), autocast, bar:
+    with torch.inference_mode(), autocast(device, precision), bar:
         for images, ok, errors in batches:
-            images = images.to(device, non_blocking=True)
-            features = embed(model, images)
-            if config.tta:
-                features = (features + embed(model, images.flip(3))) / 2
-            features = features.float().cpu().numpy()
+            features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
             features[~ok] = 0.0
             row = writer.rows_done
@@ -309,10 +248,3 @@ def _probe_dim(model, preprocess: Preprocess, device) -> int:
     with torch.inference_mode():
         probe = torch.zeros(1, 3, preprocess.size, preprocess.size, dtype=torch.uint8, device=device)
         return int(model(probe).shape[1])
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return ""

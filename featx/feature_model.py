@@ -1,22 +1,86 @@
-"""A backbone wrapped to map a uint8 image batch straight to pooled embeddings.
+"""The backbone at run time: built from a spec, weights, a layer and an optional fine-tuned state, mapping a uint8
+image batch straight to pooled embeddings.
 
-Normalisation lives inside the module so that extraction, prediction and benchmarks all
-feed the same thing (uint8 NCHW, as decoded) and cannot drift apart.
+Normalisation lives inside the module so that extraction, prediction, fine-tuning and benchmarks
+all feed the same thing (uint8 NCHW, as decoded) and cannot drift apart. Device and precision are
+resolved here too, once for every caller.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from featx.backbones import STAGE_NAMES, BackboneSpec
+from featx.backbones import RANDOM_INIT, BackboneSpec, ResolvedWeights
+from featx.errors import ConfigError, DataError
+from featx.vocab import STAGE_NAMES, check, parse_layer
 
 log = logging.getLogger(__name__)
 # On a CPU the activations of a few images stay in cache: for efficientnet_lite0 on 2 cores a forward
 # of 4 images at a time ran at 106-110 img/s against 54 img/s for 32 at a time (measured, frozen model).
 CPU_CHUNK = 4
+
+
+# --- building -----------------------------------------------------------------------------------------
+
+def load_state_dict(path: Path) -> dict:
+    """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def build_classifier(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
+    """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random init ("--weights none") must give the same numbers every run
+        if spec.library == "timm":
+            import timm
+
+            pretrained = weights.path is None and weights.identifier != "none"
+            model = timm.create_model(spec.architecture, pretrained=pretrained)
+        else:
+            import torchvision
+
+            kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
+            model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
+        if spec.name == "inception_v3" and weights.identifier != "none":
+            model.transform_input = True  # the Google weights expect torchvision's input re-scaling
+    if weights.path is not None:
+        state = load_state_dict(weights.path)
+        if spec.convert_state_dict and any(k.startswith("_blocks.") for k in state):
+            state = spec.convert_state_dict(state, model)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1:3]
+            raise DataError(f"{weights.path}: does not fit backbone {spec.name!r}: {' '.join(first)}") from None
+    return model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+def build_feature_model(spec: BackboneSpec, weights: ResolvedWeights, layer: str = "penultimate",
+                        backbone_state: dict | None = None) -> FeatureModel:
+    """The feature model of ``spec`` with ``weights``, or with a fine-tuned ``backbone_state`` loaded over them.
+
+    The one way extraction, prediction, fine-tuning and the advisor make a model, so they cannot differ.
+    """
+    model = FeatureModel(build_classifier(spec, weights if backbone_state is None else RANDOM_INIT), spec,
+                         parse_layer(layer))
+    if backbone_state is not None:
+        model.net.load_state_dict(backbone_state, strict=True)
+    return model
 
 
 class FeatureModel(nn.Module):
@@ -73,13 +137,6 @@ def _replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
-def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Features of a uint8 batch; on a CPU, computed in chunks of ``CPU_CHUNK`` images."""
-    if images.device.type != "cpu":
-        return model(images)
-    return torch.cat([model(chunk) for chunk in images.split(CPU_CHUNK)])
-
-
 def optimise_for_cpu(model: FeatureModel, image_size: int) -> nn.Module:
     """TorchScript trace + freeze: folds BatchNorm into the convolutions and fuses activations.
 
@@ -103,3 +160,61 @@ def optimise_for_cpu(model: FeatureModel, image_size: int) -> nn.Module:
         log.debug("frozen model disagrees with eager; running eager")
         return model
     return frozen
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """Decoded HWC (or NHWC) uint8 pixels as the CHW (or NCHW) tensor a feature model takes."""
+    if not pixels.flags.writeable:  # Pillow's arrays are read-only; torch wants memory it may write
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).movedim(-1, -3)
+
+
+def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Features of a uint8 batch, averaged with the horizontal flip's when ``tta``.
+
+    On a CPU the forward runs ``CPU_CHUNK`` images at a time.
+    """
+    def forward(batch):
+        if batch.device.type != "cpu":
+            return model(batch)
+        return torch.cat([model(chunk) for chunk in batch.split(CPU_CHUNK)])
+
+    features = forward(images)
+    return (features + forward(images.flip(3))) / 2 if tta else features
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the GPU when there is one; asking for CUDA where there is none is a usage error."""
+    check("resolve_device", device=device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision that will run: fp16, and bf16 without native support, fall back to fp32 on a CPU."""
+    check("resolve_precision", precision=precision)
+    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
+        log.warning("%s is not native on this CPU; running in fp32 instead", precision)
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (none for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -29,7 +29,8 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featx.errors import ConfigError, DataError, unknown_name
+from featx.errors import ConfigError, DataError, UnsafeFileWarning, name_taken, unknown_name
+from featx.version import __version__
 
 HEAD_FORMAT = "featx.head/1"
 # Beyond this many training rows an RBF SVM's cost (about N² kernel evaluations) outgrows the budget.
@@ -55,8 +56,11 @@ class HeadSpec:
 HEADS: dict[str, HeadSpec] = {}
 
 
-def register_head(name: str, description: str):
+def register_head(name: str, description: str, replace: bool = False):
+    """Decorator registering a plan function under ``name``; a name already there is refused unless ``replace``."""
     def register(plan):
+        if name in HEADS and not replace:
+            raise name_taken("head", name)
         HEADS[name] = HeadSpec(name, description, plan)
         return plan
     return register
@@ -234,16 +238,13 @@ def fit_head(name: str, X_train, y_train, X_val=None, y_val=None, *, cv: int | N
                       fit_seconds=time.perf_counter() - began)
 
 
-def save_head(folder: Path, fitted: FittedHead, embeddings, threshold: float | None = None) -> Path:
+def save_head(path: Path, fitted: FittedHead, embeddings, threshold: float | None = None) -> Path:
     """joblib file with the pipeline, class names and the cache key of the embeddings it was trained on."""
     import joblib
 
-    import featx
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{Path(embeddings.path).stem}__{fitted.name}.joblib"
+    path.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump({
-        "format": HEAD_FORMAT, "featx_version": featx.__version__, "head": fitted.name,
+        "format": HEAD_FORMAT, "featx_version": __version__, "head": fitted.name,
         "pipeline": fitted.pipeline, "classes": list(embeddings.classes), "threshold": threshold,
         "backbone": embeddings.backbone, "cache_key": embeddings.cache_key, "embeddings_meta": embeddings.meta,
         "best_params": fitted.best_params, "note": fitted.note,
@@ -261,7 +262,8 @@ def load_head(path: str | Path, expected_cache_key: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such head file")
-    warnings.warn(f"{path}: joblib files are code; load only heads you made yourself", stacklevel=2)
+    warnings.warn(f"{path}: joblib files are code; load only heads you made yourself", UnsafeFileWarning,
+                  stacklevel=2)
     try:
         head = joblib.load(path)
     except Exception as err:  # a damaged or foreign pickle can raise anything

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from featx.errors import ConfigError
+from featx.vocab import check
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-FITS = ("crop", "full")
 
 
 class ImageError(Exception):
@@ -41,8 +40,7 @@ class Preprocess:
     fit: str = "crop"
 
     def __post_init__(self):
-        if self.fit not in FITS:
-            raise ConfigError(f"The 'fit' parameter must be crop or full. Got {self.fit!r} instead.")
+        check("Preprocess", fit=self.fit)
 
     @classmethod
     def from_dict(cls, recorded: dict) -> "Preprocess":

@@ -1,122 +1,21 @@
-"""PNG plots of a run: confusion matrices (raw and row-normalised) and ROC curves, drawn with scikit-learn's Displays."""
+"""The self-contained HTML report of a run folder: leaderboard, per-head scores and plots, example and
+most confidently wrong images, fine-tuning curves and provenance, every image embedded."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
+import json
 from pathlib import Path
 
-import numpy as np
+from jinja2 import Environment
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a screen
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
-    return path
-
-
-def plot_confusion(path: Path, truth: np.ndarray, predicted: np.ndarray, classes: list[str], title: str) -> Path:
-    """Raw counts and row-normalised rates side by side in one PNG."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    plt = _pyplot()
-    size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    labels = list(range(len(classes)))
-    for ax, normalize, name in ((axes[0], None, "counts"), (axes[1], "true", "row-normalised")):
-        ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, display_labels=classes,
-                                                normalize=normalize, ax=ax, colorbar=False, cmap="Blues",
-                                                values_format="d" if normalize is None else ".2f")
-        ax.set_title(name)
-        ax.tick_params(axis="x", labelrotation=45)
-    fig.suptitle(title)
-    return _save(fig, path)
-
-
-def plot_roc(path: Path, truth: np.ndarray, proba: np.ndarray, classes: list[str], title: str) -> Path:
-    """The ROC curve (binary) or one-vs-rest curves per class."""
-    from sklearn.metrics import RocCurveDisplay
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    if len(classes) == 2:
-        RocCurveDisplay.from_predictions(truth, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax)
-    else:
-        for k, name in enumerate(classes):
-            if 0 < (truth == k).sum() < len(truth):
-                RocCurveDisplay.from_predictions(truth == k, proba[:, k], name=name, ax=ax)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set_title(title)
-    return _save(fig, path)
-
-
-def plot_run(out: Path, board) -> list[str]:
-    """Every plot of a compare run, into ``out/plots``; returns their paths relative to ``out``."""
-    from featx.evaluate import predict_labels
-
-    folder = out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for detail in board.details:
-        row, classes = detail["row"], detail["classes"]
-        stem = f"{Path(row['file']).stem}__{row['head']}"
-        for split in ("val", "test"):
-            if f"{split}_truth" not in detail:
-                continue
-            truth, proba = detail[f"{split}_truth"], detail[f"{split}_proba"]
-            title = f"{row['backbone']} + {row['head']} ({split}, n={len(truth)})"
-            written.append(plot_confusion(folder / f"confusion_{stem}_{split}.png", truth,
-                                          predict_labels(proba, row["threshold"]), classes, title))
-            if split == "test" or "test_truth" not in detail:
-                written.append(plot_roc(folder / f"roc_{stem}_{split}.png", truth, proba, classes, title))
-    return [str(p.relative_to(out)) for p in written]
-
-
-def plot_lr_finder(path: Path, lrs: list[float], losses: list[float], suggestion: dict) -> Path:
-    """Smoothed loss against learning rate (log scale) with the suggested rates marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    ax.set_xscale("log")
-    # The divergence at the end of the sweep would flatten everything else; show the useful range.
-    ax.set_ylim(min(losses) * 0.95, max(losses[0], min(losses)) * 1.5)
-    for key, colour in (("steepest", "tab:red"), ("valley", "tab:green")):
-        ax.axvline(suggestion[key], color=colour, linestyle="--", label=f"{key}: {suggestion[key]:.1e}")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("smoothed training loss")
-    ax.set_title("LR finder")
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_history(path: Path, history: list[dict]) -> Path:
-    """Train and validation loss, and validation accuracy, per epoch of a fine-tune."""
-    plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
-    loss_ax.set_xlabel("epoch")
-    loss_ax.legend()
-    for key in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc"):
-        if all(key in h for h in history):
-            acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.replace("_", " "))
-    acc_ax.set_xlabel("epoch")
-    acc_ax.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
-
+from featx.errors import DataError
+from featx.evaluate import Leaderboard, format_cell
+from featx.images import ImageError, open_rgb
+from featx.runs import finetune_plots, load_run
+from featx.store import load_embeddings, read_meta
 
 REPORT_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>featx report: {{ name }}</title>
@@ -174,18 +73,11 @@ TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci"}
 
 
 def _b64(path: Path) -> str:
-    import base64
-
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def _thumbnail(path: Path, size: int = 120) -> str | None:
     """A small JPEG of an image, base64-encoded, or None when it cannot be read."""
-    import base64
-    import io
-
-    from featx.images import ImageError, open_rgb
-
     try:
         img = open_rgb(path, min_side=size)
     except (ImageError, OSError):
@@ -198,27 +90,16 @@ def _thumbnail(path: Path, size: int = 120) -> str | None:
 
 def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: int = 12) -> Path:
     """One self-contained HTML file (every image embedded) for a ``featx compare`` run folder."""
-    import json
-
-    from jinja2 import Environment
-
-    from featx.errors import DataError
-    from featx.evaluate import Leaderboard, _fmt
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
-        raise DataError(f"{run_dir}: no run.json; point at a folder written by `featx compare --out` or `featx train --out`")
-    run = json.loads((run_dir / "run.json").read_text())
-    rows = json.loads((run_dir / "leaderboard.json").read_text())
+    loaded = load_run(run_dir)
+    run_dir, run, rows = loaded.folder, loaded.info, loaded.rows
     inputs = {Path(i["path"]).name: i for i in run["inputs"]}
 
     heads = []
     for result in run["results"]:
-        stem = f"{Path(result['file']).stem}__{result['head']}"
         splits = []
         for split in ("val", "test"):
             if result.get(split):
-                images = [_b64(p) for p in sorted((run_dir / "plots").glob(f"*_{stem}_{split}.png"))]
+                images = [_b64(p) for p in loaded.plots(result["file"], result["head"], split)]
                 splits.append({"name": split, "n": result[split]["n"], "per_class": result[split]["per_class"],
                                "images": images})
         heads.append({**result, "params": json.dumps(result["params"]), "splits": splits})
@@ -230,8 +111,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     root = Path(meta["dataset_root"]) if meta.get("dataset_root") else None
     reachable = root is not None and root.is_dir()
     examples = _examples(root, Path(source), examples_per_class) if reachable else {}
-    wrong_file = sorted((run_dir / "predictions").glob(f"{Path(best['file']).stem}__{best['head']}_*.csv"))
-    wrong = _confidently_wrong(root, wrong_file[-1], wrong_count) if wrong_file and reachable else []
+    predictions = loaded.predictions(best["file"], best["head"])
+    wrong = _confidently_wrong(root, predictions[0], wrong_count) if predictions and reachable else []
 
     provenance = [("featx", run["featx_version"]), ("created", run["created"]),
                   ("config", json.dumps(run["config"])), ("versions", json.dumps(run["versions"]))]
@@ -246,10 +127,10 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     env = Environment(autoescape=True)
     html = env.from_string(REPORT_TEMPLATE).render(
         name=run_dir.name, created=run["created"], version=run["featx_version"], n_rows=len(rows),
-        sort_by=run["config"].get("sort_by", "balanced_accuracy"), rows=rows, fmt=_fmt,
+        sort_by=run["config"].get("sort_by", "balanced_accuracy"), rows=rows, fmt=format_cell,
         columns=[c for c in Leaderboard.COLUMNS if any(c in r for r in rows)], text_columns=TEXT_COLUMNS,
         heads=heads, examples=examples, dataset_root=str(root or "unknown"), wrong=wrong,
-        wrong_title=f"{best['backbone']} + {best['head']}, {wrong_file[-1].stem.rsplit('_', 1)[-1]}" if wrong_file else "",
+        wrong_title=f"{best['backbone']} + {best['head']}, {predictions[1]}" if predictions else "",
         finetune=_finetune_plots(run["inputs"]), provenance=provenance,
     )
     path = run_dir / "report.html"
@@ -258,9 +139,6 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
 
 
 def _embeddings_meta(path) -> dict:
-    from featx.errors import DataError
-    from featx.store import read_meta
-
     try:
         return read_meta(path) if path else {}
     except DataError:
@@ -269,8 +147,6 @@ def _embeddings_meta(path) -> dict:
 
 def _examples(root: Path, embeddings_path: Path, per_class: int) -> dict:
     """A few training images per class, read from the dataset the embeddings were made from."""
-    from featx.store import load_embeddings
-
     emb = load_embeddings(embeddings_path)
     split = "train" if "train" in emb.split_names else None
     paths, labels = emb.paths_of(split), emb.labels(split)
@@ -286,8 +162,6 @@ def _examples(root: Path, embeddings_path: Path, per_class: int) -> dict:
 
 
 def _confidently_wrong(root: Path, predictions_csv: Path, count: int) -> list[dict]:
-    import csv
-
     with open(predictions_csv, newline="") as handle:
         records = [r for r in csv.DictReader(handle) if r["path"] and r["truth"] != r["predicted"]]
     records.sort(key=lambda r: -float(r[f"p_{r['predicted']}"]))
@@ -306,9 +180,8 @@ def _finetune_plots(inputs: list[dict]) -> list[dict]:
     found = []
     for item in inputs:
         checkpoint = (_embeddings_meta(item["path"]).get("config") or {}).get("checkpoint")
-        if checkpoint:
-            folder = Path(checkpoint).parent
-            images = [_b64(folder / n) for n in ("history.png", "lr_find.png") if (folder / n).exists()]
-            if images:
-                found.append({"title": f"{Path(item['path']).name} — fine-tune run {folder}", "images": images})
+        images = [_b64(p) for p in finetune_plots(checkpoint)] if checkpoint else []
+        if images:
+            found.append({"title": f"{Path(item['path']).name} — fine-tune run {Path(checkpoint).parent}",
+                          "images": images})
     return found

@@ -43,6 +43,16 @@ def cache_path(cache_dir: str | Path, dataset_name: str, backbone: str, key: str
     return Path(cache_dir) / dataset_name / f"{safe}-{key}.h5"
 
 
+def package_version(module: str) -> str:
+    """``module.__version__`` for provenance ('' when not installed); keeps build tags such as torch's ``+cu130``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return ""
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

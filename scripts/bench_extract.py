@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import nullcontext
 import shutil
 import tempfile
 import time
@@ -24,10 +23,10 @@ import click
 import numpy as np
 import torch
 
-from featx.backbones import create_feature_model, get_backbone, resolve_weights
+from featx.backbones import get_backbone, resolve_weights
 from featx.datasets import scan_dataset
-from featx.extraction import ExtractConfig, extract, resolve_precision
-from featx.feature_model import embed, optimise_for_cpu
+from featx.extraction import ExtractConfig, extract
+from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, resolve_precision, to_tensor
 from featx.images import load_image
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray"
@@ -50,8 +49,8 @@ def make_image_folder(target: Path, n_images: int) -> Path:
     return target
 
 
-def time_bare(forward, batches, autocast) -> float:
-    with torch.inference_mode(), autocast:
+def time_bare(forward, batches, precision: str) -> float:
+    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
         forward(batches[0])  # warm-up
         began = time.perf_counter()
         for x in batches:
@@ -77,7 +76,7 @@ def time_tutorial(folder: Path, backbone: str, batch_size: int) -> float:
     from torchvision import transforms
 
     spec = get_backbone(backbone)
-    model = create_feature_model(spec, resolve_weights(spec)).net.to(memory_format=torch.contiguous_format)
+    model = build_feature_model(spec, resolve_weights(spec)).net.to(memory_format=torch.contiguous_format)
     interpolation = transforms.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else \
         transforms.InterpolationMode.BILINEAR
     tf = transforms.Compose([
@@ -107,20 +106,18 @@ def main(images, backbone, batch_size, precisions):
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_image_folder(Path(tmp) / "images", images)
         spec = get_backbone(backbone)
-        eager = create_feature_model(spec, resolve_weights(spec))
-        decoded = [torch.from_numpy(load_image(p, spec.preprocess).copy()).permute(2, 0, 1)
-                   for p in sorted(folder.rglob("*.jpeg"))]
+        eager = build_feature_model(spec, resolve_weights(spec))
+        decoded = [to_tensor(load_image(p, spec.preprocess)) for p in sorted(folder.rglob("*.jpeg"))]
         batches = [torch.stack(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
         tutorial = time_tutorial(folder, backbone, batch_size)
         print(f"(c) tutorial ImageFolder+DataLoader fp32 NCHW : {tutorial:7.1f} img/s")
         for precision in precisions:
             used = resolve_precision(precision, torch.device("cpu"))
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if used == "bf16" else nullcontext()
             # (a) runs the very module featx runs, chunked as featx runs it, so b/a isolates decoding and writing.
             model = optimise_for_cpu(eager, spec.input_size) if used == "fp32" else eager
-            eager_speed = time_bare(eager, batches, autocast)
-            whole_batch = time_bare(model, batches, autocast)
-            bare = time_bare(lambda x: embed(model, x), batches, autocast)
+            eager_speed = time_bare(eager, batches, used)
+            whole_batch = time_bare(model, batches, used)
+            bare = time_bare(lambda x: embed(model, x), batches, used)
             pipeline = time_featx(folder, backbone, precision, batch_size)
             note = "" if used == precision else f" (ran as {used}: not native on this CPU)"
             print(f"[{precision}]{note}")

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from featx.evaluate import split_arrays
 from featx.heads import fit_head
-from featx.predict import OpenSet
+from featx.openset import OpenSet
 from featx.store import load_embeddings
 
 

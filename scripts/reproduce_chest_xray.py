@@ -99,8 +99,7 @@ def run_lever(lever: Lever, data: Path, seed: int = 0):
 
 
 def pneumonia(board, row) -> dict:
-    detail = next(d for d in board.details if d["row"] is row)
-    return detail["test"]["per_class"]["PNEUMONIA"]
+    return board.result_of(row).test["per_class"]["PNEUMONIA"]
 
 
 def table(results, title: str) -> str:

@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from featx.advise import SIMILAR_GAP, SMALL_PER_CLASS, measure, recommend
+from featx.advisor import SIMILAR_GAP, SMALL_PER_CLASS, measure, recommend
 from featx.cli import main
 from featx.datasets import scan_dataset
 from tests.conftest import make_class_folders

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from featx.backbones import (BACKBONES, build_classifier, create_feature_model, get_backbone, parse_layer,
-                             resolve_weights)
+from featx.backbones import BACKBONES, get_backbone, resolve_weights
+from featx.feature_model import build_classifier, build_feature_model
+from featx.vocab import parse_layer
 from featx.errors import ConfigError, DataError, WeightsError
 from featx.images import resize_and_crop
 
@@ -38,18 +39,18 @@ def test_torchvision_preprocessing_matches_its_weights(name):
                                   "convnext_tiny", "efficientnet_lite0"])
 def test_feature_dims_and_stages(name):
     spec = get_backbone(name)
-    model = create_feature_model(spec, resolve_weights(spec, "none"), "stage2,penultimate")
+    model = build_feature_model(spec, resolve_weights(spec, "none"), "stage2,penultimate")
     with torch.inference_mode():
         out = model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     assert out.shape[0] == 2 and out.shape[1] > spec.dim
-    plain = create_feature_model(spec, resolve_weights(spec, "none"))
+    plain = build_feature_model(spec, resolve_weights(spec, "none"))
     with torch.inference_mode():
         assert plain(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, spec.dim)
 
 
 def test_any_timm_model_by_name():
     spec = get_backbone("timm:resnet10t")
-    model = create_feature_model(spec, resolve_weights(spec, "none"))
+    model = build_feature_model(spec, resolve_weights(spec, "none"))
     with torch.inference_mode():
         assert model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, spec.dim)
 

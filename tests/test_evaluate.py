@@ -7,7 +7,9 @@ from click.testing import CliRunner
 
 from featx.cli import main
 from featx.errors import ConfigError
-from featx.evaluate import Leaderboard, choose_threshold, classification_metrics, compare
+from featx.evaluate import Leaderboard, compare
+from featx.metrics import choose_threshold, classification_metrics
+from featx.runs import save_run
 from featx.store import load_embeddings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
@@ -49,7 +51,8 @@ def test_threshold_objectives():
 
 def test_compare_writes_a_complete_run_folder(tmp_path):
     emb = load_embeddings(FIXTURE)
-    board = compare([emb], ["logreg", "knn"], threshold="balanced_accuracy", out=tmp_path / "run")
+    board = compare([emb], ["logreg", "knn"], threshold="balanced_accuracy")
+    save_run(board, tmp_path / "run")
     assert [r["head"] for r in board.rows] and {r["head"] for r in board.rows} == {"logreg", "knn"}
     ranked = [r["val_balanced_accuracy"] for r in board.rows]
     assert ranked == sorted(ranked, reverse=True) and board.best() is board.rows[0]
@@ -57,10 +60,9 @@ def test_compare_writes_a_complete_run_folder(tmp_path):
         assert row["val_source"] == "15% of train, stratified, seed 0"
         assert 0.6 < row["test_accuracy"] <= 1 and 0.7 < row["test_roc_auc"] <= 1
         assert row["test_accuracy_ci"][0] <= row["test_accuracy"] <= row["test_accuracy_ci"][1]
-        detail = next(d for d in board.details if d["row"] is row)
+        result = board.result_of(row)
         # the threshold comes from validation rows only
-        assert row["threshold"] == choose_threshold(detail["val_truth"], detail["val_proba"][:, 1],
-                                                    "balanced_accuracy")
+        assert row["threshold"] == choose_threshold(result.val_truth, result.val_proba[:, 1], "balanced_accuracy")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["inputs"][0]["cache_key"] == emb.cache_key and len(run["inputs"][0]["sha256"]) == 64
     assert {r["head"] for r in run["results"]} == {"logreg", "knn"}
@@ -106,7 +108,8 @@ def test_concatenated_backbones_are_one_more_row(tmp_path):
     emb = load_embeddings(FIXTURE)
     both = concat_embeddings([emb, emb])
     assert both.features("train").shape == (200, 2560) and both.label == "efficientnet_lite0+efficientnet_lite0"
-    board = compare([FIXTURE, FIXTURE], ["logreg"], concat=True, out=tmp_path / "run")
+    board = compare([FIXTURE, FIXTURE], ["logreg"], concat=True)
+    save_run(board, tmp_path / "run")
     assert sorted(r["backbone"] for r in board.rows)[-1] == "efficientnet_lite0+efficientnet_lite0"
     assert len(board.rows) == 3
     other = load_embeddings(FIXTURE)

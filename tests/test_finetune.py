@@ -8,8 +8,9 @@ import torch
 
 from featx.errors import ConfigError, DataError
 from featx.extraction import ExtractConfig, extract
-from featx.finetune import (STAGE_GROUPS, FinetuneConfig, Trainer, finetune, group_learning_rates, lr_find,
-                            read_checkpoint, stage_groups)
+from featx.checkpoints import read_checkpoint
+from featx.finetuning import FinetuneConfig, Trainer, finetune, group_learning_rates, lr_find, stage_groups
+from featx.vocab import STAGE_GROUPS
 from featx.store import load_embeddings
 from tests.conftest import SHARED_DATA, make_class_folders, needs_shared_data
 
@@ -148,10 +149,11 @@ def test_foreign_checkpoints_are_refused(colours, tmp_path):
 def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
     from featx.evaluate import compare
     from featx.heads import load_head
+    from featx.runs import save_run
 
     emb = load_embeddings(extract(colours, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
-    compare([emb], ["logreg"], out=tmp_path / "lr-run")
+    save_run(compare([emb], ["logreg"]), tmp_path / "lr-run")
     with pytest.warns(UserWarning, match="joblib files are code"):
         trainer = Trainer(colours, replace(TINY, init_head_from=str(tmp_path / "lr-run")), tmp_path / "ft")
     with pytest.warns(UserWarning):

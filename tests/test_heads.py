@@ -59,15 +59,17 @@ def test_cv_tuning_and_svm_kernel_choice_is_recorded():
 
 def test_saved_head_is_checked_against_the_embeddings(tmp_path):
     from featx.evaluate import compare
+    from featx.runs import save_run
     from featx.store import load_embeddings
 
     emb = load_embeddings(FIXTURE)
-    board = compare([emb], ["logreg"], out=tmp_path / "run")
+    board = compare([emb], ["logreg"])
+    save_run(board, tmp_path / "run")
     with pytest.warns(UserWarning, match="joblib files are code"):
         head = load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key=emb.cache_key)
     assert head["classes"] == ["NORMAL", "PNEUMONIA"]
     np.testing.assert_allclose(head["pipeline"].predict_proba(emb.features("test")),
-                               board.details[0]["test_proba"])
+                               board.results[0].test_proba)
     with pytest.warns(UserWarning), pytest.raises(DataError, match="trained on embeddings .* not on other"):
         load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key="other")
     (tmp_path / "junk.joblib").write_text("nope")

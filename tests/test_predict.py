@@ -6,8 +6,10 @@ from click.testing import CliRunner
 
 from featx.cli import main
 from featx.evaluate import compare
+from featx.runs import save_run
 from featx.extraction import extract
-from featx.predict import OpenSet, Predictor
+from featx.openset import OpenSet
+from featx.predict import Predictor
 from featx.store import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
@@ -16,7 +18,7 @@ from tests.conftest import make_class_folders, make_image
 def tiny_run(tmp_path, tiny_config):
     data = make_class_folders(tmp_path / "colours", per_class=10, splits=("train", "val", "test"))
     emb = load_embeddings(extract(data, tiny_config, progress=False).path)
-    compare([emb], ["logreg"], out=tmp_path / "run")
+    save_run(compare([emb], ["logreg"]), tmp_path / "run")
     return data, tmp_path / "run"
 
 
@@ -93,7 +95,7 @@ def test_predictor_preprocesses_as_the_embeddings_were_made(tmp_path, tiny_confi
 
     data = make_class_folders(tmp_path / "colours", per_class=6, splits=("train", "val", "test"))
     emb = load_embeddings(extract(data, replace(tiny_config, fit="full"), progress=False).path)
-    compare([emb], ["logreg"], out=tmp_path / "run")
+    save_run(compare([emb], ["logreg"]), tmp_path / "run")
     with pytest.warns(UserWarning, match="joblib files are code"):
         predictor = Predictor(tmp_path / "run")
     assert predictor.preprocess.fit == "full" and predictor.preprocess.size == 64

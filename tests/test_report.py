@@ -5,6 +5,7 @@ from click.testing import CliRunner
 
 from featx.cli import main
 from featx.evaluate import compare
+from featx.runs import save_run
 from featx.extraction import extract
 from featx.store import load_embeddings
 from tests.conftest import make_class_folders
@@ -16,7 +17,7 @@ def test_report_has_every_section_and_escapes_user_strings(tmp_path, tiny_config
         shutil.move(data / split / "red", data / split / "<script>")  # a hostile class name
     emb = load_embeddings(extract(data, tiny_config, progress=False).path)
     assert "<script>" in emb.classes
-    compare([emb], ["logreg", "knn"], out=tmp_path / "run")
+    save_run(compare([emb], ["logreg", "knn"]), tmp_path / "run")
     result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     html = (tmp_path / "run" / "report.html").read_text()
@@ -31,15 +32,16 @@ def test_report_has_every_section_and_escapes_user_strings(tmp_path, tiny_config
 
 def test_report_of_a_fine_tuned_backbone_shows_its_curves(tmp_path):
     from featx.extraction import ExtractConfig
-    from featx.finetune import FinetuneConfig, finetune
+    from featx.finetuning import FinetuneConfig, finetune
 
     data = make_class_folders(tmp_path / "data", per_class=8, splits=("train", "val", "test"))
     finetune(data, FinetuneConfig(backbone="resnet18", weights="none", image_size=32, epochs=1, aug="none"),
              out=tmp_path / "ft", progress=False)
     emb = extract(data, ExtractConfig(checkpoint=str(tmp_path / "ft" / "best.pt"), cache_dir=str(tmp_path / "c")),
                   progress=False)
-    compare([emb.path], ["logreg"], out=tmp_path / "run")
-    CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    save_run(compare([emb.path], ["logreg"]), tmp_path / "run")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
     html = (tmp_path / "run" / "report.html").read_text()
     assert 'id="finetune"' in html and "fine-tune run" in html
 

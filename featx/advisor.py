@@ -28,6 +28,7 @@ import numpy as np
 
 from featx.backbones import DEFAULT_BACKBONE
 from featx.datasets import ImageDataset, scan_dataset
+from featx.vocab import check
 
 SMALL_PER_CLASS = 1000
 SIMILAR_GAP = 0.4  # between natural photos (<= 0.3) and chest X-rays (>= 0.54)
@@ -109,11 +110,12 @@ def measure(dataset: ImageDataset, backbone: str = DEFAULT_BACKBONE, sample_per_
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.backbones import create_feature_model, get_backbone, resolve_weights
+    from featx.backbones import get_backbone, resolve_weights
+    from featx.feature_model import build_feature_model, to_tensor
     from featx.images import ImageError, load_image
 
     spec = get_backbone(backbone)
-    model = create_feature_model(spec, resolve_weights(spec, weights))
+    model = build_feature_model(spec, resolve_weights(spec, weights))
     rng = np.random.default_rng(seed)
     train = [s for s in dataset.samples if s.split in ("train", "") and s.label >= 0]
     chosen = []
@@ -131,7 +133,7 @@ def measure(dataset: ImageDataset, backbone: str = DEFAULT_BACKBONE, sample_per_
     moments = [[] for _ in norms]
     hooks = [norm.register_forward_hook(_collect(moments[i])) for i, norm in enumerate(norms)]
     with torch.inference_mode():
-        batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        batch = to_tensor(np.stack(pixels))
         features = torch.cat([model(b) for b in batch.split(32)]).numpy()
     for hook in hooks:
         hook.remove()
@@ -168,6 +170,8 @@ def _kl_to_running(norm, moments) -> float:
 
 def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, *, sample_per_class: int = 60, seed: int = 0,
            weights: str | None = None) -> Advice:
+    """Measure ``data`` and recommend a strategy, with the reasons and the commands to run."""
+    check("advise", sample_per_class=sample_per_class, seed=seed)
     dataset = scan_dataset(data, seed=seed)
     train = [s for s in dataset.samples if s.split in ("train", "")]
     per_class = {c: sum(1 for s in train if s.label == k) for k, c in enumerate(dataset.classes)}

@@ -6,9 +6,9 @@ rates (geometric from ``lr_min`` at the earliest stage to ``lr`` at the head), A
 weight decay on norms and biases, a one-cycle schedule, gradient clipping, class weights and
 early stopping on validation loss. The test split is never read here.
 
-A run folder holds ``best.pt`` / ``last.pt`` (state dicts, loaded with ``weights_only=True``),
-``best.json`` (backbone, classes, preprocessing, metrics), ``history.csv`` and ``history.png``.
-``last.pt`` also holds optimiser, scheduler and epoch, so ``--resume`` continues exactly.
+A run folder holds ``best.pt`` / ``last.pt`` (``featx.checkpoints``), ``history.csv`` and
+``history.png`` (``featx.runs``); ``last.pt`` also holds optimiser, scheduler and epoch, so
+``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -17,26 +17,30 @@ import csv
 import json
 import logging
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-import featx
 from featx.augment import augmentation
-from featx.backbones import DEFAULT_BACKBONE, create_feature_model, get_backbone, resolve_weights
-from featx.datasets import ImageDataset, scan_dataset
-from featx.errors import ConfigError, DataError, check_positive_int
-from featx.extraction import resolve_device, resolve_precision
+from featx.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
+from featx.checkpoints import load_resume_state, save_checkpoint, save_resume_state
+from featx.datasets import ImageDataset, carve_validation, scan_dataset
+from featx.errors import DataError
+from featx.feature_model import autocast, build_feature_model, resolve_device, resolve_precision, to_tensor
+from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image, open_rgb
+from featx.metrics import classification_metrics
+from featx.plots import plot_history, plot_lr_finder
+from featx.runs import finetune_file, head_files
+from featx.version import __version__
+from featx.vocab import STAGE_GROUPS, check_fields
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "featx.checkpoint/1"
-STAGE_GROUPS = 4  # backbone parameter groups, earliest first: stem+stage1, stage2, stage3, stage4+top
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class FinetuneConfig:
     precision: str = "fp32"
     workers: int = 0
     init_head_from: str | None = None
+
+    def __post_init__(self):
+        check_fields(self, "finetune")
 
 
 @dataclass
@@ -98,7 +105,7 @@ class LabelledImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        pixels = torch.from_numpy(load_image(self.files[i], self.preprocess).copy()).permute(2, 0, 1)
+        pixels = to_tensor(load_image(self.files[i], self.preprocess))
         if self.transform is not None:
             pixels = self.transform(pixels)
         return pixels, self.labels[i]
@@ -122,10 +129,8 @@ def train_val_samples(dataset: ImageDataset, val_fraction: float, seed: int):
     if not train:
         raise DataError(f"{dataset.root}: no labelled training images")
     if not val:
-        from sklearn.model_selection import train_test_split
-
-        train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
-                                      stratify=[s.label for s in train])
+        kept, carved = carve_validation([s.label for s in train], val_fraction, seed)
+        train, val = [train[i] for i in kept], [train[i] for i in carved]
     return train, val
 
 
@@ -148,12 +153,8 @@ def stage_groups(model: Classifier, spec) -> list[list[nn.Parameter]]:
 
 
 def trainable_groups(unfreeze: str) -> int:
-    """How many backbone groups (from the top) train: 0..4."""
-    if unfreeze == "all":
-        return STAGE_GROUPS
-    if not unfreeze.isdigit() or int(unfreeze) > STAGE_GROUPS:
-        raise ConfigError(f"The 'unfreeze' parameter must be 0..{STAGE_GROUPS} or 'all'. Got {unfreeze!r} instead.")
-    return int(unfreeze)
+    """How many backbone groups (from the top) train: 0..4 (``unfreeze`` is checked by ``FinetuneConfig``)."""
+    return STAGE_GROUPS if unfreeze == "all" else int(unfreeze)
 
 
 def group_learning_rates(lr: float, lr_min: float, n_groups: int) -> list[float]:
@@ -218,13 +219,9 @@ class Trainer:
     def __init__(self, data: ImageDataset | str | Path, config: FinetuneConfig, out: str | Path):
         self.config = config
         self.out = Path(out)
-        check_positive_int(config.batch_size, "batch_size", "finetune")
-        if config.bn not in ("frozen", "train"):
-            raise ConfigError(f"The 'bn' parameter must be frozen or train. Got {config.bn!r} instead.")
         self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, seed=config.seed)
         self.spec = get_backbone(config.backbone)
-        preprocess = self.spec.preprocess if config.image_size is None else self.spec.preprocess_at(config.image_size)
-        self.preprocess = replace(preprocess, fit=config.fit)
+        self.preprocess = self.spec.preprocess_for(config.image_size, config.fit)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.weights = resolve_weights(self.spec, config.weights)
@@ -232,7 +229,7 @@ class Trainer:
         self.train_samples, self.val_samples = _readable(self.dataset, train), _readable(self.dataset, val)
         self.classes = self.dataset.classes
         torch.manual_seed(config.seed)
-        features = create_feature_model(self.spec, self.weights)
+        features = build_feature_model(self.spec, self.weights)
         self.model = Classifier(features, self.spec.dim, len(self.classes)).to(self.device)
         if config.init_head_from:
             warm_start_head(self.model, config.init_head_from, self.spec.name, self.classes)
@@ -253,9 +250,18 @@ class Trainer:
                                            pin_memory=self.device.type == "cuda")
 
     def autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return autocast(self.device, self.precision)
+
+    def sidecar(self, metrics: dict) -> dict:
+        """What a checkpoint of this run records beside its weights."""
+        return {
+            "featx_version": __version__, "backbone": self.spec.name,
+            "base_weights": self.weights.identifier, "base_weights_sha256": self.weights.sha256,
+            "classes": self.classes, "preprocess": self.preprocess.as_dict(), "metrics": metrics,
+            "config": asdict(self.config), "dataset_root": str(self.dataset.root),
+            "dataset_fingerprint": self.dataset.fingerprint(),
+            "train_rows": len(self.train_samples), "val_rows": len(self.val_samples),
+        }
 
     def phases(self) -> list[tuple[str, int]]:
         """(unfreeze, epochs) per phase: head alone first, then the asked stages."""
@@ -305,8 +311,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        from featx.evaluate import classification_metrics
-
         self.model.eval()
         losses, probs, truth = [], [], []
         for images, labels in self.loader(self.val_samples, train=False):
@@ -334,7 +338,10 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
     """
     trainer = Trainer(data, config, out)
     trainer.out.mkdir(parents=True, exist_ok=True)
-    state = _load_resume_state(trainer.out, trainer) if resume else None
+    state = None
+    if resume:
+        state = load_resume_state(trainer.out, trainer.spec.name, trainer.classes)
+        trainer.model.load_state_dict(state["model"])
     history: list[dict] = state["history"] if state else []
     best = state["best"] if state else {"val_loss": math.inf, "epoch": 0}
     done = state["epoch"] if state else 0  # epochs completed, counted across phases
@@ -366,97 +373,24 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
                      epoch + 1, unfreeze, train_loss, metrics["val_loss"], metrics["val_accuracy"])
             if metrics["val_loss"] < best["val_loss"]:
                 best, stale = metrics, 0
-                save_checkpoint(trainer.out / "best.pt", trainer, metrics)
+                save_checkpoint(trainer.out / "best.pt", trainer.model.state_dict(), trainer.sidecar(metrics))
             else:
                 stale += 1
-            _save_last(trainer.out, trainer, optimizer, scheduler, epoch + 1, history, best, stale)
+            save_resume_state(trainer.out, model_state=trainer.model.state_dict(), optimizer=optimizer,
+                              scheduler=scheduler, epoch=epoch + 1, history=history, best=best, stale=stale,
+                              sidecar=trainer.sidecar(history[-1]))
             _write_history(trainer.out, history)
     return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------
-
-def _sidecar(trainer: Trainer, metrics: dict) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT, "featx_version": featx.__version__, "backbone": trainer.spec.name,
-        "base_weights": trainer.weights.identifier, "base_weights_sha256": trainer.weights.sha256,
-        "classes": trainer.classes, "preprocess": trainer.preprocess.as_dict(), "metrics": metrics,
-        "config": asdict(trainer.config), "dataset_root": str(trainer.dataset.root),
-        "dataset_fingerprint": trainer.dataset.fingerprint(),
-        "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
-    }
-
-
-def save_checkpoint(path: Path, trainer: Trainer, metrics: dict) -> None:
-    """The model's state dict (backbone ``features.net.*`` and ``head.*``) plus a JSON sidecar."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(trainer.model.state_dict(), tmp)
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(_sidecar(trainer, metrics), indent=2) + "\n")
-
-
-def _save_last(out, trainer, optimizer, scheduler, epoch, history, best, stale) -> None:
-    state = {
-        "model": trainer.model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "epoch": epoch, "history": json.dumps(history),
-        "best": json.dumps(best), "stale": stale, "torch_rng": torch.get_rng_state(),
-        "python_rng": json.dumps(random.getstate()),
-    }
-    tmp = out / "last.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / "last.pt")
-    (out / "last.json").write_text(json.dumps(_sidecar(trainer, history[-1] if history else {}), indent=2) + "\n")
-
-
-def _load_resume_state(out: Path, trainer: Trainer) -> dict | None:
-    path = out / "last.pt"
-    if not path.exists():
-        raise DataError(f"{path}: nothing to resume; run without --resume first")
-    check_checkpoint(json.loads(path.with_suffix(".json").read_text()), trainer.spec.name, trainer.classes, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    trainer.model.load_state_dict(state["model"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(_tuples(json.loads(state["python_rng"])))
-    return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, path: Path) -> None:
-    """Refuse a checkpoint made for another backbone or another class list."""
-    if sidecar.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a featx checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    if sidecar["backbone"] != backbone:
-        raise DataError(f"{path}: made for backbone {sidecar['backbone']!r}, not {backbone!r}")
-    if classes is not None and sidecar["classes"] != list(classes):
-        raise DataError(f"{path}: made for classes {sidecar['classes']}, not {list(classes)}")
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(sidecar, backbone state dict) of a ``best.pt``/``last.pt``; the head is dropped."""
-    path = Path(path)
-    sidecar_path = path.with_suffix(".json")
-    if not path.is_file() or not sidecar_path.is_file():
-        raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
-    sidecar = json.loads(sidecar_path.read_text())
-    check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    prefix = "features.net."
-    return sidecar, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
+# --- starting the head from a frozen-feature run ---------------------------------------------------------
 
 def warm_start_head(model: Classifier, run_dir: str | Path, backbone: str, classes: list[str]) -> None:
     """Start the linear head from the logistic-regression head of a ``featx train/compare`` run.
 
     The scaler folds into the weights: ``W (x - mu) / sigma + b = (W / sigma) x + (b - W mu / sigma)``.
     """
-    from featx.heads import load_head
-
-    candidates = sorted(Path(run_dir).glob("heads/*__logreg.joblib"))
-    heads = [h for h in (load_head(p) for p in candidates) if h["backbone"] == backbone]
+    heads = [h for h in (load_head(p) for p in head_files(run_dir, "logreg")) if h["backbone"] == backbone]
     if not heads:
         raise DataError(f"{run_dir}: no logreg head trained on {backbone} embeddings")
     head = heads[0]
@@ -478,29 +412,25 @@ def warm_start_head(model: Classifier, run_dir: str | Path, backbone: str, class
 
 # --- LR finder --------------------------------------------------------------------------------------------
 
-def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100) -> dict:
-    """Exponential LR sweep on the train split with the asked unfreezing; returns the curve and a suggestion.
+def lr_sweep(optimizer: torch.optim.Optimizer, passes: Callable[[int], Iterable], loss_of: Callable, *,
+             start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100) -> tuple[list[float], list[float]]:
+    """One optimiser step per batch at an exponentially growing LR; returns the LRs and the smoothed losses.
 
-    The loss is smoothed (EMA 0.98, bias-corrected); the sweep stops when it exceeds 4× the best.
-    Suggested LR: the steepest descent of the smoothed curve, and the "valley" (a tenth of the
-    LR at the minimum). Model and optimiser state are restored afterwards.
+    ``passes(step)`` starts a pass over the data (re-made when one runs out, seeded by the step it starts
+    at) and ``loss_of(batch)`` computes a batch's loss. The loss is smoothed (EMA 0.98, bias-corrected);
+    the sweep stops when it exceeds 4× the best or stops being finite.
     """
-    config = trainer.config
-    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    flags = [p.requires_grad for p in trainer.model.parameters()]
-    groups = set_trainable(trainer.model, trainer.spec, config.unfreeze, config.bn)
-    optimizer = make_optimizer(trainer.model, groups, [start_lr] * len(groups), config.weight_decay)
     factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))
     lrs, losses, avg, best = [], [], 0.0, math.inf
-    step = 0
-    set_train_mode(trainer.model, config.bn)
-    while step < steps:
-        for images, labels in trainer.loader(trainer.train_samples, train=True, epoch=step):
+    while len(lrs) < steps:
+        batches = 0
+        for batch in passes(len(lrs)):
+            batches += 1
+            step = len(lrs)
             lr = start_lr * factor ** step
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with trainer.autocast():
-                loss = trainer.loss(trainer.model(images.to(trainer.device)), labels.to(trainer.device))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -509,20 +439,41 @@ def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, s
             lrs.append(lr)
             losses.append(smooth)
             best = min(best, smooth)
-            step += 1
-            if step >= steps or not math.isfinite(smooth) or smooth > 4 * best:
-                step = steps
-                break
+            if len(lrs) >= steps or not math.isfinite(smooth) or smooth > 4 * best:
+                return lrs, losses
+        if not batches:
+            raise DataError("the LR sweep has no training batches; use more images or a smaller batch size")
+    return lrs, losses
+
+
+def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100) -> dict:
+    """LR sweep (``lr_sweep``) on the train split with the asked unfreezing; returns the curve's suggestions.
+
+    Suggested LR: the steepest descent of the smoothed curve, and the "valley" (a tenth of the
+    LR at the minimum). Model weights and trainable flags are restored afterwards.
+    """
+    config = trainer.config
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    flags = [p.requires_grad for p in trainer.model.parameters()]
+    groups = set_trainable(trainer.model, trainer.spec, config.unfreeze, config.bn)
+    optimizer = make_optimizer(trainer.model, groups, [start_lr] * len(groups), config.weight_decay)
+    set_train_mode(trainer.model, config.bn)
+
+    def loss_of(batch):
+        images, labels = batch
+        with trainer.autocast():
+            return trainer.loss(trainer.model(images.to(trainer.device)), labels.to(trainer.device))
+
+    lrs, losses = lr_sweep(optimizer, lambda step: trainer.loader(trainer.train_samples, train=True, epoch=step),
+                           loss_of, start_lr=start_lr, end_lr=end_lr, steps=steps)
     trainer.model.load_state_dict(saved)
     for p, flag in zip(trainer.model.parameters(), flags):
         p.requires_grad_(flag)
     result = suggest_lr(np.array(lrs), np.array(losses))
-    out = trainer.out
-    out.mkdir(parents=True, exist_ok=True)
-    from featx.report import plot_lr_finder
-
-    result["plot"] = str(plot_lr_finder(out / "lr_find.png", lrs, losses, result))
-    (out / "lr_find.json").write_text(json.dumps({**result, "lrs": lrs, "losses": losses}, indent=2) + "\n")
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot_lr_finder(finetune_file(trainer.out, "lr_find_plot"), lrs, losses, result))
+    finetune_file(trainer.out, "lr_find_json").write_text(
+        json.dumps({**result, "lrs": lrs, "losses": losses}, indent=2) + "\n")
     return result
 
 
@@ -540,10 +491,8 @@ def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> dict:
 
 def _write_history(out: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(out / "history.csv", "w", newline="") as handle:
+    with open(finetune_file(out, "history_csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    from featx.report import plot_history
-
-    plot_history(out / "history.png", history)
+    plot_history(finetune_file(out, "history_plot"), history)

@@ -1,0 +1,122 @@
+"""The ``featx.checkpoint/1`` format: a fine-tuned model's state dict beside a JSON sidecar, and the resume state.
+
+``best.pt`` holds the model's state dict (backbone ``features.net.*`` and head ``head.*``), loaded
+with ``weights_only=True`` so that a checkpoint never runs code; ``best.json`` says what it is
+(backbone, classes, preprocessing, metrics, config). ``last.pt`` adds optimiser, scheduler, epoch,
+history and RNG states, so an interrupted fine-tune continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from featx.backbones import DEFAULT_BACKBONE, BackboneSpec, ResolvedWeights, get_backbone, resolve_weights
+from featx.errors import ConfigError, DataError
+from featx.images import Preprocess
+from featx.store import file_sha256
+
+CHECKPOINT_FORMAT = "featx.checkpoint/1"
+BACKBONE_PREFIX = "features.net."  # where the backbone sits in a fine-tuned classifier's state dict
+
+
+def _write_sidecar(path: Path, sidecar: dict) -> None:
+    path.with_suffix(".json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **sidecar}, indent=2) + "\n")
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    # torch names the records inside its zip after the file written (best.tmp -> "best/"), so the temporary
+    # name fixes the checkpoint's bytes, its hash, and the cache key of `extract --checkpoint`: keep it.
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def save_checkpoint(path: Path, model_state: dict, sidecar: dict) -> None:
+    """``path`` (the state dict) and its ``.json`` sidecar."""
+    _save_atomically(model_state, path)
+    _write_sidecar(path, sidecar)
+
+
+def save_resume_state(folder: Path, *, model_state: dict, optimizer, scheduler, epoch: int, history: list[dict],
+                      best: dict, stale: int, sidecar: dict) -> None:
+    """``folder/last.pt``: everything an interrupted fine-tune needs to continue exactly, with RNG states."""
+    _save_atomically({
+        "model": model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "history": json.dumps(history), "best": json.dumps(best), "stale": stale,
+        "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate()),
+    }, folder / "last.pt")
+    _write_sidecar(folder / "last.pt", sidecar)
+
+
+def load_resume_state(folder: Path, backbone: str, classes: list[str]) -> dict:
+    """The state saved by ``save_resume_state``, checked against the run; restores the RNG states."""
+    path = folder / "last.pt"
+    if not path.exists():
+        raise DataError(f"{path}: nothing to resume; run without --resume first")
+    check_checkpoint(json.loads(path.with_suffix(".json").read_text()), backbone, classes, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_tuples(json.loads(state["python_rng"])))
+    return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
+
+
+def _tuples(value):
+    """JSON turned ``random.getstate()``'s tuples into lists; ``random.setstate`` wants them back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, path: Path) -> None:
+    """Refuse a checkpoint made for another backbone or another class list."""
+    if sidecar.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a featx checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if sidecar["backbone"] != backbone:
+        raise DataError(f"{path}: made for backbone {sidecar['backbone']!r}, not {backbone!r}")
+    if classes is not None and sidecar["classes"] != list(classes):
+        raise DataError(f"{path}: made for classes {sidecar['classes']}, not {list(classes)}")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(sidecar, backbone state dict) of a ``best.pt``/``last.pt``; the head is dropped."""
+    path = Path(path)
+    sidecar_path = path.with_suffix(".json")
+    if not path.is_file() or not sidecar_path.is_file():
+        raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
+    sidecar = json.loads(sidecar_path.read_text())
+    check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    return sidecar, {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """The backbone to run: a registered one with its pretrained weights, or a fine-tuned checkpoint of one."""
+
+    spec: BackboneSpec
+    weights: ResolvedWeights  # for a checkpoint: the checkpoint file and its hash
+    preprocess: Preprocess  # the backbone's own, or the one the checkpoint was trained with
+    state: dict | None = None  # the fine-tuned backbone's state dict
+
+    @property
+    def label(self) -> str:
+        """The name in leaderboards: the backbone's, or ``<backbone>+ft-<hash>`` for a fine-tuned one."""
+        return self.spec.name if self.state is None else f"{self.spec.name}+ft-{self.weights.sha256[:8]}"
+
+
+def backbone_source(backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+                    checkpoint: str | Path | None = None) -> BackboneSource:
+    """Resolve what extraction and prediction run; a checkpoint brings its own backbone and preprocessing."""
+    if checkpoint is None:
+        spec = get_backbone(backbone)
+        return BackboneSource(spec, resolve_weights(spec, weights), spec.preprocess)
+    sidecar, state = read_checkpoint(checkpoint)
+    spec = get_backbone(sidecar["backbone"])
+    if backbone not in (DEFAULT_BACKBONE, spec.name):
+        raise ConfigError(f"{checkpoint} is a {spec.name} checkpoint; drop --backbone {backbone}")
+    weights = ResolvedWeights(f"checkpoint:{Path(checkpoint).name}", Path(checkpoint), file_sha256(checkpoint))
+    return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), state)

@@ -1,0 +1,89 @@
+"""Every metric featx reports, bootstrap confidence intervals, and decision thresholds chosen on validation rows.
+
+One set of definitions for the leaderboard, the fine-tuning history and the report. No torch here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+from featx.errors import DataError
+from featx.vocab import check
+
+BOOTSTRAP_ROUNDS = 1000
+
+
+def predict_labels(proba: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Class index per row: argmax, or for two classes ``p(class 1) >= threshold`` when one was chosen."""
+    if threshold is not None and proba.shape[1] == 2:
+        return (proba[:, 1] >= threshold).astype(int)
+    return proba.argmax(1)
+
+
+def _auc(y: np.ndarray, proba: np.ndarray) -> float:
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if proba.shape[1] == 2:
+        return float(skm.roc_auc_score(y, proba[:, 1]))
+    present = np.unique(y)
+    if len(present) < proba.shape[1]:
+        return float("nan")
+    return float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+
+
+def bootstrap_ci(y: np.ndarray, proba: np.ndarray, pred: np.ndarray, seed: int = 0) -> dict:
+    """95 % percentile intervals of accuracy and ROC-AUC over resampled rows."""
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(y), size=(BOOTSTRAP_ROUNDS, len(y)))
+    accuracy = (pred[index] == y[index]).mean(axis=1)
+    aucs = np.array([_auc(y[i], proba[i]) for i in index])
+    aucs = aucs[np.isfinite(aucs)]
+    return {
+        "accuracy_ci": [float(np.percentile(accuracy, 2.5)), float(np.percentile(accuracy, 97.5))],
+        "roc_auc_ci": [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if len(aucs) else None,
+    }
+
+
+def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str], *, threshold: float | None = None,
+                           with_ci: bool = False, seed: int = 0) -> dict:
+    """Accuracy, balanced accuracy, macro and per-class P/R/F1, ROC-AUC, log-loss, confusion matrices."""
+    labels = np.arange(len(classes))
+    pred = predict_labels(proba, threshold)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    confusion = skm.confusion_matrix(y, pred, labels=labels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.nan_to_num(confusion / confusion.sum(axis=1, keepdims=True))
+    result = {
+        "n": int(len(y)),
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "roc_auc": _auc(y, proba),
+        "log_loss": float(skm.log_loss(y, proba, labels=labels)),
+        "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        "confusion": confusion.tolist(),
+        "confusion_normalised": normalised.round(4).tolist(),
+    }
+    if with_ci:
+        result.update(bootstrap_ci(y, proba, pred, seed))
+    return result
+
+
+def choose_threshold(y: np.ndarray, p_positive: np.ndarray, objective: str) -> float:
+    """A decision threshold on validation rows: ``balanced_accuracy``, ``f1`` or ``sensitivity=0.95``."""
+    check("choose_threshold", threshold=objective)
+    candidates = np.unique(np.r_[p_positive, 0.5])
+    if objective.startswith("sensitivity="):
+        target = float(objective.split("=", 1)[1])
+        positives = np.sort(p_positive[y == 1])
+        if not len(positives):
+            raise DataError("cannot choose a sensitivity threshold: no positive rows in validation")
+        # The largest threshold that still accepts the target share of positives.
+        return float(positives[int(np.floor((1 - target) * len(positives)))])
+    score = {"balanced_accuracy": skm.balanced_accuracy_score, "f1": skm.f1_score}[objective]
+    scores = [score(y, (p_positive >= t).astype(int)) for t in candidates]
+    return float(candidates[int(np.argmax(scores))])

@@ -1,0 +1,154 @@
+"""The words featx understands and the constraints on its parameters, declared once and torch-free.
+
+Click options (``featx.options``) and the configs' own checks (``__post_init__``) are both made
+from ``PARAMETERS``, after scikit-learn's ``_param_validation``: one constraint per parameter
+name, and one sentence for a value that breaks it, made in ``invalid``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from featx.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STORAGE_DTYPES = ("float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+FITS = ("crop", "full")  # ImageNet centre crop, or the whole image squeezed to the input size
+AUGMENTATIONS = ("natural", "xray", "none")
+BN_MODES = ("frozen", "train")
+STAGE_GROUPS = 4  # a backbone's four stages, the unit of unfreezing
+UNFREEZE = tuple(str(n) for n in range(STAGE_GROUPS + 1)) + ("all",)
+STAGE_NAMES = tuple(f"stage{n}" for n in range(1, STAGE_GROUPS + 1))
+OPEN_SET_SCORES = ("knn", "centroid", "max_prob")
+SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")  # validation metrics that rank
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+
+    def accepts(self, value) -> bool:
+        return value in self.values
+
+    def __str__(self) -> str:
+        return f"one of {', '.join(map(str, self.values))}"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Numbers of ``kind`` between ``low`` and ``high`` (inclusive; ``low`` excluded when ``low_open``)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def accepts(self, value) -> bool:
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        article, name = ("an", "int") if self.kind is int else ("a", "float")
+        if self.high is None and ((self.low == 0 and self.low_open) or (name == "int" and self.low == 1)):
+            return f"a positive {name}"
+        if self.high is None:
+            return f"{article} {name} {'>' if self.low_open else '>='} {self.low}"
+        return f"{article} {name} in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    regex: str
+    description: str
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.regex, value) is not None
+
+    def __str__(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
+class Maybe:
+    """``None`` (not given) or a value meeting ``constraint``."""
+
+    constraint: OneOf | Interval | Pattern
+
+    def accepts(self, value) -> bool:
+        return value is None or self.constraint.accepts(value)
+
+    def __str__(self) -> str:
+        return f"{self.constraint}, or None"
+
+
+_LAYER_TOKEN = rf"\s*(?:{'|'.join(STAGE_NAMES)}|stages|penultimate)\s*"
+_UNIT_FLOAT = r"(?:0|1|0?\.\d+|1\.0*)"
+
+PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
+    # extraction and the backbone at run time
+    "precision": OneOf(PRECISIONS),
+    "dtype": OneOf(STORAGE_DTYPES),
+    "device": Pattern(r"auto|cpu|cuda(?::\d+)?", "auto, cpu, cuda or cuda:N"),
+    "fit": OneOf(FITS),
+    "aug": OneOf(AUGMENTATIONS),
+    "augment": Interval(int, 0),
+    "layer": Pattern(rf"{_LAYER_TOKEN}(?:,{_LAYER_TOKEN})*",
+                     f"penultimate, stages, or a comma list of {', '.join(STAGE_NAMES)}, penultimate"),
+    "image_size": Maybe(Interval(int, 16)),
+    "batch_size": Interval(int, 1),
+    "workers": Maybe(Interval(int, 0)),
+    # fine-tuning
+    "unfreeze": OneOf(UNFREEZE),
+    "bn": OneOf(BN_MODES),
+    "epochs": Interval(int, 0),
+    "head_epochs": Interval(int, 0),
+    "lr": Interval(float, 0, low_open=True),
+    "lr_min": Maybe(Interval(float, 0, low_open=True)),
+    "weight_decay": Interval(float, 0),
+    "clip_grad": Interval(float, 0, low_open=True),
+    "patience": Interval(int, 1),
+    # heads and comparison
+    "seed": Interval(int, 0),
+    "val_fraction": Interval(float, 0.05, 0.5),
+    "cv": Maybe(Interval(int, 2)),
+    "threshold": Maybe(Pattern(rf"balanced_accuracy|f1|sensitivity={_UNIT_FLOAT}",
+                               "balanced_accuracy, f1 or sensitivity=<0..1>")),
+    "sort_by": OneOf(SORTABLE),
+    # using a run
+    "score": OneOf(OPEN_SET_SCORES),
+    "top_k": Interval(int, 1),
+    "sample_per_class": Interval(int, 2),
+}
+
+
+def invalid(name: str, where: str, expected: str, value) -> ConfigError:
+    """The one wording of a parameter error: "The 'x' parameter of y must be …. Got … instead."."""
+    return ConfigError(f"The {name!r} parameter of {where} must be {expected}. Got {value!r} instead.")
+
+
+def check(where: str, **values) -> None:
+    """Check each named value against its constraint in ``PARAMETERS``."""
+    for name, value in values.items():
+        constraint = PARAMETERS[name]
+        if not constraint.accepts(value):
+            raise invalid(name, where, str(constraint), value)
+
+
+def check_fields(config, where: str) -> None:
+    """Check every field of a config dataclass that ``PARAMETERS`` constrains (called from ``__post_init__``)."""
+    check(where, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in PARAMETERS})
+
+
+def parse_layer(layer: str, where: str = "extract") -> tuple[str, ...]:
+    """``penultimate`` (default), ``stages`` (all four), or a comma list like ``stage2,stage3,penultimate``."""
+    check(where, layer=layer)
+    parts = []
+    for token in layer.replace(" ", "").split(","):
+        parts.extend(STAGE_NAMES if token == "stages" else [token])
+    return tuple(dict.fromkeys(parts))
