@@ -299,7 +299,7 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
     progress = ctx.obj["progress"]
     if lr_find:
         found = run_lr_find(Trainer(data_dir, config, out))
-        click.echo(f"suggested LR: {found['steepest']:.1e} (steepest descent), {found['valley']:.1e} (valley); "
+        click.echo(f"suggested LR: {found['valley']:.1e} (valley), {found['steepest']:.1e} (steepest descent); "
                    f"plot: {found['plot']}")
         return
     try:

@@ -478,15 +478,27 @@ def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, s
 
 
 def suggest_lr(lrs: np.ndarray, losses: np.ndarray) -> dict:
-    """Steepest descent of loss vs log LR, and the valley (the LR at the minimum divided by 10)."""
+    """The valley (the LR at the lowest smoothed loss, divided by 10) and the steepest descent of loss vs log LR.
+
+    The first tenth of the sweep is left out, as fastai does: there the smoothed loss still rests on
+    a few batches, and their noise looked like the steepest descent (which then sat at the sweep's
+    first LR). The descent is measured across a tenth of the sweep, so that batch noise averages out.
+    The valley is the steadier of the two.
+    """
     finite = np.isfinite(losses)
     lrs, losses = lrs[finite], losses[finite]
+    lrs, losses = lrs[len(lrs) // 10:], losses[len(losses) // 10:]
     if len(lrs) < 3:
         raise DataError("the LR sweep stopped too early to suggest anything; use more images or steps")
-    cut = max(3, int(np.argmin(losses)) + 1)
-    gradient = np.gradient(losses[:cut], np.log10(lrs[:cut]))
-    return {"steepest": float(lrs[int(np.argmin(gradient))]), "valley": float(lrs[int(np.argmin(losses))] / 10),
-            "min_loss_lr": float(lrs[int(np.argmin(losses))])}
+    low = int(np.argmin(losses))
+    log = np.log10(lrs)
+    steepest = float(lrs[0])  # the loss only rose: there is no descent to measure
+    window = min(len(lrs) // 10, low) or low
+    if window:
+        slopes = (losses[window:low + 1] - losses[:low + 1 - window]) / (log[window:low + 1] - log[:low + 1 - window])
+        start = int(np.argmin(slopes))
+        steepest = float(10 ** ((log[start] + log[start + window]) / 2))
+    return {"valley": float(lrs[low] / 10), "steepest": steepest, "min_loss_lr": float(lrs[low])}
 
 
 def _write_history(out: Path, history: list[dict]) -> None:

@@ -23,3 +23,18 @@ def test_public_api_as_an_analyst_types_it(image_folder, tiny_config):
     board = featx.compare([featx.load_embeddings(FIXTURE)], heads=["logreg", "knn"])
     assert board.best()["head"] in {"logreg", "knn"} and "| logreg |" in board.to_markdown()
     assert "efficientnet_lite0" in featx.list_backbones() and "lightgbm" in featx.list_heads()
+
+
+def test_the_public_api_needs_no_reaching_into_modules(tmp_path):
+    import featx.advisor
+    import featx.finetuning  # importing the modules must not replace the functions of the same purpose
+
+    for name in featx.__all__:
+        assert getattr(featx, name) is not None, name
+    assert featx.finetune is featx.finetuning.finetune and featx.advise is featx.advisor.advise
+    assert featx.FinetuneConfig().unfreeze == "all" and featx.ExtractConfig().fit == "crop"
+    board = featx.compare([FIXTURE], ["logreg"])
+    run = featx.load_run(featx.save_run(board, tmp_path / "run"))
+    assert run.rows[0]["head"] == "logreg" and run.info["inputs"][0]["cache_key"] == board.inputs[0].cache_key
+    assert featx.write_report(tmp_path / "run").name == "report.html"
+    assert callable(featx.Predictor)

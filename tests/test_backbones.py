@@ -118,3 +118,19 @@ def test_offline_weights_are_real_imagenet_weights(name):
     categories = ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     assert categories[top5[0][0]] in TEMPLE  # top-1 for the temple
     assert FLOWER & {categories[i] for i in top5[1]}  # the macro flower photo: daisy, or its insects, in top-5
+
+
+def test_the_registry_refuses_a_taken_name_unless_told_to_replace():
+    from dataclasses import replace
+
+    from featx.backbones import register_backbone
+
+    original = BACKBONES["resnet18"]
+    with pytest.raises(ConfigError, match="a backbone named 'resnet18' is already registered; pass replace=True"):
+        register_backbone(original)
+    other = replace(original, dim=7)
+    try:
+        register_backbone(other, replace=True)
+        assert get_backbone("resnet18") is other
+    finally:
+        register_backbone(original, replace=True)

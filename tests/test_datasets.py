@@ -107,3 +107,21 @@ def test_empty_or_missing_folders_are_refused(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="expected one folder per class"):
         scan_dataset(tmp_path / "empty")
+
+
+def test_one_image_listing_for_datasets_and_predict(tmp_path):
+    from featx.datasets import list_images
+
+    root = make_class_folders(tmp_path / "d", per_class=2)
+    (root / "red" / "._red_00.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork, not an image
+    (root / "red" / "notes.txt").write_text("not an image")
+    listed = list_images([root])
+    assert len(listed) == 6 and not any(p.name.startswith(".") for p in listed)
+    assert [p.relative_to(root).as_posix() for p in listed] == [s.path for s in scan_dataset(root).samples]
+    single = root / "red" / "red_00.jpg"
+    assert list_images([single, root / "blue"]) == [single, root / "blue" / "blue_00.jpg", root / "blue" / "blue_01.jpg"]
+    with pytest.raises(DataError, match="no such file or folder"):
+        list_images([tmp_path / "missing.jpg"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images in"):
+        list_images([tmp_path / "empty"])

@@ -98,3 +98,16 @@ def test_fixed_parameters_leave_the_search_space():
     assert fitted.pipeline["clf"].class_weight is None and "fixed" in fitted.note
     with pytest.raises(ConfigError, match="head 'logreg': Invalid parameter"):
         fit_head("logreg", X, y, Xv, yv, params={"clf__gamma": 1})
+
+
+def test_the_registry_refuses_a_taken_name_unless_told_to_replace():
+    from featx.heads import HEADS, register_head
+
+    original = HEADS["knn"]
+    with pytest.raises(ConfigError, match="a head named 'knn' is already registered; pass replace=True"):
+        register_head("knn", "another knn")(original.plan)
+    try:
+        register_head("knn", "another knn", replace=True)(original.plan)
+        assert get_head("knn").description == "another knn"
+    finally:
+        HEADS["knn"] = original

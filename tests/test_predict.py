@@ -99,3 +99,29 @@ def test_predictor_preprocesses_as_the_embeddings_were_made(tmp_path, tiny_confi
     with pytest.warns(UserWarning, match="joblib files are code"):
         predictor = Predictor(tmp_path / "run")
     assert predictor.preprocess.fit == "full" and predictor.preprocess.size == 64
+
+
+def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch):
+    """A head pickled under another scikit-learn must still say so; only featx's own warning is hushed."""
+    import warnings
+
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    import featx.predict
+
+    data, run = tiny_run
+    original = featx.predict.load_head
+
+    def load_head_made_elsewhere(path):
+        warnings.warn(InconsistentVersionWarning(estimator_name="LogisticRegression", current_sklearn_version="1.9",
+                                                 original_sklearn_version="0.24"))
+        return original(path)
+
+    monkeypatch.setattr(featx.predict, "load_head", load_head_made_elsewhere)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, ["predict", str(run), str(next((data / "test" / "red").glob("*.jpg")))])
+    assert result.exit_code == 0, result.output
+    shown = [w.category for w in caught]
+    assert InconsistentVersionWarning in shown
+    assert not any("joblib files are code" in str(w.message) for w in caught)

@@ -82,10 +82,21 @@ def test_lock_refuses_a_second_writer(tmp_path):
         pass
 
 
-def test_cache_key_depends_on_every_field():
-    base = {"a": 1, "b": [1, 2]}
-    assert cache_key(base) == cache_key({"b": [1, 2], "a": 1})
-    assert cache_key(base) != cache_key({"a": 2, "b": [1, 2]})
+def test_cache_keys_of_existing_files_still_match_and_every_recipe_field_counts():
+    """The committed fixture was extracted by an earlier featx: its recorded recipe must still hash to its key,
+    or every user's cache would be recomputed."""
+    from pathlib import Path
+
+    meta = load_embeddings(Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5").meta
+    recipe = meta["recipe"]
+    assert cache_key(recipe) == meta["cache_key"] == "1772f79db1"
+    assert cache_key(dict(reversed(recipe.items()))) == meta["cache_key"]  # field order does not matter
+    changed = {"dataset_fingerprint": "0" * 64, "backbone": "resnet50", "weights_sha256": "none",
+               "preprocess": {**recipe["preprocess"], "fit": "full"}, "layer": "stages", "pooling": "max",
+               "tta": True, "dtype": "float32", "precision": "bf16"}
+    assert set(changed) == set(recipe)
+    keys = {cache_key({**recipe, field: value}) for field, value in changed.items()}
+    assert len(keys) == len(changed) and meta["cache_key"] not in keys
 
 
 def test_list_cache_reports_complete_partial_and_broken(tmp_path):
