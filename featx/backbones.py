@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -54,10 +54,9 @@ class BackboneSpec:
 
     def preprocess_for(self, image_size: int | None = None, fit: str = "crop") -> Preprocess:
         """The backbone's preprocessing at ``image_size`` (keeping its resize-to-crop ratio) with ``fit``."""
-        if image_size is None:
-            return replace(self.preprocess, fit=fit)
-        resize = round(image_size * self.resize / self.input_size)
-        return Preprocess(image_size, resize, self.interpolation, self.mean, self.std, fit)
+        size = image_size or self.input_size
+        return Preprocess(size, round(size * self.resize / self.input_size), self.interpolation, self.mean, self.std,
+                          fit)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

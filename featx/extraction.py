@@ -157,7 +157,7 @@ def extract(
             **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
             "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
             "dataset_fingerprint": dataset.fingerprint(), "split_source": dataset.split_source,
-            "cache_key": key, "recipe": recipe, "torch_version": torch.__version__,
+            "cache_key": key, "recipe": recipe, "torch_version": package_version("torch"),
             "torchvision_version": package_version("torchvision"), "timm_version": package_version("timm"),
             "device": str(device), "config": asdict(config),
         }

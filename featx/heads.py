@@ -217,9 +217,11 @@ def fit_head(name: str, X_train, y_train, X_val=None, y_val=None, *, cv: int | N
         plan = HeadPlan(plan.pipeline, grid, f"{plan.note}; fixed {params}")
     began = time.perf_counter()
     if cv is not None or X_val is None:
-        folds = min(cv or 5, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
+        smallest = int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min())
+        folds = min(cv or 5, smallest)
         if folds < 2:
-            raise ConfigError("The 'cv' parameter needs at least 2 training rows per class.")
+            raise DataError(f"cannot tune by cross-validation: the smallest class has {smallest} training row; "
+                            "at least 2 are needed")
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         X_search, y_search, tuned_on = X_train, y_train, f"{folds}-fold stratified CV on train"
     else:

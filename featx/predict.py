@@ -6,7 +6,6 @@ provenance saved with the head, and the weights' hash is checked before anything
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from featx.openset import DEFAULT_SCORE, OpenSet
 from featx.runs import HEAD_FILE, best_folder
 from featx.vocab import check
 
-log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 

@@ -15,7 +15,6 @@ from featx.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
 FITS = ("crop", "full")  # ImageNet centre crop, or the whole image squeezed to the input size
 AUGMENTATIONS = ("natural", "xray", "none")
 BN_MODES = ("frozen", "train")

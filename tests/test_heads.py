@@ -55,6 +55,8 @@ def test_cv_tuning_and_svm_kernel_choice_is_recorded():
     assert fitted.tuned_on == "3-fold stratified CV on train" and "RBF kernel" in fitted.note
     plan = get_head("svm").plan(20_000, 1280, 0)
     assert "linear kernel (N=20000 > 10000" in plan.note
+    with pytest.raises(DataError, match="the smallest class has 1 training row; at least 2 are needed"):
+        fit_head("logreg", X[:41], y[:41], cv=3)
 
 
 def test_saved_head_is_checked_against_the_embeddings(tmp_path):
