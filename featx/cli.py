@@ -16,6 +16,7 @@ import click
 from featx import options
 from featx.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
 from featx.errors import DataError, FeatxError
+from featx.images import MAX_PIXELS
 from featx.version import __version__
 
 
@@ -84,9 +85,17 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.seed("Seed of the stratified split.")
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
+@options.option("max_pixels", default=MAX_PIXELS, show_default=True,
+                help="Pixel budget per image: larger images are recorded as skipped, never decoded.")
+@click.option("--verify-content", is_flag=True,
+              help="Fingerprint the dataset by hashing every file (catches an image replaced in place with the same "
+                   "size and timestamp) instead of by sizes and modification times.")
+@click.option("--allow-outside-root", is_flag=True, help="Accept CSV paths that resolve outside the CSV's folder.")
+@click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
-            fit, augment, aug, batch_size, workers, device, split, seed, split_from):
+            fit, augment, aug, batch_size, workers, device, split, seed, split_from, max_pixels, verify_content,
+            allow_outside_root, force):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -100,19 +109,23 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
     if sample == (data_dir is not None):
         raise click.UsageError("give either DATA_DIR or --sample")
     source = sample_path() if sample else data_dir
-    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from)
+    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from,
+                           allow_outside_root=allow_outside_root, verify_content=verify_content)
     summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
     click.echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
                f"split: {dataset.split_source}")
+    _list_some(f"{dataset.name}: {len(dataset.skipped)} entries left out of the scan (recorded in the file's "
+               "'scan_skipped'):", dataset.skipped)
     if checkpoint and backbones != (DEFAULT_BACKBONE,):
         raise click.UsageError("--checkpoint sets the backbone; drop --backbone")
     for name in backbones:
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
                                layer=layer, tta=tta, precision=precision,
                                dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
-                               batch_size=batch_size, workers=workers, device=device, cache_dir=str(cache_dir))
+                               batch_size=batch_size, workers=workers, device=device, cache_dir=str(cache_dir),
+                               max_pixels=max_pixels)
         try:
-            result = run_extract(dataset, config, progress=ctx.obj["progress"])
+            result = run_extract(dataset, config, progress=ctx.obj["progress"], force=force)
         except KeyboardInterrupt:
             click.echo("featx: interrupted; run the same command again to resume", err=True)
             ctx.exit(1)
@@ -123,12 +136,19 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
         resumed = f", resumed at row {result.resumed_from}" if result.resumed_from else ""
         click.echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
                    f"{result.images_per_second:.1f} img/s{resumed})")
-        if result.failed:
-            click.echo(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", err=True)
-            for path, reason in result.failed[:10]:
-                click.echo(f"  {path}: {reason}", err=True)
-            if len(result.failed) > 10:
-                click.echo(f"  … and {len(result.failed) - 10} more; see `featx info {result.path}`", err=True)
+        _list_some(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", result.failed,
+                   f"see `featx info {result.path}`")
+
+
+def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None:
+    """A count and the first ten (path, reason) pairs on stderr; nothing when there are none."""
+    if not items:
+        return
+    click.echo(title, err=True)
+    for path, reason in items[:10]:
+        click.echo(f"  {path}: {reason}", err=True)
+    if len(items) > 10:
+        click.echo(f"  … and {len(items) - 10} more{'; ' + more if more else ''}", err=True)
 
 
 @main.command(name="ls")
@@ -149,6 +169,8 @@ def list_cache(cache_dir):
             rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"]))
             continue
         state = "yes" if e["complete"] else f"no ({e['rows_done']}/{e['rows']})"
+        if not e["complete"] and e["resumes_at"] < e["rows_done"]:
+            state = f"damaged after row {e['resumes_at']} (resumes there)"
         rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
                      e["path"]))
     click.echo(_table(rows))
@@ -327,7 +349,9 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the predictions to this CSV file.")
 @options.batch_size
-def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
+@click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
+                                            "code it holds: only for folders whose source you trust.")
+def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust):
     """Classify IMAGES (files or folders) with the best head of RUN_DIR (a `featx compare --out`
     folder, or its best/ subfolder): top-k classes with probabilities, or 'unknown' for inputs
     far from every known class. Unreadable files are reported per file."""
@@ -338,9 +362,19 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
     from featx.errors import UnsafeFileWarning
     from featx.predict import Predictor
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsafeFileWarning)  # the user points at their own run
-        predictor = Predictor(run_dir, score=score)
+    if csv_path and not csv_path.parent.is_dir():  # refuse before the work, not after it
+        raise DataError(f"{csv_path.parent}: no such folder for --csv")
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            predictor = Predictor(run_dir, score=score, trust=trust)
+    finally:  # however loading ended, the user hears what trusting the file meant
+        for warning in caught:
+            if issubclass(warning.category, UnsafeFileWarning):  # printed here: no warnings filter can hide it
+                click.echo(f"featx: warning: {warning.message}", err=True)
+            else:  # other libraries' warnings (a head from another scikit-learn) go on as they came
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
@@ -362,6 +396,8 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size):
     failed = sum(1 for r in results if r.error)
     if failed:
         click.echo(f"featx: {failed} of {len(results)} images could not be read", err=True)
+    if failed == len(results):
+        raise FeatxError(f"none of the {len(results)} images could be read")
 
 
 @main.command()

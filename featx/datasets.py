@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class ImageDataset:
     classes: list[str]
     samples: list[Sample]
     split_source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of what the scan left out
+    verify_content: bool = False  # fingerprint by content hash instead of size and mtime
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -63,20 +66,44 @@ class ImageDataset:
             table[s.split or "-"][self.classes[s.label] if s.label >= 0 else "?"] += 1
         return {split: dict(sorted(c.items())) for split, c in table.items()}
 
+    @property
+    def fingerprint_method(self) -> str:
+        return ("paths, labels, splits and the SHA-256 of every file" if self.verify_content
+                else "paths, labels, splits, file sizes and modification times")
+
     def fingerprint(self) -> str:
-        """Hash of relative paths, sizes, mtimes, labels and splits: changes when any input does."""
+        """Hash of relative paths, labels, splits and each file's size and mtime (or content): changes with any input.
+
+        Size and mtime are fast and catch every ordinary edit; a file replaced in place with the same size
+        and an old timestamp needs ``verify_content`` (one read of every image).
+        """
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(json.dumps(self.classes).encode())
             for s in self.samples:
-                try:
-                    st = (self.root / s.path).stat()
-                    size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:
-                    size, mtime = -1, -1
-                digest.update(f"{s.path}\0{size}\0{mtime}\0{s.label}\0{s.split}\n".encode())
+                state = _content_sha256(self.root / s.path) if self.verify_content else _size_and_mtime(self.root / s.path)
+                digest.update(f"{s.path}\0{state}\0{s.label}\0{s.split}\n".encode("utf-8", "surrogateescape"))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+
+def _size_and_mtime(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        return "-1\0-1"
+
+
+def _content_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "unreadable"
+    return "sha256:" + digest.hexdigest()
 
 
 def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, float] | None:
@@ -100,25 +127,31 @@ def scan_dataset(
     split: str | tuple[float, ...] | None = None,
     seed: int = 0,
     split_from: str | Path | None = None,
+    allow_outside_root: bool = False,
+    verify_content: bool = False,
 ) -> ImageDataset:
     """Find the images under ``source`` (a folder or a CSV) and give every one a split.
 
     Split folders and CSV split columns are used as they are; otherwise a stratified
     split with ``split`` fractions (default 0.7/0.15/0.15) and ``seed`` is drawn.
-    ``split_from`` takes each image's split from a CSV (``path,split``) instead.
+    ``split_from`` takes each image's split from a CSV (``path,split``) instead. A CSV's
+    paths must resolve inside its folder unless ``allow_outside_root``. What the scan leaves
+    out (dangling links, symlink loops, unreadable folders, folders without images) is listed
+    in ``skipped``.
     """
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
     fractions = parse_split(split)
+    skipped: list[tuple[str, str]] = []
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{source}: expected a folder of images or a .csv file")
-        root, classes, rows, origin = _read_csv(source)
+        root, classes, rows, origin = _read_csv(source, allow_outside_root)
         name = source.parent.name if source.stem in {"labels", "data", "index"} else source.stem
     else:
         root, name = source, source.resolve().name
-        classes, rows, origin = _read_folders(source)
+        classes, rows, origin = _read_folders(source, skipped)
     if not rows:
         raise DataError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
@@ -139,7 +172,8 @@ def scan_dataset(
             origin += " by group"
 
     samples = [Sample(path, label, split_name, group) for path, label, split_name, group in rows]
-    return ImageDataset(root=root, name=name, classes=classes, samples=samples, split_source=origin)
+    return ImageDataset(root=root, name=name, classes=classes, samples=samples, split_source=origin,
+                        skipped=skipped, verify_content=verify_content)
 
 
 def _is_image(path: Path) -> bool:
@@ -147,8 +181,35 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+def _images_under(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Image files under ``folder``, sorted; symlinked folders are followed once, hidden entries passed over.
+
+    What cannot be read (a dangling link, a symlink loop, a folder without permission) goes into
+    ``skipped`` with the reason, so a scan never drops anything without saying so.
+    """
+    found, seen = [], set()
+    skipped = [] if skipped is None else skipped
+
+    def unreadable(err: OSError) -> None:
+        skipped.append((os.fsdecode(err.filename), f"unreadable folder ({err.strerror})"))
+
+    for folder_path, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder_path)
+        if real in seen:
+            skipped.append((folder_path, "symlink loop (a folder already scanned)"))
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        for name in files:
+            path = Path(folder_path) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not path.exists():
+                skipped.append((str(path), "dangling symlink"))
+            else:
+                found.append(path)
+    return sorted(found)
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:
@@ -176,7 +237,7 @@ def carve_validation(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     return train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
 
 
-def _read_folders(root: Path):
+def _read_folders(root: Path, skipped: list[tuple[str, str]]):
     """Class folders, optionally inside train/val/test folders."""
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDER_NAMES]
@@ -189,41 +250,65 @@ def _read_folders(root: Path):
         for d in sorted(split_dirs, key=lambda d: SPLITS.index(SPLIT_FOLDER_NAMES[d.name.lower()])):
             split_name = SPLIT_FOLDER_NAMES[d.name.lower()]
             for c in class_names:
-                for p in _images_under(d / c) if (d / c).is_dir() else []:
-                    rows.append((p.relative_to(root).as_posix(), index[c], split_name, ""))
+                if not (d / c).is_dir():
+                    continue
+                images = _images_under(d / c, skipped)
+                if not images:
+                    raise DataError(f"{d / c}: empty class folder (no images); add images or remove the folder")
+                rows += [(p.relative_to(root).as_posix(), index[c], split_name, "") for p in images]
         return class_names, rows, "split folders"
-    class_dirs = [d for d in subdirs if _images_under(d)]
+    images_of = {d: _images_under(d, skipped) for d in subdirs}
+    skipped += [(str(d), "no images in this folder: not a class") for d, images in images_of.items() if not images]
+    class_dirs = [d for d in subdirs if images_of[d]]
     if not class_dirs:
         raise DataError(f"{root}: expected one folder per class (or train/ val/ test/ folders of class folders)")
     class_names = [d.name for d in class_dirs]
-    rows = [
-        (p.relative_to(root).as_posix(), i, "", "")
-        for i, d in enumerate(class_dirs)
-        for p in _images_under(d)
-    ]
+    rows = [(p.relative_to(root).as_posix(), i, "", "") for i, d in enumerate(class_dirs) for p in images_of[d]]
     return class_names, rows, "none"
 
 
-def _read_csv(path: Path):
-    """A CSV of ``path,label[,split[,group]]``; paths are relative to the CSV's folder."""
+def _read_table(path: Path, required: set[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with lower-case keys) of a UTF-8 CSV whose header names ``required``; one-line errors."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            if not required <= set(header):
+                raise DataError(f"{path}: the header must name the columns {', '.join(sorted(required))}; "
+                                f"found {header}")
+            return [(reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k})
+                    for row in reader]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        "save the CSV as UTF-8") from None
+    except csv.Error as err:  # a NUL byte, an unterminated quote
+        raise DataError(f"{path}: not a readable CSV ({err})") from None
+
+
+def _read_csv(path: Path, allow_outside_root: bool):
+    """A CSV of ``path,label[,split[,group]]``; paths are relative to the CSV's folder and must stay inside it."""
     root = path.parent
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        if "path" not in header or "label" not in header:
-            raise DataError(f"{path}: the header must name at least 'path' and 'label' columns; found {header}")
-        records = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    classes = sorted({r["label"] for r in records if r["label"]})
+    inside = root.resolve()
+    records = _read_table(path, {"path", "label"})
+    classes = sorted({r["label"] for _, r in records if r["label"]})
     index = {c: i for i, c in enumerate(classes)}
-    rows = []
-    for line, r in enumerate(records, start=2):
+    rows, first_line = [], {}
+    for line, r in records:
         split_name = SPLIT_FOLDER_NAMES.get(r.get("split", "").lower(), None)
         if split_name is None and r.get("split"):
             raise DataError(f"{path}:{line}: unknown split {r['split']!r}; use train, val or test")
+        if not r["path"]:
+            raise DataError(f"{path}:{line}: empty path")
         file_path = Path(r["path"])
-        rel = file_path.relative_to(root) if file_path.is_absolute() and file_path.is_relative_to(root) else file_path
-        if file_path.is_absolute() and not file_path.is_relative_to(root):
-            raise DataError(f"{path}:{line}: {file_path} is outside the CSV's folder {root}")
+        resolved = (root / file_path).resolve()
+        if not allow_outside_root and not resolved.is_relative_to(inside):
+            raise DataError(f"{path}:{line}: {file_path} resolves outside the CSV's folder {inside}; move it inside "
+                            "or pass --allow-outside-root")
+        rel = resolved.relative_to(inside) if resolved.is_relative_to(inside) else file_path
+        if rel.as_posix() in first_line:
+            raise DataError(f"{path}:{line}: {rel.as_posix()} is listed again (first on line "
+                            f"{first_line[rel.as_posix()]}); list each image once")
+        first_line[rel.as_posix()] = line
         rows.append((rel.as_posix(), index.get(r["label"], -1), split_name or "", r.get("group", "")))
     has_split = any(r[2] for r in rows)
     if has_split and not all(r[2] for r in rows):
@@ -234,17 +319,12 @@ def _read_csv(path: Path):
 def _read_split_csv(path: Path) -> dict[str, str]:
     if not path.is_file() or path.suffix.lower() != ".csv":
         raise DataError(f"{path}: --split-from expects a CSV with 'path' and 'split' columns")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not {"path", "split"} <= {h.strip().lower() for h in reader.fieldnames or []}:
-            raise DataError(f"{path}: the header must name 'path' and 'split' columns")
-        out = {}
-        for row in reader:
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            if row["split"].lower() not in SPLIT_FOLDER_NAMES:
-                raise DataError(f"{path}: unknown split {row['split']!r} for {row['path']}; use train, val or test")
-            out[Path(row["path"]).as_posix()] = SPLIT_FOLDER_NAMES[row["split"].lower()]
-        return out
+    out = {}
+    for line, row in _read_table(path, {"path", "split"}):
+        if row["split"].lower() not in SPLIT_FOLDER_NAMES:
+            raise DataError(f"{path}:{line}: unknown split {row['split']!r} for {row['path']}; use train, val or test")
+        out[Path(row["path"]).as_posix()] = SPLIT_FOLDER_NAMES[row["split"].lower()]
+    return out
 
 
 def _assign_split(rows, fractions, seed):

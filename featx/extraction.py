@@ -12,9 +12,10 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from featx.augment import augmentation, seeded
@@ -24,12 +25,14 @@ from featx.datasets import ImageDataset, Sample, scan_dataset
 from featx.errors import ConfigError
 from featx.feature_model import (autocast, build_feature_model, embed, optimise_for_cpu, resolve_device,
                                  resolve_precision, to_tensor)
-from featx.images import ImageError, Preprocess, load_image
-from featx.store import AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, package_version, read_meta
+from featx.images import MAX_PIXELS, ImageError, Preprocess, load_image
+from featx.store import (AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, check_intact, package_version,
+                         read_meta)
 from featx.vocab import check_fields, parse_layer
 from featx.version import __version__
 
 log = logging.getLogger(__name__)
+NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ExtractConfig:
     precision: str = "fp32"
     dtype: str = "float16"
     image_size: int | None = None  # None: the backbone's own input size
+    max_pixels: int = MAX_PIXELS  # images larger than this are skipped (recorded), never decoded
     fit: str = "crop"  # "crop": ImageNet centre crop; "full": the whole image squeezed to the input size
     augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
     aug: str = "natural"  # the copies' transforms (featx.augment)
@@ -111,8 +115,12 @@ def extract(
     seed: int = 0,
     split_from: str | Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> ExtractResult:
-    """Embed every image of ``data`` with ``config.backbone`` into an HDF5 file, or find it cached."""
+    """Embed every image of ``data`` with ``config.backbone`` into an HDF5 file, or find it cached.
+
+    A cached file is used only once it verifies; ``force`` re-extracts it anyway (over a damaged one).
+    """
     dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
                                                                        split_from=split_from)
     layers = parse_layer(config.layer)
@@ -124,6 +132,7 @@ def extract(
         preprocess = source.preprocess
     else:
         preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
+    preprocess = replace(preprocess, max_pixels=config.max_pixels)
     transform = augmentation(config.aug, preprocess.size) if config.augment else None
     samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
                                  for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
@@ -139,13 +148,15 @@ def extract(
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
 
-    cached = _cached(path, key)
+    cached = None if force else _cached(path, key)
     if cached:
         return cached
     with CacheLock(path):
-        cached = _cached(path, key)  # another process may have finished it since the first look
+        cached = None if force else _cached(path, key)  # another process may have finished it since the first look
         if cached:
             return cached
+        if force:
+            path.unlink(missing_ok=True)
         model = build_feature_model(spec, source.weights, ",".join(layers), source.state).to(device)
         dim = spec.dim if layers == ("penultimate",) else _probe_dim(model, preprocess, device)
         if device.type == "cpu" and precision == "fp32":
@@ -156,7 +167,8 @@ def extract(
             "weights_sha256": source.weights.sha256, "layer": ",".join(layers), "pooling": "avg",
             **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
             "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
-            "dataset_fingerprint": dataset.fingerprint(), "split_source": dataset.split_source,
+            "dataset_fingerprint": dataset.fingerprint(), "fingerprint_method": dataset.fingerprint_method,
+            "split_source": dataset.split_source, "scan_skipped": dataset.skipped,
             "cache_key": key, "recipe": recipe, "torch_version": package_version("torch"),
             "torchvision_version": package_version("torchvision"), "timm_version": package_version("timm"),
             "device": str(device), "config": asdict(config),
@@ -183,6 +195,7 @@ def _cached(path: Path, key: str) -> ExtractResult | None:
                           f"instead of {key}); remove it or choose another --out")
     if not meta["complete"]:
         return None
+    check_intact(path)  # a damaged file is never "cached": the error says to re-extract with --force
     log.info("using cached %s", path)
     return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), label=meta.get("label") or meta["backbone"],
                          resumed_from=int(meta["n_rows"]))
@@ -202,6 +215,9 @@ def _run(model, dataset, rows: ImageRows, writer, config, device, precision, pro
         for images, ok, errors in batches:
             features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
+            overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
+            errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]
+            ok = ok & ~overflowed
             features[~ok] = 0.0
             row = writer.rows_done
             failed += [(dataset.samples[row + i].path, e) for i, e in enumerate(errors) if e and row + i < n_images]

@@ -7,6 +7,8 @@ stratified K-fold CV on train when asked); the test split is never seen here.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 import warnings
@@ -29,10 +31,14 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featx import serialize
 from featx.errors import ConfigError, DataError, UnsafeFileWarning, name_taken, unknown_name
 from featx.version import __version__
 
-HEAD_FORMAT = "featx.head/1"
+log = logging.getLogger(__name__)
+
+HEAD_FORMAT = "featx.head/2"  # a JSON document (the pipeline as plain data) beside an .npz of its arrays
+JOBLIB_HEAD_FORMAT = "featx.head/1"  # a joblib pickle of everything: loaded only with trust
 # Beyond this many training rows an RBF SVM's cost (about N² kernel evaluations) outgrows the budget.
 RBF_MAX_ROWS = 10_000
 
@@ -81,6 +87,8 @@ def resolve_heads(names: str | list[str]) -> list[str]:
     """``"all"``, ``"logreg,svm"`` or a list, checked against the registry."""
     items = names.split(",") if isinstance(names, str) else list(names)
     items = [n.strip() for n in items if n.strip()]
+    if not items:
+        raise ConfigError(f"no heads given; choose from {', '.join(HEADS)} (comma-separated) or all")
     if items == ["all"]:
         return list_heads()
     return [get_head(n).name for n in items]
@@ -222,6 +230,9 @@ def fit_head(name: str, X_train, y_train, X_val=None, y_val=None, *, cv: int | N
         if folds < 2:
             raise DataError(f"cannot tune by cross-validation: the smallest class has {smallest} training row; "
                             "at least 2 are needed")
+        if cv and folds < cv:
+            log.warning("%d-fold CV asked for, but the smallest class has %d training rows: tuning with %d folds",
+                        cv, smallest, folds)
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         X_search, y_search, tuned_on = X_train, y_train, f"{folds}-fold stratified CV on train"
     else:
@@ -241,38 +252,60 @@ def fit_head(name: str, X_train, y_train, X_val=None, y_val=None, *, cv: int | N
 
 
 def save_head(path: Path, fitted: FittedHead, embeddings, threshold: float | None = None) -> Path:
-    """joblib file with the pipeline, class names and the cache key of the embeddings it was trained on."""
-    import joblib
-
+    """``path`` (JSON) and its ``.npz``: the fitted pipeline as plain data (``featx.serialize``) with what it was
+    trained on: class names, threshold, the embeddings' cache key and provenance, so a head is never
+    applied to features made another way.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump({
-        "format": HEAD_FORMAT, "featx_version": __version__, "head": fitted.name,
-        "pipeline": fitted.pipeline, "classes": list(embeddings.classes), "threshold": threshold,
-        "backbone": embeddings.backbone, "cache_key": embeddings.cache_key, "embeddings_meta": embeddings.meta,
-        "best_params": fitted.best_params, "note": fitted.note,
-    }, path)
+    serialize.dump(fitted.pipeline, path, {
+        "format": HEAD_FORMAT, "featx_version": __version__, "head": fitted.name, "classes": list(embeddings.classes),
+        "threshold": threshold, "backbone": embeddings.backbone, "cache_key": embeddings.cache_key,
+        "embeddings_meta": _plain(embeddings.meta), "best_params": _plain(fitted.best_params), "note": fitted.note,
+    })
     return path
 
 
-def load_head(path: str | Path, expected_cache_key: str | None = None) -> dict:
-    """Load a saved head; joblib files can run code, so load only heads you made yourself.
+def _plain(value):
+    """JSON-ready provenance: numpy scalars as Python numbers."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
 
-    With ``expected_cache_key`` the head is refused unless it was trained on embeddings made the same way.
+
+def load_head(path: str | Path, *, trust: bool = False, expected_cache_key: str | None = None) -> dict:
+    """A saved head: what it was trained on, plus ``pipeline``.
+
+    A head saved by this featx loads without running code (``featx.serialize``). A ``.joblib`` head
+    (featx before 0.2, or made elsewhere) is a pickle that runs code when loaded, so it loads only
+    with ``trust=True`` (``--trust``). With ``expected_cache_key`` the head is refused unless it was
+    trained on embeddings made the same way.
     """
-    import joblib
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such head file")
-    warnings.warn(f"{path}: joblib files are code; load only heads you made yourself", UnsafeFileWarning,
-                  stacklevel=2)
+    if path.suffix == ".joblib":
+        head = _load_joblib(path, trust)
+    else:
+        head = serialize.load(path)
+        if head.get("format") != HEAD_FORMAT:
+            raise DataError(f"{path}: not a featx head file (expected format {HEAD_FORMAT!r})")
+        head["pipeline"] = head.pop("object")
+    if expected_cache_key is not None and head["cache_key"] != expected_cache_key:
+        raise DataError(f"{path}: trained on embeddings {head['cache_key']} ({head['backbone']}), "
+                        f"not on {expected_cache_key}; features made another way would be misread")
+    return head
+
+
+def _load_joblib(path: Path, trust: bool) -> dict:
+    import joblib
+
+    if not trust:
+        raise DataError(f"{path}: a joblib head runs code when it is loaded; load it only if you trust where it came "
+                        "from (--trust), or re-run `featx compare --out` to save heads that never run code")
+    warnings.warn(f"{path}: loading a joblib head with trust: it can run any code it holds", UnsafeFileWarning,
+                  stacklevel=3)
     try:
         head = joblib.load(path)
     except Exception as err:  # a damaged or foreign pickle can raise anything
         raise DataError(f"{path}: not a featx head file ({type(err).__name__})") from None
-    if not isinstance(head, dict) or head.get("format") != HEAD_FORMAT:
-        raise DataError(f"{path}: not a featx head file (expected format {HEAD_FORMAT!r})")
-    if expected_cache_key is not None and head["cache_key"] != expected_cache_key:
-        raise DataError(f"{path}: trained on embeddings {head['cache_key']} ({head['backbone']}), "
-                        f"not on {expected_cache_key}; features made another way would be misread")
+    if not isinstance(head, dict) or head.get("format") != JOBLIB_HEAD_FORMAT:
+        raise DataError(f"{path}: not a featx head file (expected format {JOBLIB_HEAD_FORMAT!r})")
     return head

@@ -1,8 +1,9 @@
 """Decoding one image safely into the RGB array a backbone expects.
 
 Every failure a user's folder can hold (empty file, not an image, truncated file,
-decompression bomb) becomes an ``ImageError`` with a short reason, so extraction can
-record it and go on.
+decompression bomb, an image over the pixel budget, NaN pixels) becomes an ``ImageError`` with
+a short reason, so extraction can record it and go on. The pixel budget is checked from the
+header, before anything is decoded, so one file cannot take gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from featx.vocab import check
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+MAX_PIXELS = 50_000_000  # 50 Mpx: every real photo and scan; a 16-bit one takes ~0.5 GB to decode at that size
 
 
 class ImageError(Exception):
@@ -38,15 +40,16 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     fit: str = "crop"
+    max_pixels: int = MAX_PIXELS  # larger images are skipped (recorded), never decoded
 
     def __post_init__(self):
-        check("Preprocess", fit=self.fit)
+        check("Preprocess", fit=self.fit, max_pixels=self.max_pixels)
 
     @classmethod
     def from_dict(cls, recorded: dict) -> "Preprocess":
         """The preprocessing recorded in an embedding file or checkpoint sidecar."""
         return cls(recorded["image_size"], recorded["resize"], recorded["interpolation"], tuple(recorded["mean"]),
-                   tuple(recorded["std"]), recorded.get("fit", "crop"))
+                   tuple(recorded["std"]), recorded.get("fit", "crop"), recorded.get("max_pixels", MAX_PIXELS))
 
     def as_dict(self) -> dict:
         recorded = {
@@ -56,14 +59,16 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
         }
-        # Recorded only when not the default, so the cache keys of files made before ``fit`` existed still match.
+        # Recorded only when not the default, so the cache keys of files made before these existed still match.
         if self.fit != "crop":
             recorded["fit"] = self.fit
+        if self.max_pixels != MAX_PIXELS:
+            recorded["max_pixels"] = self.max_pixels
         return recorded
 
 
-def open_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
-    """Decode ``path`` to an 8-bit RGB image, upright per EXIF.
+def open_rgb(path: str | Path, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB image, upright per EXIF; images over ``max_pixels`` are refused unread.
 
     For JPEGs much larger than ``min_side`` the decoder's draft mode scales by 1/2, 1/4
     or 1/8 while decoding, which is several times faster than decoding at full size
@@ -74,8 +79,12 @@ def open_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own alarm: a skip, not a note
             with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{width}×{height} = {width * height / 1e6:.0f} Mpx is over the pixel budget of "
+                                     f"{max_pixels / 1e6:g} Mpx (--max-pixels)")
                 if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
                     img.draft("RGB", (min_side, min_side))
                 img.load()
@@ -85,7 +94,7 @@ def open_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image (cannot identify image file)") from None
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"decompression bomb refused ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = str(err) or type(err).__name__
@@ -98,7 +107,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and 32-bit grey (medical scans): map the file's own range to 0..255.
-        values = np.asarray(img, dtype=np.float64)
+        values = np.asarray(img, dtype=np.float32)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:  # one NaN would make the whole scaled image NaN, i.e. black: refuse rather than guess
+            raise ImageError(f"{bad} of {values.size} pixels are NaN or infinite")
         top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
         grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
@@ -131,4 +143,4 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
 
 def load_image(path: str | Path, preprocess: Preprocess) -> np.ndarray:
     """The model-ready HWC uint8 array for one file; raises ``ImageError`` with a reason."""
-    return resize_and_crop(open_rgb(path, min_side=preprocess.resize), preprocess)
+    return resize_and_crop(open_rgb(path, min_side=preprocess.resize, max_pixels=preprocess.max_pixels), preprocess)

@@ -20,7 +20,7 @@ from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image
 from featx.metrics import predict_labels
 from featx.openset import DEFAULT_SCORE, OpenSet
-from featx.runs import HEAD_FILE, best_folder
+from featx.runs import best_head
 from featx.vocab import check
 
 UNKNOWN = "unknown"
@@ -41,12 +41,16 @@ class Prediction:
 
 
 class Predictor:
-    """Loads a run's ``best/`` folder (or any folder holding ``head.joblib``) and the backbone its head was trained on."""
+    """Loads a run's best head (``RUN/best``, or a folder holding ``head.skops``) and the backbone it was trained on.
 
-    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE):
+    ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
+    """
+
+    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False):
         check("Predictor", score=score)
-        self.folder, self.score = best_folder(folder), score
-        self.head = load_head(self.folder / HEAD_FILE)
+        head_file = best_head(folder)
+        self.folder, self.score = head_file.parent, score
+        self.head = load_head(head_file, trust=trust)
         self.meta = self.head["embeddings_meta"]
         if "parts" in self.meta:
             raise DataError(f"{self.folder}: this head uses the concatenated features of {self.meta['label']}; "

@@ -4,10 +4,10 @@ What ``featx compare --out RUN`` writes (nothing else builds these paths)::
 
     RUN/run.json                               config, versions, inputs (path, sha256, cache key), every result
     RUN/leaderboard.{csv,md,json}              ranked by the validation metric
-    RUN/heads/<file stem>__<head>.joblib       every fitted head
+    RUN/heads/<file stem>__<head>.{json,npz}   every fitted head, as plain data (featx.serialize)
     RUN/predictions/<stem>__<head>_<split>.csv per-image probabilities (test, else val)
     RUN/plots/{confusion,roc}_<stem>__<head>_<split>.png
-    RUN/best/head.joblib, open_set.{npz,json}, chosen.json   the best head by validation, for `featx predict`
+    RUN/best/head.{json,npz}, open_set.{npz,json}, chosen.json   the best head by validation, for `featx predict`
 
 and what ``featx finetune --out FT`` writes beside its checkpoints (``featx.checkpoints``)::
 
@@ -35,7 +35,8 @@ from featx.store import file_sha256, package_version
 from featx.version import __version__
 
 RUN_FILE = "run.json"
-HEAD_FILE = "head.joblib"
+HEAD_FILE = "head.json"
+LEGACY_HEAD_FILE = "head.joblib"  # run folders of featx before 0.2: a pickle, loaded only with --trust
 SPLITS = ("val", "test")
 FINETUNE_FILES = {"history_csv": "history.csv", "history_plot": "history.png", "lr_find_plot": "lr_find.png",
                   "lr_find_json": "lr_find.json"}
@@ -50,12 +51,13 @@ def result_stem(file_name: str, head: str) -> str:
 
 
 def head_path(run_dir: Path, file_name: str, head: str) -> Path:
-    return Path(run_dir) / "heads" / f"{result_stem(file_name, head)}.joblib"
+    return Path(run_dir) / "heads" / f"{result_stem(file_name, head)}.json"
 
 
 def head_files(run_dir: str | Path, head: str) -> list[Path]:
-    """Every saved head of kind ``head`` in a run folder, sorted."""
-    return sorted((Path(run_dir) / "heads").glob(f"*__{head}.joblib"))
+    """Every saved head of kind ``head`` in a run folder (older folders' joblib heads too), sorted."""
+    folder = Path(run_dir) / "heads"
+    return sorted([*folder.glob(f"*__{head}.json"), *folder.glob(f"*__{head}.joblib")])
 
 
 def predictions_path(run_dir: Path, file_name: str, head: str, split: str) -> Path:
@@ -66,13 +68,13 @@ def plot_path(run_dir: Path, kind: str, file_name: str, head: str, split: str) -
     return Path(run_dir) / "plots" / f"{kind}_{result_stem(file_name, head)}_{split}.png"
 
 
-def best_folder(path: str | Path) -> Path:
-    """The folder of a run's best head: ``RUN/best``, or ``path`` itself when it holds a head."""
+def best_head(path: str | Path) -> Path:
+    """The file of a run's best head: in ``RUN/best``, or in ``path`` itself when it holds one."""
     path = Path(path)
-    if (path / "best" / HEAD_FILE).exists():
-        return path / "best"
-    if (path / HEAD_FILE).exists():
-        return path
+    for folder in (path / "best", path):
+        for name in (HEAD_FILE, LEGACY_HEAD_FILE):
+            if (folder / name).exists():
+                return folder / name
     raise DataError(f"{path}: no {HEAD_FILE}; point at a run folder written by `featx compare --out`")
 
 
@@ -146,6 +148,7 @@ def _save_best(out: Path, board: Leaderboard) -> None:
     folder = out / "best"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / best["model"], folder / HEAD_FILE)
+    shutil.copyfile((out / best["model"]).with_suffix(".npz"), (folder / HEAD_FILE).with_suffix(".npz"))
     open_set.save(folder)
     (folder / "chosen.json").write_text(json.dumps({k: v for k, v in best.items() if k != "model"}, indent=2,
                                                    default=float) + "\n")

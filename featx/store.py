@@ -1,9 +1,12 @@
-"""The HDF5 embedding file (schema ``featx.embeddings/1``): writing, resuming, reading, the cache layout.
+"""The HDF5 embedding file (schema ``featx.embeddings/1``): writing, resuming, verifying, reading, the cache layout.
 
-A file is written as ``NAME.h5.partial`` and renamed to ``NAME.h5`` only when every row
-is in; ``rows_done`` is flushed after each batch so that a killed run resumes where it
-stopped. Readers refuse unknown schemas and incomplete files. This module never
-imports torch, so the CPU-only head path stays fast to start.
+A file is written as ``NAME.h5.partial`` and renamed to ``NAME.h5`` only when every row is in.
+``rows_done`` advances only after a batch is flushed, with the batch's checksum beside it, and
+only while the disk has room for it; a resumed run verifies what was written and rolls back to
+the last good chunk instead of trusting the counter. Numeric columns carry HDF5's Fletcher32
+checksum per chunk, the others a SHA-256 in the attributes, so readers notice damage and say so
+in one line. Readers refuse unknown schemas and incomplete files. This module never imports
+torch, so the CPU-only head path stays fast to start.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from featx.errors import DataError, SchemaError
+from featx.errors import DataError, FeatxError, SchemaError
 
 SCHEMA = "featx.embeddings/1"
 DATASETS = ("features", "labels", "paths", "split", "ok", "errors")
@@ -28,8 +32,28 @@ REQUIRED_ATTRS = ("schema", "backbone", "classes", "cache_key", "rows_done", "co
 PARTIAL_SUFFIX = ".partial"
 # Split name of the rows that hold augmented copies of train images (``featx extract --augment K``).
 AUGMENTED = "augmented"
+CHUNK_ROWS = 256  # rows per HDF5 chunk of every checksummed column: the unit of damage and of roll-back
+SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors")  # SHA-256 each in the "checksums" attribute
+SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond the data: HDF5 metadata and chunk rewrites
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
+
+
+def damaged(path: Path, reason: str) -> DataError:
+    """The one message for a file whose contents no longer verify."""
+    return DataError(f"{path}: damaged file ({reason}); re-extract with `featx extract … --force`")
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Refuse to write ``needed`` bytes into ``folder`` unless the disk has them (and a margin) free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise FeatxError(f"disk full: {(needed + SPACE_MARGIN) / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free at "
+                         f"{folder}; free some space and run the same command again to resume")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def cache_key(recipe: dict) -> str:
@@ -72,8 +96,11 @@ class CacheLock:
         self._handle = None
 
     def __enter__(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a+")
+        except OSError as err:
+            raise DataError(f"{self.path.parent}: cannot write here ({err.strerror}); choose another --out") from None
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # The holder unlinks the lock file when done; a lock won on that unlinked file is no lock.
@@ -96,13 +123,16 @@ class EmbeddingWriter:
     """Writes rows of one embedding file in order, resuming a matching ``.partial`` file.
 
     ``paths``, ``labels`` and ``split`` are known up front and written at creation;
-    features arrive batch by batch through ``write``.
+    features arrive batch by batch through ``write``. Paths are stored as their file-system
+    bytes, so a name that is not valid UTF-8 survives the round trip (readers decode it with
+    surrogate escapes, as ``os.fsdecode`` does).
     """
 
     def __init__(self, path: Path, *, dim: int, paths, labels, splits, attrs: dict, dtype: str = "float16"):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.n_rows = len(paths)
+        self.row_bytes = dim * np.dtype(dtype).itemsize
         self._file = self._open_existing(attrs["cache_key"], dim) if self.partial.exists() else None
         if self._file is None:
             self._file = self._create(dim, paths, labels, splits, attrs, dtype)
@@ -112,35 +142,45 @@ class EmbeddingWriter:
     def _open_existing(self, key: str, dim: int):
         try:
             handle = h5py.File(self.partial, "r+")
-        except OSError as err:
-            log.warning("%s: unreadable partial file (%s); starting over", self.partial, err)
+            same = (handle.attrs.get("schema") == SCHEMA and handle.attrs.get("cache_key") == key
+                    and handle["features"].shape == (self.n_rows, dim))
+        except (OSError, KeyError) as err:
+            log.warning("%s: unreadable partial file (%s); starting over", self.partial, _first_line(err))
             self.partial.unlink()
             return None
-        same = (
-            handle.attrs.get("schema") == SCHEMA
-            and handle.attrs.get("cache_key") == key
-            and handle["features"].shape == (self.n_rows, dim)
-        )
         if not same:
             handle.close()
             log.warning("%s: left by a different configuration; starting over", self.partial)
             self.partial.unlink()
             return None
-        log.info("resuming %s at row %d of %d", self.partial, handle.attrs["rows_done"], self.n_rows)
+        done = int(handle.attrs["rows_done"])
+        good = verified_rows(handle)
+        if good < done:
+            log.warning("%s: rows %d-%d do not verify (a crash or a full disk damaged them); resuming at row %d",
+                        self.partial, good, done, good)
+            stop = min(good + CHUNK_ROWS, self.n_rows)  # a whole chunk in one write replaces a damaged one unread
+            handle["features"][good:stop] = 0
+            handle["ok"][good:stop] = False
+            handle.attrs["rows_done"] = good
+            handle.flush()
+        log.info("resuming %s at row %d of %d", self.partial, good, self.n_rows)
         return handle
 
     def _create(self, dim, paths, labels, splits, attrs, dtype):
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        encoded = [os.fsencode(p) for p in paths]
+        check_space(self.partial.parent, self.n_rows * self.row_bytes + sum(map(len, encoded)) * 2)
         handle = h5py.File(self.partial, "w")
-        chunk_rows = max(1, min(self.n_rows, 256))
+        chunk_rows = max(1, min(self.n_rows, CHUNK_ROWS))
         handle.create_dataset(
             "features", shape=(self.n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim),
-            compression="gzip", compression_opts=1, shuffle=True,
+            compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
         )
-        handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
-        handle.create_dataset("paths", data=list(paths), dtype=_STR)
+        handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32), chunks=(chunk_rows,), fletcher32=True)
+        handle.create_dataset("paths", data=encoded, dtype=_STR)
         handle.create_dataset("split", data=list(splits), dtype=_STR)
-        handle.create_dataset("ok", shape=(self.n_rows,), dtype=bool, fillvalue=False)
+        handle.create_dataset("ok", shape=(self.n_rows,), dtype=bool, fillvalue=False, chunks=(chunk_rows,),
+                              fletcher32=True)
         handle.create_dataset("errors", shape=(self.n_rows,), dtype=_STR, fillvalue="")
         handle.attrs.update({k: _attr_value(v) for k, v in attrs.items()})
         handle.attrs["schema"] = SCHEMA
@@ -152,14 +192,24 @@ class EmbeddingWriter:
         return handle
 
     def write(self, features: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
-        """Append the next rows and flush, so a crash after this call loses nothing before it."""
+        """Append the next rows, flush, and only then advance ``rows_done`` (with the batch's checksum).
+
+        A crash or a full disk at any point leaves ``rows_done`` on rows that were written whole.
+        """
         start, stop = self.rows_done, self.rows_done + len(features)
-        self._file["features"][start:stop] = features
-        self._file["ok"][start:stop] = ok
-        if any(errors):
-            self._file["errors"][start:stop] = errors
-        self._file.attrs["rows_done"] = stop
-        self._file.flush()
+        check_space(self.partial.parent, 2 * len(features) * self.row_bytes)
+        try:
+            self._file["features"][start:stop] = features
+            self._file["ok"][start:stop] = ok
+            if any(errors):
+                self._file["errors"][start:stop] = errors
+            self._file.flush()
+            self._file.attrs["last_batch"] = json.dumps([start, stop, _rows_digest(self._file, start, stop)])
+            self._file.attrs["rows_done"] = stop
+            self._file.flush()
+        except OSError as err:
+            raise FeatxError(f"{self.partial}: writing rows {start}-{stop} failed ({_first_line(err)}); run the "
+                             "same command again to resume") from None
         self.rows_done = stop
 
     def failures(self) -> list[tuple[int, str]]:
@@ -169,18 +219,59 @@ class EmbeddingWriter:
         return [(int(i), errors[i]) for i in np.flatnonzero(~ok)]
 
     def finish(self, extra_attrs: dict | None = None) -> Path:
-        """Mark complete and move the file to its final name atomically."""
+        """Record the columns' checksums, mark complete and move the file to its final name atomically."""
         if self.rows_done != self.n_rows:
             raise RuntimeError(f"finish() after {self.rows_done} of {self.n_rows} rows")
         self._file.attrs.update({k: _attr_value(v) for k, v in (extra_attrs or {}).items()})
+        self._file.attrs["checksums"] = json.dumps(column_checksums(self._file))
         self._file.attrs["complete"] = True
         self._file.close()
         os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        except OSError as err:  # closing after a failed write: the error that matters was raised already
+            log.debug("%s: close failed (%s)", self.partial, err)
+
+
+def _rows_digest(handle: h5py.File, start: int, stop: int) -> str:
+    """SHA-256 of rows ``start:stop`` as written: features, ok and errors."""
+    digest = hashlib.sha256(handle["features"][start:stop].tobytes())
+    digest.update(handle["ok"][start:stop].tobytes())
+    digest.update("\0".join(handle["errors"].asstr()[start:stop]).encode())
+    return digest.hexdigest()
+
+
+def verified_rows(handle: h5py.File) -> int:
+    """How many of the ``rows_done`` rows verify: every chunk reads (Fletcher32) and the last batch's checksum holds.
+
+    Damage rolls back to the start of the chunk it is in: rows before it were written, flushed and
+    checked when their own batches were.
+    """
+    done = int(handle.attrs["rows_done"])
+    for begin in range(0, done, CHUNK_ROWS):
+        try:
+            handle["features"][begin:min(begin + CHUNK_ROWS, done)]
+            handle["ok"][begin:min(begin + CHUNK_ROWS, done)]
+        except OSError:
+            return begin
+    last = json.loads(handle.attrs.get("last_batch", "null"))
+    if last and last[1] == done and _rows_digest(handle, last[0], last[1]) != last[2]:
+        return last[0] - last[0] % CHUNK_ROWS
+    return done
+
+
+def column_checksums(handle: h5py.File) -> dict[str, str]:
+    """SHA-256 of each small column (the features have Fletcher32 per chunk instead)."""
+    sums = {}
+    for name in SUMMED_COLUMNS:
+        column = handle[name]
+        data = column[()] if column.dtype.kind != "O" else b"\0".join(column[()])
+        sums[name] = hashlib.sha256(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
+    return sums
 
 
 def _attr_value(value):
@@ -190,13 +281,17 @@ def _attr_value(value):
     if value is None:
         return ""
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a folder name that is not UTF-8: its file-system bytes, read back alike
+            return os.fsencode(value)
         return str(value)  # plain str: h5py refuses str subclasses such as torch's version string
     return value
 
 
 def _decode(value):
     if isinstance(value, bytes):
-        value = value.decode()
+        value = value.decode("utf-8", "surrogateescape")
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, str) and value[:1] in "[{":
@@ -221,6 +316,7 @@ def read_meta(path: str | Path) -> dict:
         meta = {k: _decode(v) for k, v in handle.attrs.items()}
         meta["n_rows"], meta["dim"] = handle["features"].shape if "features" in handle else (0, 0)
         missing_sets = [d for d in DATASETS if d not in handle]
+        lengths = {d: len(handle[d]) for d in DATASETS if d in handle}
     schema = meta.get("schema")
     if schema is None:
         raise SchemaError(f"{path}: not a featx embeddings file (no 'schema' attribute; expected {SCHEMA!r})")
@@ -229,6 +325,8 @@ def read_meta(path: str | Path) -> dict:
     missing = missing_sets + [a for a in REQUIRED_ATTRS if a not in meta]
     if missing:
         raise SchemaError(f"{path}: schema mismatch for {SCHEMA!r}: missing {', '.join(missing)}")
+    if len(set(lengths.values())) > 1:
+        raise damaged(path, "columns of different lengths: " + ", ".join(f"{d} {n}" for d, n in lengths.items()))
     return meta
 
 
@@ -321,18 +419,69 @@ def load_embeddings(path: str | Path) -> Embeddings:
             f"{path} is incomplete (rows_done={meta['rows_done']} of {meta['n_rows']}); "
             "run `featx extract` again to resume"
         )
-    with h5py.File(path, "r") as handle:
-        return Embeddings(
-            path=path,
-            meta=meta,
-            classes=list(meta["classes"]),
-            paths=handle["paths"].asstr()[:],
-            splits=handle["split"].asstr()[:],
-            ok=handle["ok"][:],
-            errors=handle["errors"].asstr()[:],
-            _features=handle["features"][:],
-            _labels=handle["labels"][:],
-        )
+    try:
+        with h5py.File(path, "r") as handle:
+            verify_checksums(handle, path)
+            return Embeddings(
+                path=path,
+                meta=meta,
+                classes=list(meta["classes"]),
+                paths=handle["paths"].asstr(errors="surrogateescape")[:],
+                splits=handle["split"].asstr()[:],
+                ok=handle["ok"][:],
+                errors=handle["errors"].asstr()[:],
+                _features=handle["features"][:],
+                _labels=handle["labels"][:],
+            )
+    except OSError as err:  # Fletcher32 or a compressed chunk that no longer decodes
+        raise damaged(path, _first_line(err)) from None
+
+
+def verify_checksums(handle: h5py.File, path: Path) -> None:
+    """Compare the small columns with the SHA-256s recorded at finish (files from before featx 0.1 have none)."""
+    recorded = _decode(handle.attrs.get("checksums", "{}"))
+    found = column_checksums(handle) if recorded else {}
+    wrong = [name for name, digest in recorded.items() if found.get(name) != digest]
+    if wrong:
+        raise damaged(path, f"checksum mismatch in {', '.join(wrong)}")
+
+
+def check_intact(path: str | Path) -> dict:
+    """Raise ``damaged`` unless every written chunk reads (Fletcher32) and every column checksum holds; the meta.
+
+    Reading every chunk costs one pass over the file (about 50 ms for 6,000 × 1280 float16 rows).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            verify_checksums(handle, path)
+            good = verified_rows(handle)
+    except OSError as err:
+        raise damaged(path, _first_line(err)) from None
+    if good < int(meta["rows_done"]):
+        raise damaged(path, f"rows from {good} on do not verify")
+    return meta
+
+
+def verify_file(path: str | Path) -> list[str]:
+    """Every problem of an embedding file, each with what to do, for `featx doctor`: empty when healthy."""
+    try:
+        meta = check_intact(path)
+        with h5py.File(path, "r", locking=False) as handle:
+            features = handle["features"]
+            non_finite = sum(int((~np.isfinite(features[i:i + CHUNK_ROWS])).any(axis=1).sum())
+                             for i in range(0, int(meta["rows_done"]), CHUNK_ROWS))
+    except DataError as err:
+        return [str(err)]
+    problems = []
+    if non_finite:
+        problems.append(f"{path}: {non_finite} rows hold NaN or infinite features; re-extract them with "
+                        "`featx extract … --force --precision fp32`")
+    if not meta["complete"]:
+        problems.append(f"{path}: incomplete (rows_done={meta['rows_done']} of {meta['n_rows']}); run "
+                        "`featx extract` again to resume")
+    return problems
 
 
 def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
@@ -379,5 +528,16 @@ def list_cache(cache_dir: str | Path) -> list[dict]:
                 rows_done=meta["rows_done"],
                 complete=bool(meta["complete"]),
             )
+            if not meta["complete"]:  # progress is worth showing only as far as it verifies
+                entry["resumes_at"] = _resumes_at(path)
         entries.append(entry)
     return entries
+
+
+def _resumes_at(partial: Path) -> int:
+    """The row a re-run of an interrupted extraction starts from (0 when the file cannot be opened)."""
+    try:
+        with h5py.File(partial, "r", locking=False) as handle:
+            return verified_rows(handle)
+    except (OSError, KeyError):
+        return 0

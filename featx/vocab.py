@@ -100,6 +100,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "layer": Pattern(rf"{_LAYER_TOKEN}(?:,{_LAYER_TOKEN})*",
                      f"penultimate, stages, or a comma list of {', '.join(STAGE_NAMES)}, penultimate"),
     "image_size": Maybe(Interval(int, 16)),
+    "max_pixels": Interval(int, 1),
     "batch_size": Interval(int, 1),
     "workers": Maybe(Interval(int, 0)),
     # fine-tuning

@@ -94,4 +94,4 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| resnet18 | logreg |" in result.output and "3/3 report:" in result.output
     assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000
-    assert (tmp_path / "demo" / "best" / "head.joblib").exists()
+    assert (tmp_path / "demo" / "best" / "head.json").exists()

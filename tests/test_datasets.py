@@ -65,7 +65,7 @@ def test_csv_split_column_and_errors(tmp_path):
     ds = scan_dataset(tmp_path / "data.csv")
     assert [s.split for s in ds.samples] == ["train", "train", "test", "val"]
     (tmp_path / "bad.csv").write_text("file,class\na0.png,x\n")
-    with pytest.raises(DataError, match=r"bad.csv: the header must name at least 'path' and 'label'"):
+    with pytest.raises(DataError, match=r"bad.csv: the header must name the columns label, path"):
         scan_dataset(tmp_path / "bad.csv")
     (tmp_path / "badsplit.csv").write_text("path,label,split\na0.png,x,training\n")
     with pytest.raises(DataError, match=r"badsplit.csv:2: unknown split 'training'"):

@@ -177,10 +177,8 @@ def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
     emb = load_embeddings(extract(colours, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
     save_run(compare([emb], ["logreg"]), tmp_path / "lr-run")
-    with pytest.warns(UserWarning, match="joblib files are code"):
-        trainer = Trainer(colours, replace(TINY, init_head_from=str(tmp_path / "lr-run")), tmp_path / "ft")
-    with pytest.warns(UserWarning):
-        head = load_head(next((tmp_path / "lr-run" / "heads").glob("*.joblib")))
+    trainer = Trainer(colours, replace(TINY, init_head_from=str(tmp_path / "lr-run")), tmp_path / "ft")
+    head = load_head(next((tmp_path / "lr-run" / "heads").glob("*.json")))
     features = emb.features("val")
     with torch.no_grad():
         proba = trainer.model.head(torch.from_numpy(features)).softmax(1).numpy()

@@ -67,16 +67,47 @@ def test_saved_head_is_checked_against_the_embeddings(tmp_path):
     emb = load_embeddings(FIXTURE)
     board = compare([emb], ["logreg"])
     save_run(board, tmp_path / "run")
-    with pytest.warns(UserWarning, match="joblib files are code"):
-        head = load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key=emb.cache_key)
+    path = tmp_path / "run" / board.rows[0]["model"]
+    assert path.suffix == ".json" and path.with_suffix(".npz").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a safe head loads without any warning to silence
+        head = load_head(path, expected_cache_key=emb.cache_key)
     assert head["classes"] == ["NORMAL", "PNEUMONIA"]
-    np.testing.assert_allclose(head["pipeline"].predict_proba(emb.features("test")),
-                               board.results[0].test_proba)
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="trained on embeddings .* not on other"):
-        load_head(tmp_path / "run" / board.rows[0]["model"], expected_cache_key="other")
-    (tmp_path / "junk.joblib").write_text("nope")
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="not a featx head file"):
-        load_head(tmp_path / "junk.joblib")
+    np.testing.assert_allclose(head["pipeline"].predict_proba(emb.features("test")), board.results[0].test_proba)
+    with pytest.raises(DataError, match="trained on embeddings .* not on other"):
+        load_head(path, expected_cache_key="other")
+    (tmp_path / "junk.json").write_text("nope")
+    with pytest.raises(DataError, match="not a readable head file"):
+        load_head(tmp_path / "junk.json")
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm", "lightgbm", "knn", "mlp"])
+def test_every_head_round_trips_through_the_safe_format(tmp_path, name):
+    from featx.heads import save_head
+    from featx.store import load_embeddings
+
+    emb = load_embeddings(FIXTURE)
+    X, y = emb.features("train"), emb.labels("train")
+    fitted = fit_head(name, X, y, X[::4], y[::4])
+    path = save_head(tmp_path / f"{name}.json", fitted, emb)
+    np.testing.assert_array_equal(load_head(path)["pipeline"].predict_proba(X), fitted.pipeline.predict_proba(X))
+
+
+@pytest.mark.parametrize("planted", ["os.system", "builtins.eval", "subprocess.Popen", "tests.conftest.make_image"])
+def test_a_head_file_naming_any_other_type_is_refused_before_anything_runs(tmp_path, planted):
+    from featx.heads import save_head
+    from featx.store import load_embeddings
+
+    emb = load_embeddings(FIXTURE)
+    path = save_head(tmp_path / "h.json", fit_head("logreg", emb.features("train"), emb.labels("train"), cv=3), emb)
+    text = path.read_text().replace('"sklearn.preprocessing._data.StandardScaler"', f'"{planted}"')
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"refused: it holds a {planted}, which is not a type a featx head holds"):
+        load_head(path)
+    from featx import serialize
+
+    with pytest.raises(DataError, match="cannot save a builtins.builtin_function_or_method: not a type a featx"):
+        serialize.dump({"callback": print}, tmp_path / "bad.json", {})
 
 
 def test_the_head_path_never_imports_torch(tmp_path):

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -28,8 +31,7 @@ def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path)
     for i, colour in enumerate([(200, 30, 30), (30, 180, 40), (30, 40, 200)]):
         make_image(folder / f"img{i}.png", colour, seed=500 + i, fmt="PNG")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    with pytest.warns(UserWarning, match="joblib files are code"):
-        predictor = Predictor(run)
+    predictor = Predictor(run)
     results = predictor.predict([folder], top_k=2)
     assert [r.path.split("/")[-1] for r in results] == ["broken.jpg", "img0.png", "img1.png", "img2.png"]
     broken, *good = results
@@ -80,12 +82,10 @@ def test_unknown_threshold_meets_its_coverage_and_rejects_far_inputs():
 
 
 def test_predict_refuses_weights_that_changed(tiny_run, tmp_path):
-    import joblib
-
     _, run = tiny_run
-    head = joblib.load(run / "best" / "head.joblib")
-    head["embeddings_meta"]["weights_sha256"] = "0" * 64
-    joblib.dump(head, run / "best" / "head.joblib")
+    sidecar = json.loads((run / "best" / "head.json").read_text())
+    sidecar["embeddings_meta"]["weights_sha256"] = "0" * 64
+    (run / "best" / "head.json").write_text(json.dumps(sidecar))
     result = CliRunner().invoke(main, ["predict", str(run), str(next(run.parent.rglob("*.jpg")))])
     assert result.exit_code == 2 and "re-extract and retrain" in result.output
 
@@ -96,8 +96,7 @@ def test_predictor_preprocesses_as_the_embeddings_were_made(tmp_path, tiny_confi
     data = make_class_folders(tmp_path / "colours", per_class=6, splits=("train", "val", "test"))
     emb = load_embeddings(extract(data, replace(tiny_config, fit="full"), progress=False).path)
     save_run(compare([emb], ["logreg"]), tmp_path / "run")
-    with pytest.warns(UserWarning, match="joblib files are code"):
-        predictor = Predictor(tmp_path / "run")
+    predictor = Predictor(tmp_path / "run")
     assert predictor.preprocess.fit == "full" and predictor.preprocess.size == 64
 
 
@@ -112,10 +111,10 @@ def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch
     data, run = tiny_run
     original = featx.predict.load_head
 
-    def load_head_made_elsewhere(path):
+    def load_head_made_elsewhere(path, **options):
         warnings.warn(InconsistentVersionWarning(estimator_name="LogisticRegression", current_sklearn_version="1.9",
-                                                 original_sklearn_version="0.24"))
-        return original(path)
+                                                 original_sklearn_version="0.24"), stacklevel=2)
+        return original(path, **options)
 
     monkeypatch.setattr(featx.predict, "load_head", load_head_made_elsewhere)
     with warnings.catch_warnings(record=True) as caught:
@@ -125,3 +124,30 @@ def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch
     shown = [w.category for w in caught]
     assert InconsistentVersionWarning in shown
     assert not any("joblib files are code" in str(w.message) for w in caught)
+
+
+PLANTED = textwrap.dedent("""
+    import os, pickle, sys
+
+    class Payload:
+        def __reduce__(self):  # what a replaced head.joblib can do the moment it is unpickled
+            return (os.system, ("touch " + sys.argv[2],))
+
+    with open(sys.argv[1], "wb") as handle:
+        pickle.dump(Payload(), handle)
+""")
+
+
+def test_a_planted_joblib_head_never_runs_without_trust(tiny_run, tmp_path):
+    data, run = tiny_run
+    for name in ("head.json", "head.npz"):
+        (run / "best" / name).unlink()
+    marker = tmp_path / "code-ran"
+    subprocess.run([sys.executable, "-c", PLANTED, str(run / "best" / "head.joblib"), str(marker)], check=True)
+    image = str(next((data / "test" / "red").glob("*.jpg")))
+    refused = CliRunner().invoke(main, ["predict", str(run), image])
+    assert refused.exit_code == 2 and "a joblib head runs code when it is loaded" in refused.output
+    assert "--trust" in refused.output and not marker.exists()
+    trusted = CliRunner().invoke(main, ["predict", str(run), image, "--trust"])
+    assert marker.exists()  # with --trust it is the user's call, and featx said what it means:
+    assert "featx: warning:" in trusted.output and "can run any code it holds" in trusted.output
