@@ -28,6 +28,7 @@ import numpy as np
 
 from featx.backbones import DEFAULT_BACKBONE
 from featx.datasets import ImageDataset, scan_dataset
+from featx.errors import DataError
 from featx.vocab import check
 
 SMALL_PER_CLASS = 1000
@@ -175,6 +176,8 @@ def advise(data: str | Path, backbone: str = DEFAULT_BACKBONE, *, sample_per_cla
     dataset = scan_dataset(data, seed=seed)
     train = [s for s in dataset.samples if s.split in ("train", "")]
     per_class = {c: sum(1 for s in train if s.label == k) for k, c in enumerate(dataset.classes)}
+    if sum(n > 0 for n in per_class.values()) < 2:
+        raise DataError(f"{data}: the training images hold fewer than two classes; there is nothing to classify")
     gap, probe = measure(dataset, backbone, sample_per_class, seed, weights)
     strategy, reasons = recommend(min(per_class.values()), gap, probe)
     return Advice(strategy, reasons, _commands(strategy, str(data), backbone), per_class, gap, probe)

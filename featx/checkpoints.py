@@ -58,11 +58,31 @@ def load_resume_state(folder: Path, backbone: str, classes: list[str]) -> dict:
     path = folder / "last.pt"
     if not path.exists():
         raise DataError(f"{path}: nothing to resume; run without --resume first")
-    check_checkpoint(json.loads(path.with_suffix(".json").read_text()), backbone, classes, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint(_read_sidecar(path.with_suffix(".json")), backbone, classes, path)
+    state = _torch_load(path)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_tuples(json.loads(state["python_rng"])))
     return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
+
+
+def _read_sidecar(path: Path) -> dict:
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable checkpoint sidecar ({type(err).__name__})") from None
+    if not isinstance(sidecar, dict):
+        raise DataError(f"{path}: not a featx checkpoint sidecar")
+    return sidecar
+
+
+def _torch_load(path: Path):
+    """``torch.load`` that never unpickles code (``weights_only``); a refusal or damage is one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refusals, truncated zips and foreign pickles all land here
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {first}); featx loads only "
+                        "state dicts of tensors, never pickled code") from None
 
 
 def _tuples(value):
@@ -86,10 +106,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     sidecar_path = path.with_suffix(".json")
     if not path.is_file() or not sidecar_path.is_file():
         raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
-    sidecar = json.loads(sidecar_path.read_text())
+    sidecar = _read_sidecar(sidecar_path)
     check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    state = _torch_load(path)
+    state = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a featx checkpoint (no state dict inside)")
     return sidecar, {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 

@@ -8,6 +8,7 @@ need it, so ``featx --help`` and the cache commands start fast.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,15 +21,26 @@ from featx.images import MAX_PIXELS
 from featx.version import __version__
 
 
+def echo(message: str = "", err: bool = False) -> None:
+    """``click.echo`` for text that may hold file names that are not UTF-8: their odd bytes show as ``\\xNN``."""
+    click.echo(message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+
+
 class FeatxGroup(click.Group):
-    """Turns library errors into one line and an exit code; keeps tracebacks for real bugs."""
+    """Turns library errors, and the system's (a folder without permission, a full disk), into one line and an
+    exit code; keeps tracebacks for real bugs."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FeatxError as err:
-            click.echo(f"featx: error: {err}", err=True)
+            echo(f"featx: error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except OSError as err:
+            if err.filename is None:
+                raise
+            echo(f"featx: error: {os.fsdecode(err.filename)}: {err.strerror}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -112,7 +124,7 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
     dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from,
                            allow_outside_root=allow_outside_root, verify_content=verify_content)
     summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
-    click.echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
+    echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
                f"split: {dataset.split_source}")
     _list_some(f"{dataset.name}: {len(dataset.skipped)} entries left out of the scan (recorded in the file's "
                "'scan_skipped'):", dataset.skipped)
@@ -127,14 +139,14 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
         try:
             result = run_extract(dataset, config, progress=ctx.obj["progress"], force=force)
         except KeyboardInterrupt:
-            click.echo("featx: interrupted; run the same command again to resume", err=True)
+            echo("featx: interrupted; run the same command again to resume", err=True)
             ctx.exit(1)
         name = result.label
         if result.cached:
-            click.echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
+            echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
             continue
         resumed = f", resumed at row {result.resumed_from}" if result.resumed_from else ""
-        click.echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
+        echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
                    f"{result.images_per_second:.1f} img/s{resumed})")
         _list_some(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", result.failed,
                    f"see `featx info {result.path}`")
@@ -144,11 +156,11 @@ def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None
     """A count and the first ten (path, reason) pairs on stderr; nothing when there are none."""
     if not items:
         return
-    click.echo(title, err=True)
+    echo(title, err=True)
     for path, reason in items[:10]:
-        click.echo(f"  {path}: {reason}", err=True)
+        echo(f"  {path}: {reason}", err=True)
     if len(items) > 10:
-        click.echo(f"  … and {len(items) - 10} more{'; ' + more if more else ''}", err=True)
+        echo(f"  … and {len(items) - 10} more{'; ' + more if more else ''}", err=True)
 
 
 @main.command(name="ls")
@@ -161,7 +173,7 @@ def list_cache(cache_dir):
         raise DataError(f"{cache_dir}: no such folder")
     entries = entries_of(cache_dir)
     if not entries:
-        click.echo(f"{cache_dir}: no embedding files")
+        echo(f"{cache_dir}: no embedding files")
         return
     rows = [("dataset", "backbone", "rows", "dim", "MB", "complete", "path")]
     for e in entries:
@@ -173,7 +185,7 @@ def list_cache(cache_dir):
             state = f"damaged after row {e['resumes_at']} (resumes there)"
         rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
                      e["path"]))
-    click.echo(_table(rows))
+    echo(_table(rows))
 
 
 @main.command()
@@ -186,22 +198,23 @@ def info(file):
 
     meta = read_meta(file)
     skip = {"recipe", "config", "n_rows", "dim", "classes"}
-    click.echo(f"{file}")
-    click.echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
+    echo(f"{file}")
+    echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
     for key in sorted(k for k in meta if k not in skip):
-        click.echo(f"  {key}: {meta[key]}")
+        echo(f"  {key}: {meta[key]}")
     if not meta["complete"]:
-        click.echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
+        echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
         return
     emb = load_embeddings(file)
-    rows = [("split", *emb.classes, "unreadable")]
+    rows = [("split", *emb.classes, "unlabelled", "unreadable")]
     for split in (emb.split_names + [AUGMENTED] * bool(emb.n_copies)) or [""]:
-        counts = np.bincount(emb.labels(split or None), minlength=len(emb.classes))
+        labels = emb.labels(split or None)
+        counts = np.bincount(labels[labels >= 0], minlength=len(emb.classes))
         unreadable = int(((emb.splits == split) & ~emb.ok).sum())
-        rows.append((split or "-", *(str(c) for c in counts), str(unreadable)))
-    click.echo(_table(rows, indent="  "))
+        rows.append((split or "-", *(str(c) for c in counts), str(int((labels < 0).sum())), str(unreadable)))
+    echo(_table(rows, indent="  "))
     for i in [int(i) for i in (~emb.ok).nonzero()[0][:10]]:
-        click.echo(f"  {emb.paths[i]}: {emb.errors[i]}")
+        echo(f"  {emb.paths[i]}: {emb.errors[i]}")
 
 
 def _head_options(command):
@@ -223,19 +236,21 @@ def _head_options(command):
 
 def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, concat=False):
     from featx.evaluate import compare
-    from featx.runs import save_run
+    from featx.runs import prepare_out, save_run
 
+    if out:
+        prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
     board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
                     sort_by=sort_by, concat=concat)
     if out:
         save_run(board, out)
-    click.echo(board.to_markdown())
+    echo(board.to_markdown())
     best = board.best()
-    click.echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
+    echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
                f"(test accuracy {best.get('test_accuracy', float('nan')):.4f}, "
                f"AUC {best.get('test_roc_auc', float('nan')):.4f})")
     if out:
-        click.echo(f"saved run to {out}/ (run.json, leaderboard.*, heads/, plots/)")
+        echo(f"saved run to {out}/ (run.json, leaderboard.*, heads/, plots/)")
 
 
 @main.command()
@@ -321,22 +336,22 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
     progress = ctx.obj["progress"]
     if lr_find:
         found = run_lr_find(Trainer(data_dir, config, out))
-        click.echo(f"suggested LR: {found['valley']:.1e} (valley), {found['steepest']:.1e} (steepest descent); "
+        echo(f"suggested LR: {found['valley']:.1e} (valley), {found['steepest']:.1e} (steepest descent); "
                    f"plot: {found['plot']}")
         return
     try:
         result = run_finetune(data_dir, config, out=out, resume=resume, progress=progress)
     except KeyboardInterrupt:
-        click.echo(f"featx: interrupted; continue with the same command and --resume --out {out}", err=True)
+        echo(f"featx: interrupted; continue with the same command and --resume --out {out}", err=True)
         ctx.exit(1)
     rows = [("epoch", "unfreeze", "train loss", "val loss", "val acc", "val bal acc")]
     for h in result.history:
         rows.append((str(h["epoch"]), h["unfreeze"], f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
                      f"{h['val_accuracy']:.4f}", f"{h['val_balanced_accuracy']:.4f}"))
-    click.echo(_table(rows))
-    click.echo(f"best epoch {result.best_epoch}: val loss {result.best_metrics['val_loss']:.4f}, "
+    echo(_table(rows))
+    echo(f"best epoch {result.best_epoch}: val loss {result.best_metrics['val_loss']:.4f}, "
                f"val accuracy {result.best_metrics['val_accuracy']:.4f} ({result.seconds:.0f} s)")
-    click.echo(f"checkpoint: {out}/best.pt; next: featx extract {data_dir} --checkpoint {out}/best.pt")
+    echo(f"checkpoint: {out}/best.pt; next: featx extract {data_dir} --checkpoint {out}/best.pt")
 
 
 @main.command()
@@ -372,20 +387,20 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust)
     finally:  # however loading ended, the user hears what trusting the file meant
         for warning in caught:
             if issubclass(warning.category, UnsafeFileWarning):  # printed here: no warnings filter can hide it
-                click.echo(f"featx: warning: {warning.message}", err=True)
+                echo(f"featx: warning: {warning.message}", err=True)
             else:  # other libraries' warnings (a head from another scikit-learn) go on as they came
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
     if as_json:
-        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+        echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
         rows = [("image", "prediction", f"top {top_k}", score)]
         for r in results:
             top = ", ".join(f"{c} {p:.3f}" for c, p in r.top_k) if not r.error else f"error: {r.error}"
             rows.append((r.path, r.prediction or "-", top, "" if r.unknown_score is None else f"{r.unknown_score:.3f}"))
-        click.echo(_table(rows))
+        echo(_table(rows))
     if csv_path:
-        with open(csv_path, "w", newline="") as handle:
+        with open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # names as bytes
             writer = csv.writer(handle)
             writer.writerow(["path", "prediction", "unknown_score", "error"] +
                             [f"{kind}_{i + 1}" for i in range(top_k) for kind in ("class", "probability")])
@@ -395,7 +410,7 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust)
                                  r.error] + flat)
     failed = sum(1 for r in results if r.error)
     if failed:
-        click.echo(f"featx: {failed} of {len(results)} images could not be read", err=True)
+        echo(f"featx: {failed} of {len(results)} images could not be read", err=True)
     if failed == len(results):
         raise FeatxError(f"none of the {len(results)} images could be read")
 
@@ -407,7 +422,7 @@ def report(run_dir):
     example and most confidently wrong images, fine-tune curves and provenance, all in one file."""
     from featx.report import write_report
 
-    click.echo(f"report: {write_report(run_dir)}")
+    echo(f"report: {write_report(run_dir)}")
 
 
 @main.command()
@@ -421,7 +436,7 @@ def advise(data_dir, backbone, weights, sample_per_class, seed):
     similarity to ImageNet (early-layer statistics gap, linear-probe accuracy), with the commands."""
     from featx.advisor import advise as run_advise
 
-    click.echo(run_advise(data_dir, backbone, sample_per_class=sample_per_class, seed=seed,
+    echo(run_advise(data_dir, backbone, sample_per_class=sample_per_class, seed=seed,
                           weights=weights).as_text())
 
 
@@ -440,18 +455,37 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     from featx.evaluate import compare
     from featx.extraction import ExtractConfig, extract as run_extract
     from featx.report import write_report
-    from featx.runs import save_run
+    from featx.runs import prepare_out, save_run
     from featx.sample import sample_path
 
+    prepare_out(out)
     result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
                                                      cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
-    click.echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
+    echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
     board = compare([result.path], heads)
     save_run(board, out)
-    click.echo("2/3 leaderboard (validation carved from train; test scored once):")
-    click.echo(board.to_markdown())
-    click.echo(f"3/3 report: {write_report(out)}")
-    click.echo(f"try: featx predict {out} {sample_path() / 'test' / 'NORMAL'}")
+    echo("2/3 leaderboard (validation carved from train; test scored once):")
+    echo(board.to_markdown())
+    echo(f"3/3 report: {write_report(out)}")
+    echo(f"try: featx predict {out} {sample_path() / 'test' / 'NORMAL'}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def doctor(path):
+    """Check PATH, an embedding file, a run folder or a fine-tuned checkpoint: checksums, every chunk, schema,
+    row counts, heads (loaded without running code), plots and calibration. Says what is wrong and what to
+    do; exits 1 when anything is."""
+    from featx.doctor import diagnose
+
+    found = diagnose(path)
+    for line in found.checked:
+        echo(f"ok: {line}")
+    for line in found.problems:
+        echo(f"problem: {line}")
+    echo(f"{path}: {'healthy' if found.healthy else f'{len(found.problems)} problems'} ({found.kind})")
+    if not found.healthy:
+        sys.exit(1)
 
 
 @main.command(name="list")
@@ -461,15 +495,15 @@ def list_registry(what):
     if what == "heads":
         from featx.heads import HEADS
 
-        click.echo(_table([("name", "what")] + [(h.name, h.description) for h in HEADS.values()]))
+        echo(_table([("name", "what")] + [(h.name, h.description) for h in HEADS.values()]))
         return
     rows = [("name", "dim", "input", "resize", "weights")]
     for name in BACKBONES:
         spec = get_backbone(name)
         source = f"pip {spec.offline_package[2]}" if spec.offline_package else f"torchvision {spec.weights}"
         rows.append((name, str(spec.dim), str(spec.input_size), str(spec.resize), source))
-    click.echo(_table(rows))
-    click.echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
+    echo(_table(rows))
+    echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:

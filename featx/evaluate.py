@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -113,19 +114,56 @@ def format_cell(value, seconds: bool = False) -> str:
     return "" if value is None else str(value)
 
 
+def _usable(emb: Embeddings, split: str):
+    """Features, labels and paths of ``split``'s labelled rows, refusing rows no head may see (NaN, inf)."""
+    X, y, paths = emb.features(split), emb.labels(split), emb.paths_of(split)
+    labelled = y >= 0
+    if not labelled.all():
+        log.warning("%s: %d %s rows have no label and are left out", emb.path.name, int((~labelled).sum()), split)
+        X, y, paths = X[labelled], y[labelled], paths[labelled]
+    broken = ~np.isfinite(X).all(axis=1)
+    if broken.any():
+        raise DataError(f"{emb.path}: {int(broken.sum())} {split} rows hold NaN or infinite features (e.g. "
+                        f"{paths[broken][0]}); re-extract with `featx extract … --force --precision fp32`")
+    return X, y, paths
+
+
+def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.ndarray]) -> None:
+    """A head needs two classes to learn, and every class it is scored on among its training rows."""
+    present = set(np.unique(y_train).tolist())
+    if len(present) < 2:
+        names = ", ".join(emb.classes[k] for k in sorted(present)) or "none"
+        raise DataError(f"{emb.path}: the training rows hold {len(present)} class ({names}); a head needs at least two")
+    for split, y in others.items():
+        unseen = sorted(set(np.unique(y).tolist()) - present)
+        if unseen:
+            raise DataError(f"{emb.path}: class {', '.join(emb.classes[k] for k in unseen)} has {split} rows but no "
+                            "training rows; a head cannot predict it")
+
+
 def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
     """train / val / test arrays; val is carved from train (stratified, seeded) when the file has none.
 
     Augmented copies in the file (``extract --augment``) join train, but only those of images
-    that stayed in train: a validation image's copies would leak it into training.
+    that stayed in train: a validation image's copies would leak it into training. Unlabelled rows
+    are left out; rows with NaN or infinite features, a single class, or a class scored but never
+    trained on are refused with what to do.
     """
     if "train" not in emb.split_names:
         raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
-    X_train, y_train, train_paths = emb.features("train"), emb.labels("train"), emb.paths_of("train")
-    if "val" in emb.split_names:
-        X_val, y_val, val_source = emb.features("val"), emb.labels("val"), "val split of the file"
+    X_train, y_train, train_paths = _usable(emb, "train")
+    held_out = {split: _usable(emb, split) for split in ("val", "test") if split in emb.split_names}
+    _check_classes(emb, y_train, {split: y for split, (_, y, _) in held_out.items()})
+    if "val" in held_out:
+        (X_val, y_val, _), val_source = held_out["val"], "val split of the file"
     else:
-        kept, carved = carve_validation(y_train, val_fraction, seed)
+        smallest = min(Counter(y_train.tolist()).values())
+        try:
+            kept, carved = carve_validation(y_train, val_fraction, seed)
+        except ValueError:  # scikit-learn's "least populated class" and "test_size" refusals
+            raise DataError(f"{emb.path}: {len(y_train)} training rows (the smallest class {smallest}) are too few "
+                            f"to carve a stratified {val_fraction:.0%} validation split; add images or give the "
+                            "data a val split") from None
         X_train, X_val, y_train, y_val = X_train[kept], X_train[carved], y_train[kept], y_train[carved]
         train_paths = train_paths[kept]
         val_source = f"{val_fraction:.0%} of train, stratified, seed {seed}"
@@ -133,8 +171,28 @@ def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: b
     if len(y_copies):
         X_train, y_train = np.concatenate([X_train, X_copies]), np.concatenate([y_train, y_copies])
         log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train_paths), len(y_copies))
-    test = (emb.features("test"), emb.labels("test")) if "test" in emb.split_names else (None, None)
+    test = held_out["test"][:2] if "test" in held_out else (None, None)
     return (X_train, y_train), (X_val, y_val), test, val_source
+
+
+def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
+    """Each embedding file once, and rows that can be told apart.
+
+    The same embeddings given twice (one cache key; a shell glob over copies) are compared once, with a
+    warning; different files of one backbone (another fit, layer or dataset) get their cache key in
+    the label, so their leaderboard rows do not look alike.
+    """
+    first: dict[str, Embeddings] = {}
+    for emb in files:
+        if emb.cache_key in first:
+            log.warning("%s: the same embeddings as %s (cache key %s); compared once", emb.path,
+                        first[emb.cache_key].path, emb.cache_key)
+        else:
+            first[emb.cache_key] = emb
+    kept = list(first.values())
+    labels = Counter(emb.label for emb in kept)
+    return [emb if labels[emb.label] == 1 else replace(emb, meta={**emb.meta, "label": f"{emb.label} [{emb.cache_key}]"})
+            for emb in kept]
 
 
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
@@ -148,14 +206,14 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     pipeline parameters fixed instead of tuned (``{"logreg": {"clf__class_weight": None}}``).
     """
     check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by)
-    files = [e if isinstance(e, Embeddings) else load_embeddings(e) for e in embeddings]
+    names = resolve_heads(heads)
+    files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e) for e in embeddings])
     if not files:
         raise ConfigError("compare needs at least one embedding file")
     if concat:
         if len(files) < 2:
             raise ConfigError("--concat needs at least two embedding files")
         files.append(concat_embeddings(files))
-    names = resolve_heads(heads)
     rows, results, splits = [], [], {}
     for emb in files:
         if cv and emb.n_copies:

@@ -32,8 +32,10 @@ def load_state_dict(path: Path) -> dict:
     """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
+    except Exception as err:  # weights_only refusals quote the whole pickle: keep the first line
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {first}); featx loads only "
+                        "state dicts of tensors, never pickled code") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

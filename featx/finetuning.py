@@ -30,7 +30,7 @@ from featx.augment import augmentation
 from featx.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
 from featx.checkpoints import load_resume_state, save_checkpoint, save_resume_state
 from featx.datasets import ImageDataset, carve_validation, scan_dataset
-from featx.errors import DataError
+from featx.errors import ConfigError, DataError
 from featx.feature_model import autocast, build_feature_model, resolve_device, resolve_precision, to_tensor
 from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image, open_rgb
@@ -70,6 +70,8 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_fields(self, "finetune")
+        if self.epochs == 0 and (self.head_epochs == 0 or self.unfreeze == "0"):
+            raise ConfigError("nothing to train: epochs is 0 (and head_epochs is 0, or only the head trains)")
 
 
 @dataclass
@@ -128,6 +130,8 @@ def train_val_samples(dataset: ImageDataset, val_fraction: float, seed: int):
     val = [s for s in dataset.samples if s.split == "val" and s.label >= 0]
     if not train:
         raise DataError(f"{dataset.root}: no labelled training images")
+    if len({s.label for s in train}) < 2:
+        raise DataError(f"{dataset.root}: the training images hold one class; fine-tuning needs at least two")
     if not val:
         kept, carved = carve_validation([s.label for s in train], val_fraction, seed)
         train, val = [train[i] for i in kept], [train[i] for i in carved]

@@ -7,10 +7,14 @@ accept a stated share (default 95 %) of in-distribution validation images. No to
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from featx.errors import DataError
+from featx.vocab import OPEN_SET_SCORES
 
 DEFAULT_SCORE = "knn"
 REFERENCE_ROWS = 2000  # training rows kept for the kNN distance; enough for a stable 5-NN estimate
@@ -62,9 +66,15 @@ class OpenSet:
 
     @classmethod
     def load(cls, folder: Path) -> "OpenSet | None":
-        """The calibration saved in ``folder``, or None where there is none."""
+        """The calibration saved in ``folder``, or None where there is none; damage is one line."""
         if not (folder / "open_set.npz").exists():
             return None
-        arrays = np.load(folder / "open_set.npz")
-        info = json.loads((folder / "open_set.json").read_text())
-        return cls(arrays["centroids"], arrays["reference"].astype(np.float32), info["thresholds"], info["coverage"])
+        try:
+            with np.load(folder / "open_set.npz", allow_pickle=False) as arrays:
+                centroids, reference = arrays["centroids"], arrays["reference"].astype(np.float32)
+            info = json.loads((folder / "open_set.json").read_text())
+            thresholds = {name: float(info["thresholds"][name]) for name in OPEN_SET_SCORES}
+            return cls(centroids, reference, thresholds, float(info["coverage"]))
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+            raise DataError(f"{folder}: damaged open-set calibration ({type(err).__name__}: {str(err)[:100]}); "
+                            "re-run `featx compare --out`") from None

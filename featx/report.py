@@ -92,6 +92,10 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     """One self-contained HTML file (every image embedded) for a ``featx compare`` run folder."""
     loaded = load_run(run_dir)
     run_dir, run, rows = loaded.folder, loaded.info, loaded.rows
+    missing = [name for name in run.get("plots", []) if not (run_dir / name).exists()]
+    if missing:
+        raise DataError(f"{run_dir}: {len(missing)} plots of this run are missing (e.g. {missing[0]}); re-run "
+                        "`featx compare --out` to make them again")
     inputs = {Path(i["path"]).name: i for i in run["inputs"]}
 
     heads = []

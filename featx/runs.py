@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ LEGACY_HEAD_FILE = "head.joblib"  # run folders of featx before 0.2: a pickle, l
 SPLITS = ("val", "test")
 FINETUNE_FILES = {"history_csv": "history.csv", "history_plot": "history.png", "lr_find_plot": "lr_find.png",
                   "lr_find_json": "lr_find.json"}
+OWNED = ("run.json", "leaderboard.csv", "leaderboard.md", "leaderboard.json", "report.html", "heads", "predictions",
+         "plots", "best")  # what a run folder holds of featx's: replaced whole when the folder is reused
 VERSIONED = {"numpy": "numpy", "scikit-learn": "sklearn", "lightgbm": "lightgbm", "h5py": "h5py", "joblib": "joblib"}
 
 
@@ -91,10 +94,36 @@ def finetune_plots(checkpoint: str | Path) -> list[Path]:
 
 # --- saving -----------------------------------------------------------------------------------------------
 
-def save_run(board: Leaderboard, out: str | Path) -> Path:
-    """Write ``board`` as the run folder ``out``; each row records where its head was saved (``model``)."""
+def prepare_out(out: str | Path) -> Path:
+    """Check that ``out`` can take a run, before any work is done: a new folder, or an earlier run's.
+
+    A file, a folder of something else, or a folder featx cannot write to is refused in one line.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+        raise DataError(f"{out}: not empty and not a featx run folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise DataError(f"{out}: cannot write a run here ({err.strerror}); choose another --out") from None
+    return out
+
+
+def save_run(board: Leaderboard, out: str | Path) -> Path:
+    """Write ``board`` as the run folder ``out``; each row records where its head was saved (``model``).
+
+    An earlier run in ``out`` is replaced whole, so no head or plot of it is left beside the new ones.
+    """
+    out = prepare_out(out)
+    for name in OWNED:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
     for result in board.results:
         row = result.row
         saved = save_head(head_path(out, row["file"], row["head"]), result.fitted, result.embeddings,
@@ -212,5 +241,18 @@ def load_run(path: str | Path) -> Run:
     if not (folder / RUN_FILE).exists():
         raise DataError(f"{folder}: no {RUN_FILE}; point at a folder written by `featx compare --out` or "
                         "`featx train --out`")
-    return Run(folder, json.loads((folder / RUN_FILE).read_text()),
-               json.loads((folder / "leaderboard.json").read_text()))
+    info, rows = (read_json(folder / name, "re-run `featx compare --out`") for name in (RUN_FILE, "leaderboard.json"))
+    if not isinstance(info, dict) or not isinstance(rows, list) or not rows:
+        raise DataError(f"{folder}: {RUN_FILE} or leaderboard.json does not hold a featx run; re-run "
+                        "`featx compare --out`")
+    return Run(folder, info, rows)
+
+
+def read_json(path: Path, remedy: str):
+    """A JSON file of a run folder, or one line naming it, what is wrong, and ``remedy``."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {remedy}") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable JSON ({err}); {remedy}") from None

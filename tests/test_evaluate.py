@@ -96,9 +96,22 @@ def test_cli_train_and_compare(tmp_path):
     compared = runner.invoke(main, ["compare", str(FIXTURE), str(FIXTURE), "--heads", "knn,logreg", "--cv", "3",
                                     "--sort-by", "roc_auc"])
     assert compared.exit_code == 0, compared.output
-    assert compared.output.count("| efficientnet_lite0 |") == 4
+    assert compared.output.count("| efficientnet_lite0 |") == 2  # the same file twice is compared once
     bad = runner.invoke(main, ["compare", str(FIXTURE), "--heads", "svn"])
     assert bad.exit_code == 2 and "unknown head 'svn'; did you mean svm" in bad.output
+
+
+def copy_as(tmp_path, label: str, key: str) -> Path:
+    """The fixture under another backbone label and cache key: a second file of the same images."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / f"{label}.h5"
+    shutil.copy(FIXTURE, path)
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["label"], handle.attrs["cache_key"] = label, key
+    return path
 
 
 def test_concatenated_backbones_are_one_more_row(tmp_path):
@@ -106,11 +119,12 @@ def test_concatenated_backbones_are_one_more_row(tmp_path):
     from featx.store import concat_embeddings
 
     emb = load_embeddings(FIXTURE)
-    both = concat_embeddings([emb, emb])
-    assert both.features("train").shape == (200, 2560) and both.label == "efficientnet_lite0+efficientnet_lite0"
-    board = compare([FIXTURE, FIXTURE], ["logreg"], concat=True)
+    other_path = copy_as(tmp_path, "other", "0123456789")
+    both = concat_embeddings([emb, load_embeddings(other_path)])
+    assert both.features("train").shape == (200, 2560) and both.label == "efficientnet_lite0+other"
+    board = compare([FIXTURE, other_path], ["logreg"], concat=True)
     save_run(board, tmp_path / "run")
-    assert sorted(r["backbone"] for r in board.rows)[-1] == "efficientnet_lite0+efficientnet_lite0"
+    assert {r["backbone"] for r in board.rows} == {"efficientnet_lite0", "other", "efficientnet_lite0+other"}
     assert len(board.rows) == 3
     other = load_embeddings(FIXTURE)
     other.paths = other.paths[::-1].copy()
