@@ -61,6 +61,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
       featx report runs/xray                    # runs/xray/report.html
       featx predict runs/xray new_images/       # top-3 classes, or unknown
       featx finetune data/chest_xray --unfreeze 2 --out runs/ft
+      featx doctor runs/xray                    # is everything sound? what to do if not
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)
