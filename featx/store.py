@@ -171,17 +171,7 @@ class EmbeddingWriter:
         encoded = [os.fsencode(p) for p in paths]
         check_space(self.partial.parent, self.n_rows * self.row_bytes + sum(map(len, encoded)) * 2)
         handle = h5py.File(self.partial, "w")
-        chunk_rows = max(1, min(self.n_rows, CHUNK_ROWS))
-        handle.create_dataset(
-            "features", shape=(self.n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim),
-            compression="gzip", compression_opts=1, shuffle=True, fletcher32=True,
-        )
-        handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32), chunks=(chunk_rows,), fletcher32=True)
-        handle.create_dataset("paths", data=encoded, dtype=_STR)
-        handle.create_dataset("split", data=list(splits), dtype=_STR)
-        handle.create_dataset("ok", shape=(self.n_rows,), dtype=bool, fillvalue=False, chunks=(chunk_rows,),
-                              fletcher32=True)
-        handle.create_dataset("errors", shape=(self.n_rows,), dtype=_STR, fillvalue="")
+        create_columns(handle, self.n_rows, dim, dtype, encoded, labels, splits)
         handle.attrs.update({k: _attr_value(v) for k, v in attrs.items()})
         handle.attrs["schema"] = SCHEMA
         handle.attrs["dtype"] = dtype
@@ -237,6 +227,18 @@ class EmbeddingWriter:
             log.debug("%s: close failed (%s)", self.partial, err)
 
 
+def create_columns(handle: h5py.File, n_rows: int, dim: int, dtype: str, paths, labels, splits) -> None:
+    """The six columns of a ``featx.embeddings/1`` file: features, ok and errors to fill, the rest given."""
+    chunk_rows = max(1, min(n_rows, CHUNK_ROWS))
+    handle.create_dataset("features", shape=(n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim),
+                          compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
+    handle.create_dataset("labels", data=np.asarray(labels, dtype=np.int32), chunks=(chunk_rows,), fletcher32=True)
+    handle.create_dataset("paths", data=list(paths), dtype=_STR)
+    handle.create_dataset("split", data=list(splits), dtype=_STR)
+    handle.create_dataset("ok", shape=(n_rows,), dtype=bool, fillvalue=False, chunks=(chunk_rows,), fletcher32=True)
+    handle.create_dataset("errors", shape=(n_rows,), dtype=_STR, fillvalue="")
+
+
 def _rows_digest(handle: h5py.File, start: int, stop: int) -> str:
     """SHA-256 of rows ``start:stop`` as written: features, ok and errors."""
     digest = hashlib.sha256(handle["features"][start:stop].tobytes())
@@ -262,6 +264,15 @@ def verified_rows(handle: h5py.File) -> int:
     if last and last[1] == done and _rows_digest(handle, last[0], last[1]) != last[2]:
         return last[0] - last[0] % CHUNK_ROWS
     return done
+
+
+def read_failures(path: Path) -> list[tuple[int, str, str]]:
+    """(row, path, reason) of every unreadable image in a file, without reading its features."""
+    with h5py.File(path, "r", locking=False) as handle:
+        rows = np.flatnonzero(~handle["ok"][()])
+        paths = handle["paths"].asstr(errors="surrogateescape")[()]
+        errors = handle["errors"].asstr()[()]
+    return [(int(i), paths[i], errors[i]) for i in rows]
 
 
 def column_checksums(handle: h5py.File) -> dict[str, str]:
@@ -541,3 +552,90 @@ def _resumes_at(partial: Path) -> int:
             return verified_rows(handle)
     except (OSError, KeyError):
         return 0
+
+
+# --- sharded files: one virtual file over the shards, and back to one contiguous file ----------------------
+
+def publish_shards(path: Path, shards: list[Path], n_rows: int, summary: list[dict]) -> Path:
+    """``path`` as a ``featx.embeddings/1`` file whose columns are virtual datasets over ``shards``.
+
+    The shards must be complete and their row ranges tile ``0..n_rows`` exactly: a gap would read as
+    fill values without a word, so a missing, extra or overlapping shard is refused, naming it.
+    Source paths are relative, so the file and its ``.shards`` folder move together.
+    """
+    metas = {shard: read_meta(shard) for shard in shards}
+    unfinished = [shard.name for shard, meta in metas.items() if not meta["complete"]]
+    if unfinished:
+        raise DataError(f"{path}: shards not finished: {', '.join(unfinished)}; run the same command again")
+    ranges = sorted((tuple(meta["shard_rows"]), shard) for shard, meta in metas.items())
+    expected = 0
+    for (start, stop), shard in ranges:
+        if start != expected:
+            what = "missing" if start > expected else "overlapping"
+            raise DataError(f"{path}: cannot publish: rows {min(start, expected)}-{max(start, expected)} are {what} "
+                            f"before {shard.name}; re-run the extraction to make the missing shards")
+        expected = stop
+    if expected != n_rows:
+        raise DataError(f"{path}: cannot publish: the shards end at row {expected}, not {n_rows}; re-run the "
+                        "extraction to make the missing shards")
+    first = metas[ranges[0][1]]
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    with h5py.File(partial, "w") as handle:
+        for name in DATASETS:
+            with h5py.File(ranges[0][1], "r", locking=False) as sample:
+                dtype, tail = sample[name].dtype, sample[name].shape[1:]
+            layout = h5py.VirtualLayout(shape=(n_rows, *tail), dtype=dtype)
+            for (start, stop), shard in ranges:
+                source = os.path.relpath(shard, path.parent)
+                layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *tail), dtype=dtype)
+            handle.create_virtual_dataset(name, layout)
+        attrs = {k: v for k, v in first.items() if k not in ("shard_rows", "n_rows", "dim", "last_batch", "checksums",
+                                                            "extract_seconds", "failed")}
+        handle.attrs.update({k: _attr_value(v) for k, v in attrs.items()})
+        handle.attrs["cache_key"] = first["cache_key"].split("[")[0]  # a shard's key carries its rows
+        handle.attrs["shards"] = json.dumps(summary)
+        handle.attrs["failed"] = sum(int(meta.get("failed", 0)) for meta in metas.values())
+        handle.attrs["rows_done"] = n_rows
+    # HDF5 opens a virtual dataset's sources in the mode of the file read through: read-only, or every shard
+    # would be opened for writing (and touched) just to checksum it.
+    with h5py.File(partial, "r", locking=False) as handle:
+        checksums = column_checksums(handle)
+    with h5py.File(partial, "r+") as handle:
+        handle.attrs["checksums"] = json.dumps(checksums)
+        handle.attrs["complete"] = True
+    os.replace(partial, path)
+    return path
+
+
+def consolidate(path: str | Path) -> Path:
+    """Copy a published virtual file into one contiguous file at the same path, then remove its shards.
+
+    Worth it for many shards: opening a virtual file opens every shard (see scripts/bench_cluster.py).
+    """
+    path = Path(path)
+    meta = check_intact(path)
+    with h5py.File(path, "r", locking=False) as source:
+        if not source["features"].is_virtual:
+            raise DataError(f"{path}: already one contiguous file")
+        shard_files = {os.path.normpath(path.parent / s[1]) for s in source["features"].virtual_sources()}
+        n_rows, dim = source["features"].shape
+        check_space(path.parent, n_rows * dim * source["features"].dtype.itemsize * 2)
+        merged = path.with_name(path.name + ".consolidating")
+        with h5py.File(merged, "w") as target:
+            create_columns(target, n_rows, dim, source["features"].dtype.name, source["paths"][()],
+                           source["labels"][()], source["split"][()])
+            for start in range(0, n_rows, CHUNK_ROWS * 16):
+                stop = min(start + CHUNK_ROWS * 16, n_rows)
+                target["features"][start:stop] = source["features"][start:stop]
+            target["ok"][:] = source["ok"][()]
+            target["errors"][:] = source["errors"][()]
+            target.attrs.update({k: v for k, v in source.attrs.items() if k != "checksums"})
+            target.attrs["checksums"] = json.dumps(column_checksums(target))
+    os.replace(merged, path)
+    for shard in shard_files:
+        Path(shard).unlink(missing_ok=True)
+    folder = Path(next(iter(shard_files))).parent if shard_files else None
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    log.info("consolidated %s (%d rows from %d shards)", path, meta["n_rows"], len(shard_files))
+    return path

@@ -103,6 +103,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "max_pixels": Interval(int, 1),
     "batch_size": Interval(int, 1),
     "workers": Maybe(Interval(int, 0)),
+    "shard_rows": Maybe(Interval(int, 1)),
     # fine-tuning
     "unfreeze": OneOf(UNFREEZE),
     "bn": OneOf(BN_MODES),

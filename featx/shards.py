@@ -1,0 +1,180 @@
+"""Extraction spread over a Dask cluster as shards: fixed row ranges, one task each, one published file.
+
+Each shard is written like a whole file (``.partial``, checksummed batches, atomic rename) into
+``<backbone>-<key>.shards/NNNNN.h5`` and resumes from its own ``rows_done``; finished shards are
+skipped on a re-run, so after any failure only the missing work is done. Tasks get explicit row
+ranges (no padding, no duplicates) and Dask's retries; a shard that keeps failing is reported with
+its rows while the others finish. The workers must see the dataset and the cache at the same paths
+(a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from featx.cluster import connect, describe
+from featx.errors import DataError, FeatxError
+from featx.extraction import (ExtractConfig, ExtractResult, LoadedModel, Plan, cached_result, embed_rows, load_model,
+                              plan_extraction)
+from featx.store import CacheLock, check_intact, publish_shards, read_failures, read_meta
+
+log = logging.getLogger(__name__)
+SHARD_SECONDS = 60  # a shard is about a minute of one worker's work: small enough to lose, large enough to pay off
+ASSUMED_SPEED = {"cpu": 50, "cuda": 2000}  # images per second of one worker, for sizing shards before measuring
+RETRIES = 2
+
+
+def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges tiling ``0..n_rows``: each row in exactly one shard."""
+    return [(start, min(start + shard_rows, n_rows)) for start in range(0, n_rows, shard_rows)]
+
+
+def default_shard_rows(plan: Plan) -> int:
+    return SHARD_SECONDS * ASSUMED_SPEED["cuda" if plan.config.device.startswith("cuda") else "cpu"]
+
+
+def shard_folder(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".h5") + ".shards")
+
+
+def shard_key(plan: Plan, start: int, stop: int) -> str:
+    """A shard's cache key carries its rows, so a shard of another plan is never taken for it."""
+    return f"{plan.key}[{start}:{stop}]"
+
+
+_MODELS: dict[str, LoadedModel] = {}  # in a worker process: the model of the extraction it is working on
+
+
+def run_shard(plan: Plan, index: int, path: Path) -> dict:
+    """One task: embed the plan's rows into the shard ``path`` (resuming it); what a summary needs.
+
+    A worker keeps the model of the last extraction it ran, so its next shards do not build it again.
+    """
+    start, stop = plan.first_row, plan.n_rows
+    began = time.perf_counter()
+    if plan.key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[plan.key] = load_model(plan)
+    result = embed_rows(plan, start, stop, path, extra_attrs={"shard_rows": [start, stop],
+                                                               "cache_key": shard_key(plan, start, stop)},
+                        loaded=_MODELS[plan.key])
+    seconds = time.perf_counter() - began
+    return {"index": index, "file": path.name, "rows": [start, stop], "seconds": round(seconds, 2),
+            "images_per_second": round((stop - start - result.resumed_from) / max(seconds, 1e-9), 1),
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "failed": result.failed}
+
+
+def _finished(path: Path, key: str) -> dict | None:
+    """The attributes of a finished shard made for ``key``, if it exists and verifies; None to (re)do it."""
+    if not path.exists():
+        return None
+    try:
+        meta = read_meta(path)
+        if meta.get("cache_key") != key or not meta["complete"]:
+            return None
+        check_intact(path)
+    except DataError as err:
+        log.warning("%s: %s; making it again", path.name, err)
+        path.unlink()
+        return None
+    return meta
+
+
+def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows: int | None = None,
+                       split: str | None = None, seed: int = 0, split_from=None, progress: bool = True,
+                       force: bool = False) -> ExtractResult:
+    """``featx.extract`` as shards on the Dask cluster at ``address``; returns the published file's result."""
+    began = time.perf_counter()
+    plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from, device_here=False)
+    cached = None if force else cached_result(plan.path, plan.key)
+    if cached:
+        return cached
+    folder = shard_folder(plan.path)
+    ranges = shard_ranges(plan.n_rows, shard_rows or default_shard_rows(plan))
+    paths = [folder / f"{index:05d}.h5" for index in range(len(ranges))]
+    with CacheLock(plan.path):
+        if force:
+            plan.path.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in set(folder.glob("*.h5*")) - set(paths) - {p.with_name(p.name + ".partial") for p in paths}:
+            stale.unlink()  # shards of an earlier plan of this key (another --shard-rows)
+        done = {index: _finished(path, shard_key(plan, *ranges[index])) for index, path in enumerate(paths)}
+        summary = {index: _summary_of(plan, index, paths[index], meta) for index, meta in done.items() if meta}
+        todo = [index for index in range(len(ranges)) if not done[index]]
+        rows_before = sum(ranges[i][1] - ranges[i][0] for i in summary)
+        log.info("%s: %d shards of up to %d rows; %d finished already, %d to do", plan.path.name, len(ranges),
+                 ranges[0][1] - ranges[0][0], len(summary), len(todo))
+        failures, failed_images = [], [img for s in summary.values() for img in s.pop("failed_images")]
+        if todo:
+            with connect(address) as client:
+                log.info(describe(client))
+                results = _submit(client, plan, ranges, paths, todo, progress, rows_before)
+            for index, outcome in results.items():
+                if isinstance(outcome, BaseException):
+                    failures.append((index, outcome))
+                else:
+                    failed_images += outcome.pop("failed")
+                    summary[index] = outcome
+        if failures:
+            index, err = failures[0]
+            start, stop = ranges[index]
+            raise FeatxError(f"{len(failures)} of {len(ranges)} shards failed after {RETRIES + 1} attempts, e.g. "
+                             f"{paths[index].name} (rows {start}-{stop}): {type(err).__name__}: {str(err)[:200]}; "
+                             f"the {len(ranges) - len(failures)} others are kept: run the same command again to do "
+                             "only the missing ones")
+        publish_shards(plan.path, paths, plan.n_rows, [summary[i] for i in sorted(summary)])
+    return ExtractResult(path=plan.path, cached=False, rows=plan.n_rows, label=plan.source.label,
+                         resumed_from=rows_before, seconds=time.perf_counter() - began, failed=failed_images)
+
+
+def _summary_of(plan: Plan, index: int, path: Path, meta: dict) -> dict:
+    """The summary of a shard finished by an earlier run, from its own attributes and failures."""
+    start, stop = meta["shard_rows"]
+    seconds = float(meta.get("extract_seconds", 0.0))
+    failed = [(name, why) for row, name, why in read_failures(path) if start + row < plan.n_images]
+    return {"index": index, "file": path.name, "rows": [start, stop], "seconds": seconds,
+            "images_per_second": round((stop - start) / seconds, 1) if seconds else 0.0,
+            "worker": "an earlier run", "failed_images": failed}
+
+
+def _submit(client, plan: Plan, ranges, paths, todo: list[int], progress: bool, rows_before: int) -> dict:
+    """One task per shard to do, each asking for a GPU when the plan runs on CUDA; outcome (or error) per shard."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    gpu = {"GPU": 1} if plan.config.device.startswith("cuda") else None
+    futures = {
+        client.submit(run_shard, plan.part(*ranges[index]), index, paths[index], key=f"featx-shard-{plan.key}-{index}",
+                      retries=RETRIES, resources=gpu, pure=False): index
+        for index in todo
+    }
+    outcomes: dict = {}
+    with tqdm(total=plan.n_rows, initial=rows_before, unit="img", desc=plan.source.label, disable=not progress,
+              dynamic_ncols=True) as bar:
+        pending = as_completed(futures, with_results=False)
+        while len(outcomes) < len(futures):
+            for future in pending.next_batch(block=False) if pending.has_ready() else []:
+                index = futures[future]
+                try:
+                    outcomes[index] = future.result()
+                except Exception as err:  # a shard that kept failing: reported, the others go on
+                    outcomes[index] = err
+            bar.n = rows_before + sum(_rows_written(paths[i], ranges[i]) for i in todo)
+            bar.refresh()
+            time.sleep(0.2 if len(outcomes) < len(futures) else 0)
+    return outcomes
+
+
+def _rows_written(path: Path, rows: tuple[int, int]) -> int:
+    """How far a shard has got, read from its file (the workers share the filesystem)."""
+    if path.exists():
+        return rows[1] - rows[0]
+    partial = path.with_name(path.name + ".partial")
+    try:
+        return int(read_meta(partial)["rows_done"])
+    except (DataError, KeyError, OSError):
+        return 0

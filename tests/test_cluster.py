@@ -1,0 +1,166 @@
+"""Sharded extraction and parallel heads on Dask distributed: a LocalCluster of 2 single-threaded worker processes on
+loopback, a tiny random-weight backbone, generated images."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")  # the cluster extra; CI installs it with the test extra
+
+from featx.errors import DataError  # noqa: E402
+from featx.extraction import ExtractConfig, extract  # noqa: E402
+from featx.shards import extract_on_cluster, shard_folder  # noqa: E402
+from featx.store import consolidate, load_embeddings, publish_shards  # noqa: E402
+from tests.conftest import make_class_folders  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
+
+
+class Sabotage(distributed.WorkerPlugin):
+    """Test-only: kills a worker process the first time it starts a chosen shard, or slows every shard down."""
+
+    def __init__(self, marker: str, kill_shard: int | None = None, delay: float = 0.0):
+        self.marker, self.kill_shard, self.delay = marker, kill_shard, delay
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing" or not str(key).startswith("featx-shard-"):
+            return
+        if self.delay:
+            time.sleep(self.delay)
+        if self.kill_shard is not None and str(key).endswith(f"-{self.kill_shard}") and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)  # as hard as a worker dies: no cleanup, the nanny restarts it
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        yield local.scheduler_address, client
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_class_folders(tmp_path_factory.mktemp("shards") / "colours", per_class=16,
+                              splits=("train", "val", "test"))
+    (root / "train" / "red" / "empty.jpg").write_bytes(b"")  # unreadable rows must shard the same way
+    return root
+
+
+@pytest.fixture(scope="module")
+def sequential(data, tmp_path_factory):
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=8, augment=1, aug="xray",
+                           cache_dir=str(tmp_path_factory.mktemp("seq")))
+    return config, load_embeddings(extract(data, config, progress=False).path)
+
+
+def same_rows(a, b) -> None:
+    for column in ("paths", "splits", "ok", "errors"):
+        assert getattr(a, column).tolist() == getattr(b, column).tolist(), column
+    np.testing.assert_array_equal(a._labels, b._labels)
+    np.testing.assert_allclose(a._features, b._features, rtol=1e-3, atol=1e-3)  # float16 storage
+
+
+def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
+    address, _ = cluster
+    config, whole = sequential
+    result = extract_on_cluster(data, replace(config, cache_dir=str(tmp_path)), address, shard_rows=50,
+                                progress=False)
+    sharded = load_embeddings(result.path)
+    assert len(list(shard_folder(result.path).glob("*.h5"))) == 4  # 194 rows: 145 images, a copy of each of 49
+    assert sharded.meta["cache_key"] == whole.meta["cache_key"] and len(sharded.meta["shards"]) == 4
+    same_rows(sharded, whole)
+    assert [p for p, _ in result.failed] == ["train/red/empty.jpg"]
+    again = extract_on_cluster(data, replace(config, cache_dir=str(tmp_path)), address, shard_rows=50, progress=False)
+    assert again.cached
+
+
+def test_a_worker_that_dies_mid_shard_loses_no_row(cluster, data, sequential, tmp_path):
+    address, client = cluster
+    client.register_plugin(Sabotage(str(tmp_path / "killed"), kill_shard=1), name="sabotage")
+    try:
+        result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, shard_rows=50,
+                                    progress=False)
+    finally:
+        client.unregister_worker_plugin("sabotage")
+    assert (tmp_path / "killed").exists()  # the worker really died once
+    same_rows(load_embeddings(result.path), sequential[1])
+
+
+CLIENT = """
+import sys
+from featx.extraction import ExtractConfig
+from featx.shards import extract_on_cluster
+config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=8, augment=1, aug="xray",
+                       cache_dir=sys.argv[3])
+if __name__ == "__main__":
+    extract_on_cluster(sys.argv[1], config, sys.argv[2], shard_rows=25, progress=False)
+"""
+
+
+def test_a_killed_client_is_resumed_by_doing_only_the_missing_shards(cluster, data, sequential, tmp_path):
+    address, client = cluster
+    client.register_plugin(Sabotage(str(tmp_path / "unused"), delay=0.8), name="slow")  # slow shards: time to kill
+    try:
+        child = subprocess.Popen([sys.executable, "-c", CLIENT, str(data), address, str(tmp_path)])
+        folder = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            folder = next(tmp_path.rglob("*.shards"), None)
+            if folder and len(list(folder.glob("*.h5"))) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        client.unregister_worker_plugin("slow")
+    time.sleep(1.5)  # shards the scheduler had already started may still land
+    finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
+    assert 2 <= len(finished) < 8
+    result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, shard_rows=25,
+                                progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5") if p.name in finished} == finished
+    assert result.resumed_from >= 25 * (len(finished) - 1)
+    same_rows(load_embeddings(result.path), sequential[1])
+
+
+def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(cluster, data, sequential, tmp_path):
+    address, _ = cluster
+    result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, shard_rows=50,
+                                progress=False)
+    shards = sorted(shard_folder(result.path).glob("*.h5"))
+    with pytest.raises(DataError, match=r"rows 50-100 are missing before 00002.h5"):
+        publish_shards(tmp_path / "other.h5", [shards[0], *shards[2:]], 194, [])
+    with pytest.raises(DataError, match="the shards end at row 150, not 194"):
+        publish_shards(tmp_path / "other.h5", shards[:3], 194, [])
+    virtual = load_embeddings(result.path)
+    consolidate(result.path)
+    merged = load_embeddings(result.path)
+    assert not shard_folder(result.path).exists()
+    same_rows(merged, virtual)
+    np.testing.assert_array_equal(merged._features, virtual._features)
+
+
+def test_the_cli_extracts_on_a_cluster_and_info_shows_the_shards(cluster, data, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    address, _ = cluster
+    args = ["extract", str(data), "--backbone", "resnet18", "--weights", "none", "--image-size", "48",
+            "--out", str(tmp_path), "--cluster", address, "--shard-rows", "50"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    published = next(tmp_path.rglob("*.h5"))
+    shown = CliRunner().invoke(main, ["info", str(published)])
+    assert "3 shards (a virtual file over" in shown.output and "00002.h5  100-145" in shown.output
+    refused = CliRunner().invoke(main, ["extract", str(data), "--shard-rows", "10"])
+    assert refused.exit_code == 2 and "--shard-rows needs --cluster" in refused.output
