@@ -39,10 +39,10 @@ setup(
     extras_require={
         # Dask distributed spreads extraction (shards) and the head comparison over many processes and machines;
         # LightGBM's Dask interface trains the lightgbm head on data larger than one machine's memory.
-        "cluster": ["dask[array,distributed]>=2024.1"],
+        "cluster": ["dask[array,distributed]>=2024.1", "pandas>=1.5"],  # pandas: lightgbm.dask needs it
         # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
         # tests run on a LocalCluster.
-        "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1", "pandas>=1.5"],
     },
     entry_points={"console_scripts": ["featx=featx.cli:main"]},
 )

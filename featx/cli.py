@@ -250,19 +250,27 @@ def _head_options(command):
         options.val_fraction,
         options.option("sort_by", default="balanced_accuracy", show_default=True,
                        help="Validation metric that ranks the leaderboard."),
+        options.option("max_train_rows", metavar="N",
+                       help="Train on a stratified, seeded sample of N training rows (recorded in run.json)."),
+        options.cluster,
+        click.option("--out-of-core", is_flag=True,
+                     help="With --cluster: train the lightgbm head over the file on the workers, for training rows "
+                          "that do not fit in this machine's memory."),
     ]):
         command = option(command)
     return command
 
 
-def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, concat=False):
+def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster, out_of_core,
+                 concat=False):
     from featx.evaluate import compare
     from featx.runs import prepare_out, save_run
 
     if out:
         prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
     board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
-                    sort_by=sort_by, concat=concat)
+                    sort_by=sort_by, concat=concat, max_train_rows=max_train_rows, cluster=cluster,
+                    out_of_core=out_of_core)
     if out:
         save_run(board, out)
     echo(board.to_markdown())
@@ -278,13 +286,14 @@ def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, 
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options.heads("--head", "logreg")
 @_head_options
-def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
+def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster, out_of_core):
     """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
 
     Hyper-parameters are chosen on the validation split (carved from train when the file has
     none) or by --cv; the test split is scored once, at the end.
     """
-    _run_compare([embeddings], heads, out, cv, seed, threshold, val_fraction, sort_by)
+    _run_compare([embeddings], heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
+                 out_of_core)
 
 
 @main.command(name="compare")
@@ -293,10 +302,12 @@ def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by):
 @_head_options
 @click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
                                              "of the same images) as one more input.")
-def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, concat):
+def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
+                    out_of_core, concat):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
-    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, concat)
+    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
+                 out_of_core, concat)
 
 
 @main.command()

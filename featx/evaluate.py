@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
+from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
 from featx.errors import ConfigError, DataError
 from featx.heads import FittedHead, fit_head, resolve_heads
@@ -195,61 +198,164 @@ def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
             for emb in kept]
 
 
+def subsample_train(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Indices of a stratified, seeded sample of ``max_rows`` training rows (every class keeps its share)."""
+    if max_rows >= len(y):
+        return np.arange(len(y))
+    kept, _ = train_test_split(np.arange(len(y)), train_size=max_rows, random_state=seed, stratify=y)
+    return np.sort(kept)
+
+
+def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params, threshold):
+    """One head on one file: tune and fit, then the validation and test probabilities (a task on a cluster)."""
+    fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed, params=params)
+    p_val = fitted.pipeline.predict_proba(X_val)
+    chosen = choose_threshold(y_val, p_val[:, 1], threshold) if threshold and p_val.shape[1] == 2 else None
+    p_test, predict_s = None, None
+    if X_test is not None:
+        began = time.perf_counter()
+        p_test = fitted.pipeline.predict_proba(X_test)
+        predict_s = round(time.perf_counter() - began, 3)
+    return fitted, p_val, chosen, p_test, predict_s
+
+
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
             cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
-            sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None) -> Leaderboard:
+            sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
+            max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False) -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
     scored once per head, at the end. ``concat`` adds the files' features side by side as one
     more input (several backbones of the same images). ``head_params`` maps a head name to
     pipeline parameters fixed instead of tuned (``{"logreg": {"clf__class_weight": None}}``).
+    ``max_train_rows`` trains on a stratified, seeded sample of the training rows. ``cluster`` (a
+    Dask address) fits the file × head grid as parallel tasks; the leaderboard is the same.
+    ``out_of_core`` trains the lightgbm head on the cluster over the file itself, for training rows
+    that do not fit in this machine's memory (``featx.outofcore``).
     """
-    check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by)
+    check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by,
+          max_train_rows=max_train_rows)
     names = resolve_heads(heads)
-    files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e) for e in embeddings])
+    files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e, lazy=out_of_core)
+                             for e in embeddings])
+    settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
+                "sort_by": sort_by}
+    if out_of_core:
+        return _compare_out_of_core(files, names, settings, cluster)
     if not files:
         raise ConfigError("compare needs at least one embedding file")
     if concat:
         if len(files) < 2:
             raise ConfigError("--concat needs at least two embedding files")
         files.append(concat_embeddings(files))
-    rows, results, splits = [], [], {}
+    splits, jobs = {}, []
     for emb in files:
         if cv and emb.n_copies:
             log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in "
                         "different folds)", emb.path.name)
-        splits[emb.path.name] = split_arrays(emb, val_fraction, seed, with_copies=not cv)
-        (X_train, y_train), (X_val, y_val), (X_test, y_test), val_source = splits[emb.path.name]
+        (X_train, y_train), val, test, val_source = split_arrays(emb, val_fraction, seed, with_copies=not cv)
+        if max_train_rows and max_train_rows < len(y_train):
+            kept = subsample_train(y_train, max_train_rows, seed)
+            log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept),
+                     len(y_train), seed)
+            X_train, y_train = X_train[kept], y_train[kept]
+        splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
+        if threshold and len(emb.classes) != 2:
+            log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
+                        len(emb.classes))
         for name in names:
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
-            fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed,
-                              params=(head_params or {}).get(name))
+            jobs.append((emb, name))
+    outcomes = _run_jobs([(name, *splits[emb.path.name][0], *splits[emb.path.name][1], splits[emb.path.name][2][0])
+                          for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {},
+                         threshold=threshold, cluster=cluster)
+    results = [_head_result(emb, name, splits[emb.path.name], outcome, seed) for (emb, name), outcome in
+               zip(jobs, outcomes)]
+    if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
+        settings["max_train_rows"] = max_train_rows
+    return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
+
+
+def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int) -> HeadResult:
+    """The leaderboard row and the scores of one head fitted on one file."""
+    fitted, p_val, chosen, p_test, predict_s = outcome
+    (_, _), (_, y_val), (_, y_test), val_source = split
+    row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
+           "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
+           "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
+    result = HeadResult(row, emb.classes, fitted, emb,
+                        classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
+    if p_test is not None:
+        row["predict_s"] = predict_s
+        result.test = classification_metrics(y_test, p_test, emb.classes, threshold=chosen, with_ci=True, seed=seed)
+        result.test_truth, result.test_proba, result.test_paths = y_test, p_test, emb.paths_of("test")
+    for split_name, scores in (("val", result.val), ("test", result.test)):
+        for metric in REPORTED_METRICS:
+            if scores is not None and metric in scores:
+                row[f"{split_name}_{metric}"] = scores[metric]
+    return result
+
+
+OPEN_SET_SAMPLE = 20_000  # training rows brought into memory for the open-set calibration of an out-of-core run
+
+
+def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: dict, cluster) -> Leaderboard:
+    """The lightgbm head trained on the cluster over each file's training rows, read where the tasks run."""
+    from featx.outofcore import fit_lightgbm
+
+    address = cluster_address(cluster)
+    if not address:
+        raise ConfigError("--out-of-core needs --cluster: the workers train LightGBM together")
+    if names != ["lightgbm"] or settings["cv"]:
+        others = ", ".join(n for n in names if n != "lightgbm") or "--cv"
+        raise DataError(f"{others} keep every training row in memory and cannot train out of core; compare them "
+                        "with --max-train-rows N (a stratified sample), or use --heads lightgbm alone")
+    seed, threshold = settings["seed"], settings["threshold"]
+    splits, results = {}, []
+    with connect(address) as client:
+        log.info(describe(client))
+        for emb in files:
+            if "train" not in emb.split_names:
+                raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
+            labels = emb._labels
+            train = emb.rows("train")
+            train = train[labels[train] >= 0]
+            if "val" in emb.split_names:
+                val, val_source = emb.rows("val"), "val split of the file"
+            else:
+                kept, carved = carve_validation(labels[train], settings["val_fraction"], seed)
+                train, val = np.sort(train[kept]), np.sort(train[carved])
+                val_source = f"{settings['val_fraction']:.0%} of train, stratified, seed {seed}"
+            test = emb.rows("test") if "test" in emb.split_names else None
+            X_val, y_val = emb._features[val].astype(np.float32), labels[val]
+            X_test = emb._features[test].astype(np.float32) if test is not None else None
+            _check_classes(emb, labels[train], {"val": y_val, **({"test": labels[test]} if test is not None else {})})
+            fitted = fit_lightgbm(client, emb, train, X_val, y_val, seed)
             p_val = fitted.pipeline.predict_proba(X_val)
-            chosen = None
-            if threshold and len(emb.classes) == 2:
-                chosen = choose_threshold(y_val, p_val[:, 1], threshold)
-            elif threshold:
-                log.warning("%s: a decision threshold needs two classes, not %d; using argmax",
-                            emb.path.name, len(emb.classes))
-            row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
-                   "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
-                   "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
-            result = HeadResult(row, emb.classes, fitted, emb,
-                                classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
-            if X_test is not None:
-                began = time.perf_counter()
-                p_test = fitted.pipeline.predict_proba(X_test)
-                row["predict_s"] = round(time.perf_counter() - began, 3)
-                result.test = classification_metrics(y_test, p_test, emb.classes, threshold=chosen, with_ci=True,
-                                                     seed=seed)
-                result.test_truth, result.test_proba, result.test_paths = y_test, p_test, emb.paths_of("test")
-            for split, scores in (("val", result.val), ("test", result.test)):
-                for metric in REPORTED_METRICS:
-                    if scores is not None and metric in scores:
-                        row[f"{split}_{metric}"] = scores[metric]
-            rows.append(row)
-            results.append(result)
-    settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
-                "sort_by": sort_by}
-    return Leaderboard(rows, sort_by, results, files, splits, settings).sorted(sort_by)
+            chosen = choose_threshold(y_val, p_val[:, 1], threshold) if threshold and p_val.shape[1] == 2 else None
+            began = time.perf_counter()
+            p_test = fitted.pipeline.predict_proba(X_test) if X_test is not None else None
+            sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, seed)]
+            splits[emb.path.name] = ((emb._features[sample].astype(np.float32), labels[sample]), (X_val, y_val),
+                                     (X_test, labels[test] if test is not None else None), val_source)
+            outcome = fitted, p_val, chosen, p_test, round(time.perf_counter() - began, 3)
+            results.append(_head_result(emb, "lightgbm", splits[emb.path.name], outcome, seed))
+    settings["out_of_core"] = True
+    sort_by = settings["sort_by"]
+    return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
+
+
+def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, threshold, cluster) -> list[tuple]:
+    """``_fit_and_score`` for every (head, arrays) job: here one by one, or as parallel tasks on a Dask cluster
+    through joblib's Dask backend. Either way the outcomes come back in the jobs' order."""
+    score = functools.partial(_fit_and_score, cv=cv, seed=seed, threshold=threshold)
+    address = cluster_address(cluster)
+    if not address:
+        return [score(name, *arrays, params=head_params.get(name)) for name, *arrays in jobs]
+    import joblib
+
+    with connect(address) as client, joblib.parallel_backend("dask"):
+        log.info(describe(client))
+        return joblib.Parallel(n_jobs=-1)(joblib.delayed(score)(name, *arrays, params=head_params.get(name))
+                                          for name, *arrays in jobs)

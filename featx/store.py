@@ -419,8 +419,29 @@ class Embeddings:
         )
 
 
-def load_embeddings(path: str | Path) -> Embeddings:
-    """Read a complete ``featx.embeddings/1`` file; refuses other schemas and unfinished files."""
+class LazyFeatures:
+    """The features column of a file, read from disk only for the rows asked for (``lazy=True``)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype):
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        try:
+            with h5py.File(self.path, "r", locking=False) as handle:
+                return handle["features"][np.sort(rows)] if len(rows) else np.zeros((0, self.shape[1]), self.dtype)
+        except OSError as err:
+            raise damaged(self.path, _first_line(err)) from None
+
+
+def load_embeddings(path: str | Path, lazy: bool = False) -> Embeddings:
+    """Read a complete ``featx.embeddings/1`` file; refuses other schemas and unfinished files.
+
+    ``lazy`` reads every column but the features, which are then read from disk row by row as asked
+    (training on more rows than memory holds, see ``featx.outofcore``).
+    """
     path = Path(path)
     if path.name.endswith(PARTIAL_SUFFIX) and not path.exists():
         raise DataError(f"{path}: no such file")
@@ -441,7 +462,8 @@ def load_embeddings(path: str | Path) -> Embeddings:
                 splits=handle["split"].asstr()[:],
                 ok=handle["ok"][:],
                 errors=handle["errors"].asstr()[:],
-                _features=handle["features"][:],
+                _features=LazyFeatures(path, handle["features"].shape, handle["features"].dtype) if lazy
+                else handle["features"][:],
                 _labels=handle["labels"][:],
             )
     except OSError as err:  # Fletcher32 or a compressed chunk that no longer decodes

@@ -118,6 +118,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "seed": Interval(int, 0),
     "val_fraction": Interval(float, 0.05, 0.5),
     "cv": Maybe(Interval(int, 2)),
+    "max_train_rows": Maybe(Interval(int, 10)),
     "threshold": Maybe(Pattern(rf"balanced_accuracy|f1|sensitivity={_UNIT_FLOAT}",
                                "balanced_accuracy, f1 or sensitivity=<0..1>")),
     "sort_by": OneOf(SORTABLE),

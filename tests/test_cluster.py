@@ -2,7 +2,6 @@
 loopback, a tiny random-weight backbone, generated images."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +163,53 @@ def test_the_cli_extracts_on_a_cluster_and_info_shows_the_shards(cluster, data, 
     assert "3 shards (a virtual file over" in shown.output and "00002.h5  100-145" in shown.output
     refused = CliRunner().invoke(main, ["extract", str(data), "--shard-rows", "10"])
     assert refused.exit_code == 2 and "--shard-rows needs --cluster" in refused.output
+
+
+def same_leaderboard(a, b) -> None:
+    """The same heads, parameters and order; values equal but for the last bits of float sums (workers run BLAS
+    with one thread, so a kNN distance may be summed in another order)."""
+    for x, y in zip(a.rows, b.rows, strict=True):
+        for key in set(x) | set(y):
+            if key in ("fit_s", "predict_s"):
+                continue
+            if isinstance(x[key], float):
+                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-12), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_compare_on_the_cluster_gives_the_sequential_leaderboard(cluster):
+    from featx.evaluate import compare
+
+    address, _ = cluster
+    heads = ["logreg", "knn"]
+    same_leaderboard(compare([FIXTURE], heads, threshold="balanced_accuracy"),
+                     compare([FIXTURE], heads, threshold="balanced_accuracy", cluster=address))
+
+
+def test_lightgbm_out_of_core_learns_as_well_as_in_memory(cluster, tmp_path):
+    from featx.evaluate import compare
+    from featx.runs import load_run, save_run
+
+    address, _ = cluster
+    in_memory = compare([FIXTURE], ["lightgbm"]).rows[0]
+    board = compare([FIXTURE], ["lightgbm"], cluster=address, out_of_core=True)
+    spread = board.rows[0]
+    assert "out of core on all 170 training rows (Dask, 2 workers" in spread["note"]
+    assert spread["test_roc_auc"] >= in_memory["test_roc_auc"] - 0.05
+    assert spread["test_accuracy"] >= in_memory["test_accuracy"] - 0.05
+    run = load_run(save_run(board, tmp_path / "run"))  # a head saved and reloaded the safe way, open set and all
+    assert run.info["config"]["out_of_core"] is True and (tmp_path / "run" / "best" / "open_set.npz").exists()
+    with pytest.raises(DataError, match=r"svm keep every training row in memory .* --max-train-rows N"):
+        compare([FIXTURE], ["svm", "lightgbm"], cluster=address, out_of_core=True)
+
+
+def test_max_train_rows_is_a_stratified_sample_recorded_with_the_run(tmp_path):
+    from featx.evaluate import compare, subsample_train
+    from featx.runs import load_run, save_run
+
+    y = np.repeat([0, 1], [60, 140])
+    kept = subsample_train(y, 50, seed=0)
+    assert len(kept) == 50 and np.bincount(y[kept]).tolist() == [15, 35]
+    board = compare([FIXTURE], ["logreg"], max_train_rows=60)
+    assert load_run(save_run(board, tmp_path / "run")).info["config"]["max_train_rows"] == 60

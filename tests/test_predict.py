@@ -17,12 +17,24 @@ from featx.store import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
 
-@pytest.fixture
-def tiny_run(tmp_path, tiny_config):
-    data = make_class_folders(tmp_path / "colours", per_class=10, splits=("train", "val", "test"))
-    emb = load_embeddings(extract(data, tiny_config, progress=False).path)
-    save_run(compare([emb], ["logreg"]), tmp_path / "run")
-    return data, tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run shared by the tests that only read it (the others damage a copy)."""
+    from featx.extraction import ExtractConfig
+
+    root = tmp_path_factory.mktemp("predict")
+    data = make_class_folders(root / "colours", per_class=10, splits=("train", "val", "test"))
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
+                           cache_dir=str(root / "cache"))
+    emb = load_embeddings(extract(data, config, progress=False).path)
+    save_run(compare([emb], ["logreg"]), root / "run")
+    return data, root / "run"
+
+
+def copy_of(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
 
 
 def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path):
@@ -82,11 +94,12 @@ def test_unknown_threshold_meets_its_coverage_and_rejects_far_inputs():
 
 
 def test_predict_refuses_weights_that_changed(tiny_run, tmp_path):
-    _, run = tiny_run
+    data, run = tiny_run
+    run = copy_of(run, tmp_path)
     sidecar = json.loads((run / "best" / "head.json").read_text())
     sidecar["embeddings_meta"]["weights_sha256"] = "0" * 64
     (run / "best" / "head.json").write_text(json.dumps(sidecar))
-    result = CliRunner().invoke(main, ["predict", str(run), str(next(run.parent.rglob("*.jpg")))])
+    result = CliRunner().invoke(main, ["predict", str(run), str(next(data.rglob("*.jpg")))])
     assert result.exit_code == 2 and "re-extract and retrain" in result.output
 
 
@@ -140,6 +153,7 @@ PLANTED = textwrap.dedent("""
 
 def test_a_planted_joblib_head_never_runs_without_trust(tiny_run, tmp_path):
     data, run = tiny_run
+    run = copy_of(run, tmp_path)
     for name in ("head.json", "head.npz"):
         (run / "best" / name).unlink()
     marker = tmp_path / "code-ran"
