@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import ConfigError, DataError
+from featx.remote import is_url, read_bytes, require_fsspec, state
 from featx.vocab import invalid
 
 IMAGE_EXTENSIONS = frozenset(
@@ -56,8 +57,9 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def absolute_path(self, sample: Sample) -> Path:
-        return self.root / sample.path
+    def absolute_path(self, sample: Sample) -> Path | str:
+        """Where the image is read from: under the root, or the URL itself."""
+        return sample.path if is_url(sample.path) else self.root / sample.path
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class, for summaries."""
@@ -81,13 +83,16 @@ class ImageDataset:
             digest = hashlib.sha256()
             digest.update(json.dumps(self.classes).encode())
             for s in self.samples:
-                state = _content_sha256(self.root / s.path) if self.verify_content else _size_and_mtime(self.root / s.path)
-                digest.update(f"{s.path}\0{state}\0{s.label}\0{s.split}\n".encode("utf-8", "surrogateescape"))
+                where = self.absolute_path(s)
+                known = _content_sha256(where) if self.verify_content else _size_and_mtime(where)
+                digest.update(f"{s.path}\0{known}\0{s.label}\0{s.split}\n".encode("utf-8", "surrogateescape"))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
 
-def _size_and_mtime(path: Path) -> str:
+def _size_and_mtime(path: Path | str) -> str:
+    if is_url(path):
+        return state(path)
     try:
         st = path.stat()
         return f"{st.st_size}\0{st.st_mtime_ns}"
@@ -95,9 +100,11 @@ def _size_and_mtime(path: Path) -> str:
         return "-1\0-1"
 
 
-def _content_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _content_sha256(path: Path | str) -> str:
     try:
+        if is_url(path):
+            return "sha256:" + hashlib.sha256(read_bytes(path)).hexdigest()
+        digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -303,17 +310,21 @@ def _read_csv(path: Path, allow_outside_root: bool):
             raise DataError(f"{path}:{line}: unknown split {r['split']!r}; use train, val or test")
         if not r["path"]:
             raise DataError(f"{path}:{line}: empty path")
-        file_path = Path(r["path"])
-        resolved = (root / file_path).resolve()
-        if not allow_outside_root and not resolved.is_relative_to(inside):
-            raise DataError(f"{path}:{line}: {file_path} resolves outside the CSV's folder {inside}; move it inside "
-                            "or pass --allow-outside-root")
-        rel = resolved.relative_to(inside) if resolved.is_relative_to(inside) else file_path
-        if rel.as_posix() in first_line:
-            raise DataError(f"{path}:{line}: {rel.as_posix()} is listed again (first on line "
-                            f"{first_line[rel.as_posix()]}); list each image once")
-        first_line[rel.as_posix()] = line
-        rows.append((rel.as_posix(), index.get(r["label"], -1), split_name or "", r.get("group", "")))
+        if is_url(r["path"]):  # read through fsspec, where it is: not a path under the root
+            require_fsspec()
+            where = r["path"]
+        else:
+            file_path = Path(r["path"])
+            resolved = (root / file_path).resolve()
+            if not allow_outside_root and not resolved.is_relative_to(inside):
+                raise DataError(f"{path}:{line}: {file_path} resolves outside the CSV's folder {inside}; move it "
+                                "inside or pass --allow-outside-root")
+            where = (resolved.relative_to(inside) if resolved.is_relative_to(inside) else file_path).as_posix()
+        if where in first_line:
+            raise DataError(f"{path}:{line}: {where} is listed again (first on line {first_line[where]}); list each "
+                            "image once")
+        first_line[where] = line
+        rows.append((where, index.get(r["label"], -1), split_name or "", r.get("group", "")))
     has_split = any(r[2] for r in rows)
     if has_split and not all(r[2] for r in rows):
         raise DataError(f"{path}: the split column is empty on some rows; fill it on every row or on none")

@@ -8,6 +8,7 @@ header, before anything is decoded, so one file cannot take gigabytes of memory.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featx.remote import is_url, read_bytes
 from featx.vocab import check
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -74,13 +76,13 @@ def open_rgb(path: str | Path, min_side: int = 0, max_pixels: int = MAX_PIXELS) 
     or 1/8 while decoding, which is several times faster than decoding at full size
     and resizing afterwards; the result never drops below ``min_side``.
     """
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        source = _bytes_at(path) if is_url(path) else Path(path)
+        if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size) == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own alarm: a skip, not a note
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(f"{width}×{height} = {width * height / 1e6:.0f} Mpx is over the pixel budget of "
@@ -99,6 +101,13 @@ def open_rgb(path: str | Path, min_side: int = 0, max_pixels: int = MAX_PIXELS) 
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = str(err) or type(err).__name__
         raise ImageError(f"cannot decode ({reason})") from None
+
+
+def _bytes_at(url: str) -> io.BytesIO:
+    try:
+        return io.BytesIO(read_bytes(url))
+    except OSError as err:  # not found, no permission, the network: the image is skipped, the run goes on
+        raise ImageError(f"cannot read ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

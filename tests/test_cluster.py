@@ -213,3 +213,35 @@ def test_max_train_rows_is_a_stratified_sample_recorded_with_the_run(tmp_path):
     assert len(kept) == 50 and np.bincount(y[kept]).tolist() == [15, 35]
     board = compare([FIXTURE], ["logreg"], max_train_rows=60)
     assert load_run(save_run(board, tmp_path / "run")).info["config"]["max_train_rows"] == 60
+
+
+def test_a_csv_of_urls_is_read_where_the_images_are(cluster, tmp_path):
+    from featx.datasets import scan_dataset
+    from tests.conftest import make_image
+
+    address, _ = cluster
+    store = tmp_path / "bucket"  # stands for object storage: nothing below the CSV's folder
+    lines = ["path,label,split"]
+    for i, (name, colour) in enumerate([("red", (200, 30, 30)), ("blue", (30, 40, 200))] * 6):
+        image = make_image(store / f"{name}{i}.jpg", colour, seed=i)
+        lines.append(f"{image.as_uri()},{name},{'train' if i < 8 else 'test'}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("\n".join(lines) + "\n")
+    by_path = tmp_path / "local"
+    for line in lines[1:]:
+        url, name, split = line.split(",")
+        target = by_path / split / name / Path(url).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(url.removeprefix("file://")).read_bytes())
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=4,
+                           cache_dir=str(tmp_path / "cache"))
+    remote = load_embeddings(extract_on_cluster(tmp_path / "data" / "labels.csv", config, address, shard_rows=5,
+                                                progress=False).path)
+    local = load_embeddings(extract(by_path, config, progress=False).path)
+    assert remote.ok.all() and remote.paths[0].startswith("file://")
+    order = np.argsort([Path(p).name for p in remote.paths])
+    np.testing.assert_allclose(remote._features[order], local._features[np.argsort([Path(p).name for p in local.paths])],
+                               rtol=1e-3, atol=1e-3)
+    before = scan_dataset(tmp_path / "data" / "labels.csv").fingerprint()
+    make_image(store / "red0.jpg", (10, 200, 10), size=(64, 64), seed=99)
+    assert scan_dataset(tmp_path / "data" / "labels.csv").fingerprint() != before
