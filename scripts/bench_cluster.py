@@ -1,0 +1,121 @@
+"""What the cluster path costs, measured in one run on this machine.
+
+1. Sharded extraction on a LocalCluster of 2 single-threaded workers against sequential extraction with
+   2 threads (same images, same total threads), end to end including the cluster's start-up.
+2. Publishing as shards grow: writing the virtual file, opening it, reading it whole, and consolidate,
+   for 10 / 100 / 1,000 shards, with the figures per million rows.
+
+Usage: python scripts/bench_cluster.py [--images 2000] [--backbone efficientnet_lite0] [--skip-extraction]
+Uses ../shared/data/chest_xray when present (else synthetic 224 px JPEGs).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray"
+
+
+def make_images(target: Path, count: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sources = sorted((SHARED / "train").rglob("*.jpeg")) if SHARED.is_dir() else []
+    for i in range(count):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        (target / label).mkdir(parents=True, exist_ok=True)
+        if sources:
+            shutil.copy(sources[int(rng.integers(len(sources)))], target / label / f"{i:05d}.jpeg")
+        else:
+            Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(target / label / f"{i:05d}.jpeg")
+    return target
+
+
+def extraction(images: int, backbone: str, root: Path) -> None:
+    """Both as a user runs them: `featx extract` in a fresh process, wall clock, same images and 2 cores."""
+    import subprocess
+
+    data = make_images(root / "images", images)
+    runs = {"sequential, 2 threads": [],
+            "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2", "--shard-rows", str(images // 8)]}
+    seconds = {}
+    for name, extra in runs.items():
+        began = time.perf_counter()
+        subprocess.run([shutil.which("featx") or "featx", "-q", "extract", str(data), "--backbone", backbone,
+                        "--out", str(root / name.split()[0]), *extra], check=True, capture_output=True)
+        seconds[name] = time.perf_counter() - began
+    print(f"extraction of {images} images, {backbone}, `featx extract` end to end in a fresh process:")
+    for name, value in seconds.items():
+        print(f"  {name:42s}: {value:6.1f} s  ({images / value:6.1f} img/s)")
+    first, second = seconds.values()
+    print(f"  cluster / sequential = {second / first:.2f}")
+
+
+def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
+    from featx.store import EmbeddingWriter, consolidate, load_embeddings, publish_shards
+
+    print(f"publishing ({rows_per_shard} rows × {dim} float16 per shard):")
+    print("  shards    rows   publish s   open s   read s  consolidate s  read after s   per million rows: read virtual / "
+          "consolidate / read after")
+    for shards in (10, 100, 1000):
+        folder = root / f"pub{shards}" / "e.shards"
+        folder.mkdir(parents=True)
+        paths = []
+        for k in range(shards):
+            start = k * rows_per_shard
+            writer = EmbeddingWriter(folder / f"{k:05d}.h5", dim=dim, paths=[f"{start + i}.jpg" for i in
+                                                                            range(rows_per_shard)],
+                                     labels=[i % 2 for i in range(rows_per_shard)], splits=["train"] * rows_per_shard,
+                                     attrs={"backbone": "bench", "classes": ["a", "b"], "cache_key": f"k[{k}]",
+                                            "shard_rows": [start, start + rows_per_shard]})
+            writer.write(np.full((rows_per_shard, dim), k, np.float16), np.ones(rows_per_shard, bool),
+                         [""] * rows_per_shard)
+            paths.append(writer.finish())
+        n = shards * rows_per_shard
+        target = folder.parent / "e.h5"
+        began = time.perf_counter()
+        publish_shards(target, paths, n, [])
+        publish = time.perf_counter() - began
+        import h5py
+
+        began = time.perf_counter()
+        with h5py.File(target, "r") as handle:
+            handle["features"][0]  # opening resolves the first source: the cost of a first look
+        open_s = time.perf_counter() - began
+        began = time.perf_counter()
+        load_embeddings(target)
+        read = time.perf_counter() - began
+        began = time.perf_counter()
+        consolidate(target)
+        merge = time.perf_counter() - began
+        began = time.perf_counter()
+        load_embeddings(target)
+        after = time.perf_counter() - began
+        scale = 1e6 / n
+        print(f"  {shards:6d} {n:7d} {publish:11.2f} {open_s:8.3f} {read:8.2f} {merge:14.2f} {after:12.2f}   "
+              f"{read * scale:6.1f} s / {merge * scale:6.1f} s / {after * scale:6.1f} s")
+
+
+@click.command()
+@click.option("--images", default=2000, show_default=True)
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--skip-extraction", is_flag=True)
+def main(images, backbone, skip_extraction):
+    import os
+    import platform
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not skip_extraction:
+            extraction(images, backbone, Path(tmp))
+        publishing(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
