@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -51,3 +52,26 @@ def tiny_config(tmp_path):
 def needs_shared_data(*parts: str):
     return pytest.mark.skipif(not SHARED_DATA.joinpath(*parts).is_dir(),
                               reason=f"{SHARED_DATA.joinpath(*parts)} is absent")
+
+
+class TinyRun(NamedTuple):
+    data: Path
+    embeddings: Path
+    run: Path
+    config: object
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One small dataset, its embeddings and a run folder, made once; tests that change them work on copies."""
+    from featx.evaluate import compare
+    from featx.extraction import ExtractConfig, extract
+    from featx.runs import save_run
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = make_class_folders(root / "colours", per_class=10, splits=("train", "val", "test"))
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
+                           cache_dir=str(root / "cache"))
+    embeddings = extract(data, config, progress=False).path
+    save_run(compare([embeddings], ["logreg"]), root / "run")
+    return TinyRun(data, embeddings, root / "run", config)

@@ -28,20 +28,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "4"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One small dataset, its embeddings and a run folder, shared by the tests that only read them."""
-    from featx.extraction import ExtractConfig
-
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_class_folders(root / "colours", per_class=8, splits=("train", "val", "test"))
-    config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
-                           cache_dir=str(root / "cache"))
-    emb_path = extract(data, config, progress=False).path
-    save_run(compare([emb_path], ["logreg"]), root / "run")
-    return data, emb_path, root / "run", config
-
-
 def invoke(*args):
     """Run the CLI as a user would; the result must never be an exception other than an exit."""
     result = CliRunner().invoke(main, [str(a) for a in args])
@@ -90,10 +76,10 @@ def test_3_csv_paths_must_stay_inside_the_csv_folder(tmp_path):
 
 # --- data lost --------------------------------------------------------------------------------------------
 
-def test_4_a_full_disk_stops_in_one_line_and_the_run_resumes_to_identical_rows(tiny, tmp_path, monkeypatch):
+def test_4_a_full_disk_stops_in_one_line_and_the_run_resumes_to_identical_rows(tiny_run, tmp_path, monkeypatch):
     import featx.store
 
-    data, emb_path, _, config = tiny
+    data, emb_path, _, config = tiny_run
     real = shutil.disk_usage
     calls = {"n": 0}
 
@@ -115,8 +101,8 @@ def test_4_a_full_disk_stops_in_one_line_and_the_run_resumes_to_identical_rows(t
     np.testing.assert_array_equal(load_embeddings(resumed.path).features(), load_embeddings(emb_path).features())
 
 
-def test_4_a_damaged_last_chunk_rolls_back_instead_of_wedging_the_cache(tiny, tmp_path):
-    data, emb_path, _, config = tiny
+def test_4_a_damaged_last_chunk_rolls_back_instead_of_wedging_the_cache(tiny_run, tmp_path):
+    data, emb_path, _, config = tiny_run
     cache = tmp_path / "cache"
     partial = cache / emb_path.parent.name / (emb_path.name + ".partial")
     partial.parent.mkdir(parents=True)
@@ -141,8 +127,8 @@ def damaged_copy(source: Path, folder: Path) -> Path:
     return Path(shutil.copy(source, folder / source.name))
 
 
-def test_5_flipped_bits_and_damaged_blocks_are_named_never_used(tiny, tmp_path):
-    data, emb_path, _, config = tiny
+def test_5_flipped_bits_and_damaged_blocks_are_named_never_used(tiny_run, tmp_path):
+    data, emb_path, _, config = tiny_run
     flipped = damaged_copy(emb_path, tmp_path / "flipped")
     with h5py.File(flipped, "r+") as handle:
         offset = handle["labels"].id.get_chunk_info(0).byte_offset
@@ -186,8 +172,8 @@ def test_6_a_float_image_with_a_nan_pixel_is_unreadable_not_black(tmp_path):
         load_image(tmp_path / "scan.tif", Preprocess(32, 36))
 
 
-def test_6_predict_fails_when_nothing_could_be_read_and_report_when_plots_are_gone(tiny, tmp_path):
-    _, _, run, _ = tiny
+def test_6_predict_fails_when_nothing_could_be_read_and_report_when_plots_are_gone(tiny_run, tmp_path):
+    _, _, run, _ = tiny_run
     (tmp_path / "a.jpg").write_bytes(b"not an image")
     (tmp_path / "b.jpg").write_bytes(b"")
     result = invoke("predict", run, tmp_path / "a.jpg", tmp_path / "b.jpg")
@@ -247,11 +233,11 @@ def test_6_a_reused_out_keeps_nothing_of_the_previous_run(tmp_path):
 
 # --- crashes that are one line now ------------------------------------------------------------------------
 
-def test_7_a_file_name_that_is_not_utf8_is_kept_and_shown(tiny, tmp_path):
+def test_7_a_file_name_that_is_not_utf8_is_kept_and_shown(tiny_run, tmp_path):
     data = make_class_folders(tmp_path / "d", per_class=4, splits=("train", "val", "test"))
     odd = os.fsencode(data / "train" / "red") + b"/caf\xe9.jpg"
     shutil.copy(data / "train" / "red" / "red_00.jpg", odd)
-    _, _, run, config = tiny
+    _, _, run, config = tiny_run
     result = extract(data, replace(config, cache_dir=str(tmp_path / "c")), progress=False)
     emb = load_embeddings(result.path)
     assert os.fsdecode(b"train/red/caf\xe9.jpg") in emb.paths.tolist() and emb.ok.all()
@@ -274,8 +260,8 @@ def test_8_csv_problems_are_one_line(tmp_path):
         scan_dataset(tmp_path / "nolabel.csv")
 
 
-def test_8_unlabelled_rows_are_counted_and_a_file_of_only_them_is_refused(tiny, tmp_path):
-    _, emb_path, _, _ = tiny
+def test_8_unlabelled_rows_are_counted_and_a_file_of_only_them_is_refused(tiny_run, tmp_path):
+    _, emb_path, _, _ = tiny_run
     unlabelled = Path(shutil.copy(emb_path, tmp_path / "unlabelled.h5"))
     with h5py.File(unlabelled, "r+") as handle:
         del handle.attrs["checksums"]  # as a CSV with empty labels gives it (labels -1), without re-extracting
@@ -331,13 +317,13 @@ def test_10_nan_features_tiny_files_and_uneven_columns(tmp_path):
         load_embeddings(uneven)
 
 
-def test_11_outputs_are_checked_before_the_work(tiny, tmp_path, monkeypatch):
+def test_11_outputs_are_checked_before_the_work(tiny_run, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("x")
     one_line_error(invoke("compare", FIXTURE, "--out", tmp_path / "a-file"), 2, "exists and is not a folder")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "thesis.tex").write_text("x")
     one_line_error(invoke("compare", FIXTURE, "--out", tmp_path / "elsewhere"), 2, "not a featx run folder")
-    data, _, run, _ = tiny
+    data, _, run, _ = tiny_run
     image = next((data / "test" / "red").glob("*.jpg"))
     one_line_error(invoke("predict", run, image, "--csv", tmp_path / "missing" / "p.csv"), 2, "no such folder for --csv")
 
@@ -350,10 +336,10 @@ def test_11_outputs_are_checked_before_the_work(tiny, tmp_path, monkeypatch):
     one_line_error(invoke("compare", FIXTURE, "--out", tmp_path / "ro-run"), 2, "cannot write a run here")
 
 
-def test_12_damaged_run_folders_and_pickled_weights_are_one_line(tiny, tmp_path):
+def test_12_damaged_run_folders_and_pickled_weights_are_one_line(tiny_run, tmp_path):
     import pickle
 
-    _, _, run, _ = tiny
+    _, _, run, _ = tiny_run
     image = next(Path(run).parent.rglob("*.jpg"))
     for damage, name in ((lambda f: f.write_text("{not json"), "best/open_set.json"),
                          (lambda f: f.unlink(), "leaderboard.json"), (lambda f: f.write_text("[]"), "run.json")):
@@ -364,9 +350,9 @@ def test_12_damaged_run_folders_and_pickled_weights_are_one_line(tiny, tmp_path)
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"weights": shutil.rmtree}))
     (tmp_path / "evil.json").write_text(json.dumps({"format": "featx.checkpoint/1", "backbone": "resnet18",
                                                    "classes": ["a", "b"]}))
-    one_line_error(invoke("extract", tiny[0], "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "c"), 2,
+    one_line_error(invoke("extract", tiny_run[0], "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "c"), 2,
                    "not a loadable checkpoint", "never pickled code")
-    result = invoke("extract", tiny[0], "--backbone", "resnet18", "--weights", tmp_path / "evil.pt", "--out",
+    result = invoke("extract", tiny_run[0], "--backbone", "resnet18", "--weights", tmp_path / "evil.pt", "--out",
                     tmp_path / "c")
     one_line_error(result, 2, "not a loadable weights file")
     assert max(len(line) for line in result.output.splitlines()) < 400
@@ -406,8 +392,8 @@ def test_13_what_a_scan_leaves_out_is_listed_and_an_empty_class_folder_refused(t
 
 # --- beyond the list --------------------------------------------------------------------------------------
 
-def test_doctor_reads_a_run_folder_and_names_what_to_do(tiny, tmp_path):
-    _, _, run, _ = tiny
+def test_doctor_reads_a_run_folder_and_names_what_to_do(tiny_run, tmp_path):
+    _, _, run, _ = tiny_run
     healthy = invoke("doctor", run)
     assert healthy.exit_code == 0 and "healthy (run)" in healthy.output
     copy = Path(shutil.copytree(run, tmp_path / "run"))
@@ -427,7 +413,7 @@ def test_configs_refuse_sensitivity_beyond_one():
 # --- the whole CLI, every case: an exit code, one line, never a traceback ------------------------------------
 
 @pytest.fixture(scope="module")
-def mess(tmp_path_factory, tiny):
+def mess(tmp_path_factory, tiny_run):
     """One file or folder per case above, made once."""
     root = tmp_path_factory.mktemp("mess")
     made = {}
@@ -489,9 +475,9 @@ CASES = {  # case: (arguments, exit code, what the one line says)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_the_cli_answers_every_mistake_in_one_line(mess, tiny, case):
+def test_the_cli_answers_every_mistake_in_one_line(mess, tiny_run, case):
     build, code, fragment = CASES[case]
-    one_line_error(invoke(*build(mess, tiny)), code, fragment)
+    one_line_error(invoke(*build(mess, tiny_run)), code, fragment)
 
 
 def test_the_cli_goes_on_past_images_it_cannot_use_and_says_which(mess, tmp_path):

@@ -17,20 +17,6 @@ from featx.store import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One run shared by the tests that only read it (the others damage a copy)."""
-    from featx.extraction import ExtractConfig
-
-    root = tmp_path_factory.mktemp("predict")
-    data = make_class_folders(root / "colours", per_class=10, splits=("train", "val", "test"))
-    config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
-                           cache_dir=str(root / "cache"))
-    emb = load_embeddings(extract(data, config, progress=False).path)
-    save_run(compare([emb], ["logreg"]), root / "run")
-    return data, root / "run"
-
-
 def copy_of(run, tmp_path):
     import shutil
 
@@ -38,7 +24,7 @@ def copy_of(run, tmp_path):
 
 
 def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path):
-    data, run = tiny_run
+    data, _, run, _ = tiny_run
     folder = tmp_path / "new"
     for i, colour in enumerate([(200, 30, 30), (30, 180, 40), (30, 40, 200)]):
         make_image(folder / f"img{i}.png", colour, seed=500 + i, fmt="PNG")
@@ -58,7 +44,7 @@ def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path)
 
 
 def test_cli_json_and_csv(tiny_run, tmp_path):
-    data, run = tiny_run
+    data, _, run, _ = tiny_run
     image = next((data / "test" / "red").glob("*.jpg"))
     result = CliRunner().invoke(main, ["predict", str(run / "best"), str(image), "--top-k", "3", "--json",
                                        "--csv", str(tmp_path / "p.csv")])
@@ -94,7 +80,7 @@ def test_unknown_threshold_meets_its_coverage_and_rejects_far_inputs():
 
 
 def test_predict_refuses_weights_that_changed(tiny_run, tmp_path):
-    data, run = tiny_run
+    data, _, run, _ = tiny_run
     run = copy_of(run, tmp_path)
     sidecar = json.loads((run / "best" / "head.json").read_text())
     sidecar["embeddings_meta"]["weights_sha256"] = "0" * 64
@@ -121,7 +107,7 @@ def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch
 
     import featx.predict
 
-    data, run = tiny_run
+    data, _, run, _ = tiny_run
     original = featx.predict.load_head
 
     def load_head_made_elsewhere(path, **options):
@@ -152,7 +138,7 @@ PLANTED = textwrap.dedent("""
 
 
 def test_a_planted_joblib_head_never_runs_without_trust(tiny_run, tmp_path):
-    data, run = tiny_run
+    data, _, run, _ = tiny_run
     run = copy_of(run, tmp_path)
     for name in ("head.json", "head.npz"):
         (run / "best" / name).unlink()
