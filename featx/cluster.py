@@ -13,18 +13,16 @@ import re
 from contextlib import contextmanager
 
 from featx.errors import ConfigError
+from featx.vocab import check
 
 log = logging.getLogger(__name__)
 ENV = "FEATX_CLUSTER"
-ADDRESS = re.compile(r"local(?::(\d+))?|(?:tcp|tls|ucx|inproc)://.+")
 
 
 def cluster_address(address: str | None) -> str | None:
     """The address asked for (or ``$FEATX_CLUSTER``), checked; None: run in this process."""
     address = address or os.environ.get(ENV) or None
-    if address is not None and not ADDRESS.fullmatch(address):
-        raise ConfigError(f"The 'cluster' parameter must be local, local:N or a scheduler address such as "
-                          f"tcp://host:8786. Got {address!r} instead.")
+    check("cluster", cluster=address)
     return address
 
 

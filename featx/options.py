@@ -75,9 +75,9 @@ def run_folder(help: str, default: str | None = None):
                         help=help)
 
 
-cluster = click.option("--cluster", metavar="ADDRESS", envvar="FEATX_CLUSTER", show_envvar=True,
-                       help="Run on Dask distributed: local, local:N (N worker processes here) or a scheduler such "
-                            "as tcp://host:8786. Needs pip install 'featx[cluster]'.")
+cluster = option("cluster", metavar="ADDRESS", envvar="FEATX_CLUSTER", show_envvar=True,
+                 help="Run on Dask distributed: local, local:N (N worker processes here) or a scheduler such as "
+                      "tcp://host:8786. Needs pip install 'featx[cluster]'.")
 
 
 def aug(purpose: str):

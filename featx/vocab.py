@@ -104,6 +104,8 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "batch_size": Interval(int, 1),
     "workers": Maybe(Interval(int, 0)),
     "shard_rows": Maybe(Interval(int, 1)),
+    "cluster": Maybe(Pattern(r"local(?::[1-9]\d*)?|(?:tcp|tls|ucx|inproc)://.+",
+                             "local, local:N or a scheduler address such as tcp://host:8786")),
     # fine-tuning
     "unfreeze": OneOf(UNFREEZE),
     "bn": OneOf(BN_MODES),
