@@ -117,20 +117,6 @@ def format_cell(value, seconds: bool = False) -> str:
     return "" if value is None else str(value)
 
 
-def _usable(emb: Embeddings, split: str):
-    """Features, labels and paths of ``split``'s labelled rows, refusing rows no head may see (NaN, inf)."""
-    X, y, paths = emb.features(split), emb.labels(split), emb.paths_of(split)
-    labelled = y >= 0
-    if not labelled.all():
-        log.warning("%s: %d %s rows have no label and are left out", emb.path.name, int((~labelled).sum()), split)
-        X, y, paths = X[labelled], y[labelled], paths[labelled]
-    broken = ~np.isfinite(X).all(axis=1)
-    if broken.any():
-        raise DataError(f"{emb.path}: {int(broken.sum())} {split} rows hold NaN or infinite features (e.g. "
-                        f"{paths[broken][0]}); re-extract with `featx extract … --force --precision fp32`")
-    return X, y, paths
-
-
 def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.ndarray]) -> None:
     """A head needs two classes to learn, and every class it is scored on among its training rows."""
     present = set(np.unique(y_train).tolist())
@@ -144,38 +130,61 @@ def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.nd
                             "training rows; a head cannot predict it")
 
 
-def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
-    """train / val / test arrays; val is carved from train (stratified, seeded) when the file has none.
+def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: bool = True):
+    """Row indices of the labelled, readable train / val / test rows, and where val came from.
 
-    Augmented copies in the file (``extract --augment``) join train, but only those of images
-    that stayed in train: a validation image's copies would leak it into training. Unlabelled rows
-    are left out; rows with NaN or infinite features, a single class, or a class scored but never
-    trained on are refused with what to do.
+    Val is carved from train (stratified, seeded) when the file has none. Unlabelled rows are left out;
+    a single class, a class scored but never trained on, and (with ``check_features``) rows with NaN or
+    infinite features are refused with what to do. Out of core the features are not read here, and
+    LightGBM takes a NaN as a missing value.
     """
     if "train" not in emb.split_names:
         raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
-    X_train, y_train, train_paths = _usable(emb, "train")
-    held_out = {split: _usable(emb, split) for split in ("val", "test") if split in emb.split_names}
-    _check_classes(emb, y_train, {split: y for split, (_, y, _) in held_out.items()})
-    if "val" in held_out:
-        (X_val, y_val, _), val_source = held_out["val"], "val split of the file"
-    else:
+    finite = np.isfinite(emb._features).all(axis=1) if check_features else None
+    rows = {}
+    for split in (s for s in ("train", "val", "test") if s in emb.split_names):
+        found = emb.rows(split)
+        labelled = emb._labels[found] >= 0
+        if not labelled.all():
+            log.warning("%s: %d %s rows have no label and are left out", emb.path.name, int((~labelled).sum()), split)
+            found = found[labelled]
+        if finite is not None and not finite[found].all():
+            broken = found[~finite[found]]
+            raise DataError(f"{emb.path}: {len(broken)} {split} rows hold NaN or infinite features (e.g. "
+                            f"{emb.paths[broken[0]]}); re-extract with `featx extract … --force --precision fp32`")
+        rows[split] = found
+    train = rows["train"]
+    _check_classes(emb, emb._labels[train], {split: emb._labels[r] for split, r in rows.items() if split != "train"})
+    if "val" in rows:
+        return train, rows["val"], rows.get("test"), "val split of the file"
+    y_train = emb._labels[train]
+    try:
+        kept, carved = carve_validation(y_train, val_fraction, seed)
+    except ValueError:  # scikit-learn's "least populated class" and "test_size" refusals
         smallest = min(Counter(y_train.tolist()).values())
-        try:
-            kept, carved = carve_validation(y_train, val_fraction, seed)
-        except ValueError:  # scikit-learn's "least populated class" and "test_size" refusals
-            raise DataError(f"{emb.path}: {len(y_train)} training rows (the smallest class {smallest}) are too few "
-                            f"to carve a stratified {val_fraction:.0%} validation split; add images or give the "
-                            "data a val split") from None
-        X_train, X_val, y_train, y_val = X_train[kept], X_train[carved], y_train[kept], y_train[carved]
-        train_paths = train_paths[kept]
-        val_source = f"{val_fraction:.0%} of train, stratified, seed {seed}"
+        raise DataError(f"{emb.path}: {len(y_train)} training rows (the smallest class {smallest}) are too few "
+                        f"to carve a stratified {val_fraction:.0%} validation split; add images or give the "
+                        "data a val split") from None
+    return train[kept], train[carved], rows.get("test"), f"{val_fraction:.0%} of train, stratified, seed {seed}"
+
+
+def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
+    """train / val / test arrays of ``split_rows``; test is (None, None) when the file has none.
+
+    Augmented copies in the file (``extract --augment``) join train, but only those of images
+    that stayed in train: a validation image's copies would leak it into training.
+    """
+    train, val, test, val_source = split_rows(emb, val_fraction, seed)
+
+    def arrays(rows):
+        return emb._features[rows].astype(np.float32), emb._labels[rows]
+
+    (X_train, y_train), train_paths = arrays(train), emb.paths[train]
     X_copies, y_copies = emb.augmented_copies(train_paths if with_copies else [])
     if len(y_copies):
         X_train, y_train = np.concatenate([X_train, X_copies]), np.concatenate([y_train, y_copies])
         log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train_paths), len(y_copies))
-    test = held_out["test"][:2] if "test" in held_out else (None, None)
-    return (X_train, y_train), (X_val, y_val), test, val_source
+    return (X_train, y_train), arrays(val), arrays(test) if test is not None else (None, None), val_source
 
 
 def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
@@ -316,21 +325,11 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: di
     with connect(address) as client:
         log.info(describe(client))
         for emb in files:
-            if "train" not in emb.split_names:
-                raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
             labels = emb._labels
-            train = emb.rows("train")
-            train = train[labels[train] >= 0]
-            if "val" in emb.split_names:
-                val, val_source = emb.rows("val"), "val split of the file"
-            else:
-                kept, carved = carve_validation(labels[train], settings["val_fraction"], seed)
-                train, val = np.sort(train[kept]), np.sort(train[carved])
-                val_source = f"{settings['val_fraction']:.0%} of train, stratified, seed {seed}"
-            test = emb.rows("test") if "test" in emb.split_names else None
+            train, val, test, val_source = split_rows(emb, settings["val_fraction"], seed, check_features=False)
+            train = np.sort(train)  # read block by block in file order
             X_val, y_val = emb._features[val].astype(np.float32), labels[val]
             X_test = emb._features[test].astype(np.float32) if test is not None else None
-            _check_classes(emb, labels[train], {"val": y_val, **({"test": labels[test]} if test is not None else {})})
             fitted = fit_lightgbm(client, emb, train, X_val, y_val, seed)
             p_val = fitted.pipeline.predict_proba(X_val)
             chosen = choose_threshold(y_val, p_val[:, 1], threshold) if threshold and p_val.shape[1] == 2 else None

@@ -20,7 +20,7 @@ from featx.cluster import connect, describe
 from featx.errors import DataError, FeatxError
 from featx.extraction import (ExtractConfig, ExtractResult, LoadedModel, Plan, cached_result, embed_rows, load_model,
                               plan_extraction)
-from featx.store import CacheLock, check_intact, publish_shards, read_failures, read_meta
+from featx.store import CacheLock, check_intact, publish_shards, read_failures, rows_written
 
 log = logging.getLogger(__name__)
 SHARD_SECONDS = 60  # a shard is about a minute of one worker's work: small enough to lose, large enough to pay off
@@ -95,15 +95,12 @@ def _finished(path: Path, key: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        meta = read_meta(path)
-        if meta.get("cache_key") != key or not meta["complete"]:
-            return None
-        check_intact(path)
+        meta = check_intact(path)
     except DataError as err:
         log.warning("%s: %s; making it again", path.name, err)
         path.unlink()
         return None
-    return meta
+    return meta if meta.get("cache_key") == key and meta["complete"] else None
 
 
 def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows: int | None = None,
@@ -193,10 +190,4 @@ def _submit(client, plan: Plan, ranges, paths, todo: list[int], progress: bool, 
 
 def _rows_written(path: Path, rows: tuple[int, int]) -> int:
     """How far a shard has got, read from its file (the workers share the filesystem)."""
-    if path.exists():
-        return rows[1] - rows[0]
-    partial = path.with_name(path.name + ".partial")
-    try:
-        return int(read_meta(partial)["rows_done"])
-    except (DataError, KeyError, OSError):
-        return 0
+    return rows[1] - rows[0] if path.exists() else rows_written(path.with_name(path.name + ".partial"))

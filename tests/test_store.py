@@ -117,3 +117,13 @@ def test_committed_fixture_is_a_valid_embedding_file():
     assert emb.classes == ["NORMAL", "PNEUMONIA"]
     assert emb.features("train").shape == (200, 1280) and emb.features("test").shape == (80, 1280)
     assert np.bincount(emb.labels("train")).tolist() == [80, 120]
+
+
+def test_lazy_features_come_back_in_the_order_asked():
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
+    eager, lazy = load_embeddings(fixture), load_embeddings(fixture, lazy=True)
+    rows = np.array([200, 3, 150, 3, 0])  # unsorted, with a repeat: as a carved validation split is
+    np.testing.assert_array_equal(lazy._features[rows], eager._features[rows])
+    np.testing.assert_array_equal(lazy.features("test"), eager.features("test"))
