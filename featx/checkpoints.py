@@ -13,13 +13,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from featx.backbones import DEFAULT_BACKBONE, BackboneSpec, ResolvedWeights, get_backbone, resolve_weights
 from featx.errors import ConfigError, DataError
-from featx.feature_model import load_tensors
 from featx.images import Preprocess
-from featx.store import file_sha256
+from featx.memo import remembered_sha256
 
 CHECKPOINT_FORMAT = "featx.checkpoint/1"
 BACKBONE_PREFIX = "features.net."  # where the backbone sits in a fine-tuned classifier's state dict
@@ -32,6 +29,8 @@ def _write_sidecar(path: Path, sidecar: dict) -> None:
 def _save_atomically(state: dict, path: Path) -> None:
     # torch names the records inside its zip after the file written (best.tmp -> "best/"), so the temporary
     # name fixes the checkpoint's bytes, its hash, and the cache key of `extract --checkpoint`: keep it.
+    import torch
+
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -46,6 +45,8 @@ def save_checkpoint(path: Path, model_state: dict, sidecar: dict) -> None:
 def save_resume_state(folder: Path, *, model_state: dict, optimizer, scheduler, epoch: int, history: list[dict],
                       best: dict, stale: int, sidecar: dict) -> None:
     """``folder/last.pt``: everything an interrupted fine-tune needs to continue exactly, with RNG states."""
+    import torch
+
     _save_atomically({
         "model": model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "history": json.dumps(history), "best": json.dumps(best), "stale": stale,
@@ -56,6 +57,10 @@ def save_resume_state(folder: Path, *, model_state: dict, optimizer, scheduler, 
 
 def load_resume_state(folder: Path, backbone: str, classes: list[str]) -> dict:
     """The state saved by ``save_resume_state``, checked against the run; restores the RNG states."""
+    import torch
+
+    from featx.feature_model import load_tensors
+
     path = folder / "last.pt"
     if not path.exists():
         raise DataError(f"{path}: nothing to resume; run without --resume first")
@@ -81,10 +86,24 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def read_sidecar(path: str | Path) -> dict:
+    """The checked sidecar of the checkpoint ``path`` (no tensors read: no torch needed)."""
+    path = Path(path)
+    sidecar_path = path.with_suffix(".json")
+    if not path.is_file() or not sidecar_path.is_file():
+        raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
+    sidecar = _read_sidecar(sidecar_path)
+    check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
+    return sidecar
+
+
 def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, path: Path) -> None:
     """Refuse a checkpoint made for another backbone or another class list."""
     if sidecar.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a featx checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in ("backbone", "classes", "preprocess") if key not in sidecar]
+    if missing:
+        raise DataError(f"{path}: its sidecar lacks {', '.join(missing)}; not a complete featx checkpoint")
     if sidecar["backbone"] != backbone:
         raise DataError(f"{path}: made for backbone {sidecar['backbone']!r}, not {backbone!r}")
     if classes is not None and sidecar["classes"] != list(classes):
@@ -93,12 +112,10 @@ def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, pa
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(sidecar, backbone state dict) of a ``best.pt``/``last.pt``; the head is dropped."""
+    from featx.feature_model import load_tensors
+
     path = Path(path)
-    sidecar_path = path.with_suffix(".json")
-    if not path.is_file() or not sidecar_path.is_file():
-        raise DataError(f"{path}: checkpoint or its sidecar {sidecar_path.name} not found")
-    sidecar = _read_sidecar(sidecar_path)
-    check_checkpoint(sidecar, sidecar.get("backbone", "?"), None, path)
+    sidecar = read_sidecar(path)
     state = load_tensors(path, "checkpoint")
     state = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(state, dict):
@@ -113,12 +130,16 @@ class BackboneSource:
     spec: BackboneSpec
     weights: ResolvedWeights  # for a checkpoint: the checkpoint file and its hash
     preprocess: Preprocess  # the backbone's own, or the one the checkpoint was trained with
-    state: dict | None = None  # the fine-tuned backbone's state dict
+    checkpoint: Path | None = None  # the fine-tuned checkpoint, read only when the model is built
 
     @property
     def label(self) -> str:
         """The name in leaderboards: the backbone's, or ``<backbone>+ft-<hash>`` for a fine-tuned one."""
-        return self.spec.name if self.state is None else f"{self.spec.name}+ft-{self.weights.sha256[:8]}"
+        return self.spec.name if self.checkpoint is None else f"{self.spec.name}+ft-{self.weights.sha256[:8]}"
+
+    def backbone_state(self) -> dict | None:
+        """The fine-tuned backbone's state dict (None for pretrained weights): reading it needs torch."""
+        return None if self.checkpoint is None else read_checkpoint(self.checkpoint)[1]
 
 
 def backbone_source(backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -127,9 +148,9 @@ def backbone_source(backbone: str = DEFAULT_BACKBONE, weights: str | None = None
     if checkpoint is None:
         spec = get_backbone(backbone)
         return BackboneSource(spec, resolve_weights(spec, weights), spec.preprocess)
-    sidecar, state = read_checkpoint(checkpoint)
+    sidecar = read_sidecar(checkpoint)
     spec = get_backbone(sidecar["backbone"])
     if backbone not in (DEFAULT_BACKBONE, spec.name):
         raise ConfigError(f"{checkpoint} is a {spec.name} checkpoint; drop --backbone {backbone}")
-    weights = ResolvedWeights(f"checkpoint:{Path(checkpoint).name}", Path(checkpoint), file_sha256(checkpoint))
-    return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), state)
+    weights = ResolvedWeights(f"checkpoint:{Path(checkpoint).name}", Path(checkpoint), remembered_sha256(checkpoint))
+    return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), Path(checkpoint))

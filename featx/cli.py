@@ -120,7 +120,7 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
     """
     from featx.cluster import cluster_address
     from featx.datasets import scan_dataset
-    from featx.extraction import ExtractConfig, extract as run_extract
+    from featx.planning import ExtractConfig, cached_result, plan_extraction
     from featx.sample import sample_path
 
     if sample == (data_dir is not None):
@@ -150,8 +150,13 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
 
                 result = extract_on_cluster(dataset, config, address, shard_rows=shard_rows,
                                             progress=ctx.obj["progress"], force=force)
-            else:
-                result = run_extract(dataset, config, progress=ctx.obj["progress"], force=force)
+            else:  # the plan and a cache hit need no torch: the model side is imported only for work to do
+                plan = plan_extraction(dataset, config)
+                result = None if force else cached_result(plan.path, plan.key)
+                if result is None:
+                    from featx.extraction import extract_planned
+
+                    result = extract_planned(plan, progress=ctx.obj["progress"], force=force)
         except KeyboardInterrupt:
             echo("featx: interrupted; run the same command again to resume", err=True)
             ctx.exit(1)
@@ -485,7 +490,8 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     """The whole product on the bundled chest X-ray sample: extract, compare heads, write the
     HTML report; prints the leaderboard and where the report is. About a minute on 2 CPU cores."""
     from featx.evaluate import compare
-    from featx.extraction import ExtractConfig, extract as run_extract
+    from featx.extraction import extract as run_extract
+    from featx.planning import ExtractConfig
     from featx.report import write_report
     from featx.runs import prepare_out, save_run
     from featx.sample import sample_path

@@ -197,26 +197,33 @@ def _images_under(folder: Path, skipped: list[tuple[str, str]] | None = None) ->
     found, seen = [], set()
     skipped = [] if skipped is None else skipped
 
-    def unreadable(err: OSError) -> None:
-        skipped.append((os.fsdecode(err.filename), f"unreadable folder ({err.strerror})"))
-
-    for folder_path, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
-        real = os.path.realpath(folder_path)
+    def walk(where: str) -> None:
+        real = os.path.realpath(where)
         if real in seen:
-            skipped.append((folder_path, "symlink loop (a folder already scanned)"))
-            folders.clear()
-            continue
+            skipped.append((where, "symlink loop (a folder already scanned)"))
+            return
         seen.add(real)
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
-        for name in files:
-            path = Path(folder_path) / name
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            entries = list(os.scandir(where))
+        except OSError as err:
+            skipped.append((os.fsdecode(err.filename or where), f"unreadable folder ({err.strerror})"))
+            return
+        folders = []
+        for entry in entries:  # d_type answers is_dir/is_file for plain entries: no stat per image
+            if entry.name.startswith("."):
                 continue
-            if not path.exists():
-                skipped.append((str(path), "dangling symlink"))
-            else:
-                found.append(path)
-    return sorted(found)
+            if entry.is_dir():
+                folders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    found.append(entry.path)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    skipped.append((entry.path, "dangling symlink"))
+        for sub in sorted(folders):
+            walk(sub)
+
+    walk(os.fspath(folder))
+    return sorted(map(Path, found))  # as paths, part by part: the order rows (and fingerprints) always had
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:

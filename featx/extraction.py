@@ -1,9 +1,8 @@
 """Running a backbone once over a dataset and writing its embeddings to the HDF5 cache.
 
-Images are decoded in DataLoader workers while the model runs; rows are written in
-dataset order as batches finish, so a killed run resumes at ``rows_done`` and ends with
-the same rows as an uninterrupted one. A second run with nothing changed finds the
-cached file by its key and returns at once.
+Images are decoded while the model runs; rows are written in dataset order as batches finish,
+so a killed run resumes at ``rows_done`` and ends with the same rows as an uninterrupted one.
+What to run and where the file goes is planned, without torch, in ``featx.planning``.
 """
 
 from __future__ import annotations
@@ -12,72 +11,21 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from featx.augment import augmentation, seeded
-from featx.backbones import DEFAULT_BACKBONE
-from featx.checkpoints import BackboneSource, backbone_source
-from featx.datasets import ImageDataset, Sample, scan_dataset
-from featx.errors import ConfigError
-from featx.feature_model import (autocast, build_feature_model, embed, optimise_for_cpu, resolve_device,
-                                 resolve_precision, to_tensor)
-from featx.images import MAX_PIXELS, ImageError, Preprocess, load_image
-from featx.store import (AUGMENTED, CacheLock, EmbeddingWriter, cache_key, cache_path, check_intact, package_version,
-                         read_meta)
-from featx.vocab import check_fields, parse_layer
-from featx.version import __version__
+from featx.datasets import ImageDataset
+from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, resolve_device, to_tensor
+from featx.images import ImageError, Preprocess, load_image
+from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
+from featx.store import CacheLock, EmbeddingWriter
 
 log = logging.getLogger(__name__)
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """How to extract; every field that changes the numbers goes into the cache key."""
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None  # None: default search; "none": random init; else a file
-    checkpoint: str | None = None  # a fine-tuned best.pt from `featx finetune`; sets backbone and preprocessing
-    layer: str = "penultimate"
-    tta: bool = False
-    precision: str = "fp32"
-    dtype: str = "float16"
-    image_size: int | None = None  # None: the backbone's own input size
-    max_pixels: int = MAX_PIXELS  # images larger than this are skipped (recorded), never decoded
-    fit: str = "crop"  # "crop": ImageNet centre crop; "full": the whole image squeezed to the input size
-    augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
-    aug: str = "natural"  # the copies' transforms (featx.augment)
-    batch_size: int = 32
-    workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
-    device: str = "auto"
-    cache_dir: str = "cache"
-    out: str | None = None  # an explicit file instead of the cache layout
-
-    def __post_init__(self):
-        check_fields(self, "extract")
-        if self.augment and self.aug == "none":
-            raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
-
-
-@dataclass
-class ExtractResult:
-    """What one extraction produced, for the CLI summary and for scripts."""
-
-    path: Path
-    cached: bool
-    rows: int
-    label: str = ""
-    resumed_from: int = 0
-    seconds: float = 0.0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.rows - self.resumed_from) / self.seconds if self.seconds else 0.0
 
 
 class ImageRows(torch.utils.data.Dataset):
@@ -108,87 +56,6 @@ class ImageRows(torch.utils.data.Dataset):
             return torch.zeros(3, size, size, dtype=torch.uint8), False, str(err)
 
 
-@dataclass
-class Plan:
-    """Everything that decides an extraction's numbers, made once without a model: any range of its rows
-    can then be embedded anywhere (this process, or a worker on another machine) and give the same rows."""
-
-    dataset: ImageDataset
-    config: ExtractConfig
-    source: BackboneSource
-    layers: tuple[str, ...]
-    preprocess: Preprocess
-    samples: list[Sample]  # the images, then their augmented copies (from row ``first_row``: see ``part``)
-    precision: str
-    recipe: dict
-    key: str
-    path: Path
-    n_images: int  # rows before the augmented copies
-    first_row: int = 0
-
-    @property
-    def n_rows(self) -> int:
-        return self.first_row + len(self.samples)
-
-    def part(self, start: int, stop: int) -> "Plan":
-        """The plan of rows ``start:stop`` alone: what one shard's task needs, not the whole dataset's list."""
-        rows = self.samples[start - self.first_row:stop - self.first_row]
-        self.dataset.fingerprint()  # computed once here, carried in the copy
-        return replace(self, samples=rows, first_row=start, dataset=replace(self.dataset, samples=[]))
-
-    def attrs(self, device: torch.device) -> dict:
-        """The provenance every file of this extraction records."""
-        spec, dataset = self.source.spec, self.dataset
-        return {
-            "featx_version": __version__, "backbone": spec.name, "label": self.source.label,
-            "weights": self.source.weights.identifier, "weights_sha256": self.source.weights.sha256,
-            "layer": ",".join(self.layers), "pooling": "avg", **self.preprocess.as_dict(), "tta": self.config.tta,
-            "precision": self.precision, "classes": dataset.classes, "dataset_name": dataset.name,
-            "dataset_root": str(dataset.root.resolve()), "dataset_fingerprint": dataset.fingerprint(),
-            "fingerprint_method": dataset.fingerprint_method, "split_source": dataset.split_source,
-            "scan_skipped": dataset.skipped, "cache_key": self.key, "recipe": self.recipe,
-            "torch_version": package_version("torch"), "torchvision_version": package_version("torchvision"),
-            "timm_version": package_version("timm"), "device": str(device), "config": asdict(self.config),
-        }
-
-
-def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = ExtractConfig(), *,
-                    split: str | None = None, seed: int = 0, split_from: str | Path | None = None,
-                    device_here: bool = True) -> Plan:
-    """Scan, resolve the backbone and preprocessing, and compute the cache key, without building a model.
-
-    ``device_here=False`` (a cluster) trusts the workers to have the asked device: the client may have none.
-    """
-    dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
-                                                                       split_from=split_from)
-    layers = parse_layer(config.layer)
-    source = backbone_source(config.backbone, config.weights, config.checkpoint)
-    spec = source.spec
-    if source.state is None:
-        preprocess = spec.preprocess_for(config.image_size, config.fit)
-    elif config.image_size is None:  # a checkpoint brings the preprocessing it was trained with
-        preprocess = source.preprocess
-    else:
-        preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
-    preprocess = replace(preprocess, max_pixels=config.max_pixels)
-    samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
-                                 for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
-    device = resolve_device(config.device) if device_here else torch.device(
-        "cpu" if config.device == "auto" else config.device)
-    precision = resolve_precision(config.precision, device)
-    recipe = {
-        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": source.weights.sha256,
-        "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
-        "dtype": config.dtype, "precision": precision,
-    }
-    if config.augment:  # only when asked, so keys of files made without copies stay as they were
-        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
-    key = cache_key(recipe)
-    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
-    return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
-                n_images=len(dataset.samples))
-
-
 def extract(
     data: ImageDataset | str | Path,
     config: ExtractConfig = ExtractConfig(),
@@ -203,7 +70,12 @@ def extract(
 
     A cached file is used only once it verifies; ``force`` re-extracts it anyway (over a damaged one).
     """
-    plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from)
+    return extract_planned(plan_extraction(data, config, split=split, seed=seed, split_from=split_from),
+                           progress=progress, force=force)
+
+
+def extract_planned(plan: Plan, *, progress: bool = True, force: bool = False) -> ExtractResult:
+    """``extract`` of a plan made already (the CLI plans without torch, to answer a cache hit at once)."""
     cached = None if force else cached_result(plan.path, plan.key)
     if cached:
         return cached
@@ -228,7 +100,8 @@ class LoadedModel:
 def load_model(plan: Plan) -> LoadedModel:
     """Build the plan's model here, with the precision the plan recorded; frozen for a CPU in fp32."""
     spec, device = plan.source.spec, resolve_device(plan.config.device)
-    model = build_feature_model(spec, plan.source.weights, ",".join(plan.layers), plan.source.state).to(device)
+    model = build_feature_model(spec, plan.source.weights, ",".join(plan.layers),
+                                plan.source.backbone_state()).to(device)
     dim = spec.dim if plan.layers == ("penultimate",) else _probe_dim(model, plan.preprocess, device)
     if device.type == "cpu" and plan.precision == "fp32":
         model = optimise_for_cpu(model, plan.preprocess.size)
@@ -247,7 +120,7 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
     samples = plan.samples[start - plan.first_row:stop - plan.first_row]
     writer = EmbeddingWriter(
         path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
-        splits=[s.split for s in samples], attrs={**plan.attrs(device), **(extra_attrs or {})}, dtype=config.dtype,
+        splits=[s.split for s in samples], attrs={**plan.attrs(str(device)), **(extra_attrs or {})}, dtype=config.dtype,
     )
     transform = augmentation(config.aug, plan.preprocess.size) if config.augment else None
     rows = ImageRows([plan.dataset.absolute_path(s) for s in samples], plan.preprocess, start + writer.rows_done,
@@ -256,22 +129,6 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
         return _run(model, plan, rows, writer, start, device, progress)
     finally:
         writer.close()
-
-
-def cached_result(path: Path, key: str) -> ExtractResult | None:
-    """The cached file at ``path`` if it is complete, made from ``key`` and intact; None to extract it."""
-    if not path.exists():
-        return None
-    meta = read_meta(path)
-    if meta.get("cache_key") != key:
-        raise ConfigError(f"{path} exists but was made from other inputs (cache key {meta.get('cache_key')} "
-                          f"instead of {key}); remove it or choose another --out")
-    if not meta["complete"]:
-        return None
-    check_intact(path)  # a damaged file is never "cached": the error says to re-extract with --force
-    log.info("using cached %s", path)
-    return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), label=meta.get("label") or meta["backbone"],
-                         resumed_from=int(meta["n_rows"]))
 
 
 def _run(model, plan: Plan, rows: ImageRows, writer, offset: int, device, progress) -> ExtractResult:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from featx.backbones import RANDOM_INIT, BackboneSpec, ResolvedWeights
-from featx.errors import ConfigError, DataError
-from featx.vocab import STAGE_NAMES, check, parse_layer
+from featx.errors import DataError
+from featx.hardware import device_type
+from featx.vocab import STAGE_NAMES, parse_layer
 
 log = logging.getLogger(__name__)
 # On a CPU the activations of a few images stay in cache: for efficientnet_lite0 on 2 cores a forward
@@ -195,30 +196,8 @@ def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Te
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` is the GPU when there is one; asking for CUDA where there is none is a usage error."""
-    check("resolve_device", device=device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision that will run: fp16, and bf16 without native support, fall back to fp32 on a CPU."""
-    check("resolve_precision", precision=precision)
-    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
-        log.warning("%s is not native on this CPU; running in fp32 instead", precision)
-        return "fp32"
-    return precision
+    kind = device_type(device)
+    return torch.device(kind if device == "auto" else device)
 
 
 def autocast(device: torch.device, precision: str):

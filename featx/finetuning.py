@@ -31,7 +31,8 @@ from featx.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
 from featx.checkpoints import load_resume_state, save_checkpoint, save_resume_state
 from featx.datasets import ImageDataset, carve_validation, scan_dataset
 from featx.errors import ConfigError, DataError
-from featx.feature_model import autocast, build_feature_model, resolve_device, resolve_precision, to_tensor
+from featx.feature_model import autocast, build_feature_model, resolve_device, to_tensor
+from featx.hardware import resolve_precision
 from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image, open_rgb
 from featx.metrics import classification_metrics
@@ -64,7 +65,7 @@ class FinetuneConfig:
     val_fraction: float = 0.15
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     workers: int = 0
     init_head_from: str | None = None
 
@@ -227,7 +228,7 @@ class Trainer:
         self.spec = get_backbone(config.backbone)
         self.preprocess = self.spec.preprocess_for(config.image_size, config.fit)
         self.device = resolve_device(config.device)
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision, _ = resolve_precision(config.precision, self.device.type, self.spec.architecture)
         self.weights = resolve_weights(self.spec, config.weights)
         train, val = train_val_samples(self.dataset, config.val_fraction, config.seed)
         self.train_samples, self.val_samples = _readable(self.dataset, train), _readable(self.dataset, val)

@@ -90,8 +90,9 @@ fit = option("fit", default="crop", show_default=True,
              help="crop: shorter side resized, centre crop (ImageNet); full: the whole image squeezed to the input "
                   "size (Keras' target_size), for images whose edges matter such as X-rays.")
 batch_size = option("batch_size", default=32, show_default=True, help="Images per batch.")
-precision = option("precision", default="fp32", show_default=True,
-                   help="Autocast precision (bf16 on CPUs with native support, fp16/bf16 on GPU).")
+precision = option("precision", default="auto", show_default=True,
+                   help="Autocast precision. auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 where it "
+                        "is native (AMX, AVX-512 BF16) and the backbone is dense, else fp32.")
 device = option("device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                 help="Where the backbone runs; auto is the GPU when there is one.")
 val_fraction = option("val_fraction", default=0.15, show_default=True,

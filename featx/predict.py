@@ -69,7 +69,7 @@ class Predictor:
                 raise DataError(f"{self.folder}: the head was trained on features of weights "
                                 f"{self.meta['weights_sha256'][:12]}…, but the weights found now hash to "
                                 f"{source.weights.sha256[:12]}…; re-extract and retrain")
-            model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.state)
+            model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
             self._model = optimise_for_cpu(model, self.preprocess.size)
         return self._model
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from featx.cluster import connect, describe
 from featx.errors import DataError, FeatxError
-from featx.extraction import (ExtractConfig, ExtractResult, LoadedModel, Plan, cached_result, embed_rows, load_model,
-                              plan_extraction)
+from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
 from featx.store import CacheLock, check_intact, publish_shards, read_failures, rows_written
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ def shard_key(plan: Plan, start: int, stop: int) -> str:
     return f"{plan.key}[{start}:{stop}]"
 
 
-_MODELS: dict[str, LoadedModel] = {}  # in a worker process: the model of the extraction it is working on
+_MODELS: dict = {}  # in a worker process: the model of the extraction it is working on
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 ALLOCATOR_THRESHOLD = 256 * 2**20
 
@@ -74,7 +73,10 @@ def run_shard(plan: Plan, index: int, path: Path) -> dict:
     """One task: embed the plan's rows into the shard ``path`` (resuming it); what a summary needs.
 
     A worker keeps the model of the last extraction it ran, so its next shards do not build it again.
+    Only workers import the model side (torch): the client plans and publishes without it.
     """
+    from featx.extraction import embed_rows, load_model
+
     start, stop = plan.first_row, plan.n_rows
     began = time.perf_counter()
     if plan.key not in _MODELS:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from featx.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
 FITS = ("crop", "full")  # ImageNet centre crop, or the whole image squeezed to the input size
 AUGMENTATIONS = ("natural", "xray", "none")

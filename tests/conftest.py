@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,8 +14,10 @@ from PIL import Image
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
-# Tests never reach the network: weight resolution stops at the local caches.
+# Tests never reach the network: weight resolution stops at the local caches; and what featx remembers
+# between commands (featx.memo) goes to a folder of this test session's, not the user's.
 os.environ["FEATX_OFFLINE"] = "1"
+os.environ["FEATX_HOME"] = tempfile.mkdtemp(prefix="featx-home-")
 
 
 def make_image(path: Path, colour, size=(48, 40), seed=0, fmt=None) -> Path:

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from featx.backbones import get_backbone
 from featx.cli import main
 from featx.datasets import scan_dataset
 from featx.errors import ConfigError, DataError, FeatxError
@@ -348,8 +349,12 @@ def test_12_damaged_run_folders_and_pickled_weights_are_one_line(tiny_run, tmp_p
         result = invoke("report", copy) if name != "best/open_set.json" else invoke("predict", copy, image)
         one_line_error(result, 2, str(copy))
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"weights": shutil.rmtree}))
-    (tmp_path / "evil.json").write_text(json.dumps({"format": "featx.checkpoint/1", "backbone": "resnet18",
-                                                   "classes": ["a", "b"]}))
+    sidecar = {"format": "featx.checkpoint/1", "backbone": "resnet18", "classes": ["a", "b"]}
+    (tmp_path / "evil.json").write_text(json.dumps(sidecar))
+    one_line_error(invoke("extract", tiny_run[0], "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "c"), 2,
+                   "evil.pt: its sidecar lacks preprocess")
+    preprocess = get_backbone("resnet18").preprocess.as_dict()
+    (tmp_path / "evil.json").write_text(json.dumps({**sidecar, "preprocess": preprocess}))
     one_line_error(invoke("extract", tiny_run[0], "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "c"), 2,
                    "not a loadable checkpoint", "never pickled code")
     result = invoke("extract", tiny_run[0], "--backbone", "resnet18", "--weights", tmp_path / "evil.pt", "--out",

@@ -1,0 +1,63 @@
+"""A small on-disk index of facts that are slow to find and cheap to check, so a warm command stays light.
+
+A weights file's SHA-256 goes into every cache key; hashing 100 MB of ResNet-50 weights on each call, or
+importing torchvision to learn a weights file's name, would cost more than finding the cached file. The
+index remembers them in ``~/.cache/featx/memo.json`` (``$FEATX_HOME`` or ``$XDG_CACHE_HOME/featx`` where
+set). A file's hash is remembered with its size and modification time and recomputed when either changes;
+a lost or unreadable index is only a slower start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from featx.store import file_sha256
+
+MAX_ENTRIES = 1000
+
+
+def memo_path() -> Path:
+    home = os.environ.get("FEATX_HOME")
+    if home:
+        return Path(home) / "memo.json"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featx" / "memo.json"
+
+
+def _read() -> dict[str, str]:
+    try:
+        entries = json.loads(memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write(entries: dict[str, str]) -> None:
+    """Atomically, keeping the newest entries; a read-only home just means nothing is remembered."""
+    path = memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump(dict(list(entries.items())[-MAX_ENTRIES:]), handle)
+        os.replace(handle.name, path)
+    except OSError:
+        pass
+
+
+def remembered(key: str, find: Callable[[], str]) -> str:
+    """The value remembered for ``key``, or ``find()``'s, remembered from now on."""
+    entries = _read()
+    if key not in entries:
+        entries[key] = find()
+        _write(entries)
+    return entries[key]
+
+
+def remembered_sha256(path: str | Path) -> str:
+    """``file_sha256(path)``, hashed again only when the file's size or modification time changed."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return remembered(f"sha256:{path}:{stat.st_size}:{stat.st_mtime_ns}", lambda: file_sha256(path))

@@ -1,0 +1,170 @@
+"""Planning an extraction without a model: the dataset, the backbone's identity, the preprocessing, the
+precision and the cache key, and finding the file when it is cached already.
+
+Nothing here imports torch, so a warm ``featx extract`` and a cluster's client decide everything in a
+fraction of a second; ``featx.extraction`` runs the model when there is work to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from featx.backbones import DEFAULT_BACKBONE
+from featx.checkpoints import BackboneSource, backbone_source
+from featx.datasets import ImageDataset, Sample, scan_dataset
+from featx.errors import ConfigError
+from featx.hardware import device_type, resolve_precision
+from featx.images import MAX_PIXELS, Preprocess
+from featx.memo import remembered
+from featx.store import AUGMENTED, cache_key, cache_path, check_intact, package_version, read_meta
+from featx.version import __version__
+from featx.vocab import check_fields, parse_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract; every field that changes the numbers goes into the cache key."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # None: default search; "none": random init; else a file
+    checkpoint: str | None = None  # a fine-tuned best.pt from `featx finetune`; sets backbone and preprocessing
+    layer: str = "penultimate"
+    tta: bool = False
+    precision: str = "auto"  # auto: see featx.hardware.resolve_precision
+    dtype: str = "float16"
+    image_size: int | None = None  # None: the backbone's own input size
+    max_pixels: int = MAX_PIXELS  # images larger than this are skipped (recorded), never decoded
+    fit: str = "crop"  # "crop": ImageNet centre crop; "full": the whole image squeezed to the input size
+    augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
+    aug: str = "natural"  # the copies' transforms (featx.augment)
+    batch_size: int = 32
+    workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
+    device: str = "auto"
+    cache_dir: str = "cache"
+    out: str | None = None  # an explicit file instead of the cache layout
+
+    def __post_init__(self):
+        check_fields(self, "extract")
+        if self.augment and self.aug == "none":
+            raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction produced, for the CLI summary and for scripts."""
+
+    path: Path
+    cached: bool
+    rows: int
+    label: str = ""
+    resumed_from: int = 0
+    seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.rows - self.resumed_from) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Plan:
+    """Everything that decides an extraction's numbers, made once without a model: any range of its rows
+    can then be embedded anywhere (this process, or a worker on another machine) and give the same rows."""
+
+    dataset: ImageDataset
+    config: ExtractConfig
+    source: BackboneSource
+    layers: tuple[str, ...]
+    preprocess: Preprocess
+    samples: list[Sample]  # the images, then their augmented copies (from row ``first_row``: see ``part``)
+    precision: str  # the one that runs, resolved from the asked one on the device that runs it
+    recipe: dict
+    key: str
+    path: Path
+    n_images: int  # rows before the augmented copies
+    precision_reason: str = ""
+    first_row: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.first_row + len(self.samples)
+
+    def part(self, start: int, stop: int) -> "Plan":
+        """The plan of rows ``start:stop`` alone: what one shard's task needs, not the whole dataset's list."""
+        rows = self.samples[start - self.first_row:stop - self.first_row]
+        self.dataset.fingerprint()  # computed once here, carried in the copy
+        return replace(self, samples=rows, first_row=start, dataset=replace(self.dataset, samples=[]))
+
+    def attrs(self, device: str) -> dict:
+        """The provenance every file of this extraction records."""
+        spec, dataset = self.source.spec, self.dataset
+        return {
+            "featx_version": __version__, "backbone": spec.name, "label": self.source.label,
+            "weights": self.source.weights.identifier, "weights_sha256": self.source.weights.sha256,
+            "layer": ",".join(self.layers), "pooling": "avg", **self.preprocess.as_dict(), "tta": self.config.tta,
+            "precision": self.precision, "precision_reason": self.precision_reason, "classes": dataset.classes, "dataset_name": dataset.name,
+            "dataset_root": str(dataset.root.resolve()), "dataset_fingerprint": dataset.fingerprint(),
+            "fingerprint_method": dataset.fingerprint_method, "split_source": dataset.split_source,
+            "scan_skipped": dataset.skipped, "cache_key": self.key, "recipe": self.recipe,
+            "torch_version": package_version("torch"), "torchvision_version": package_version("torchvision"),
+            "timm_version": package_version("timm"), "device": str(device), "config": asdict(self.config),
+        }
+
+
+def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = ExtractConfig(), *,
+                    split: str | None = None, seed: int = 0, split_from: str | Path | None = None,
+                    device_here: bool = True) -> Plan:
+    """Scan, resolve the backbone and preprocessing, and compute the cache key, without building a model.
+
+    ``device_here=False`` (a cluster) trusts the workers to have the asked device: the client may have none.
+    """
+    dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
+                                                                       split_from=split_from)
+    layers = parse_layer(config.layer)
+    source = backbone_source(config.backbone, config.weights, config.checkpoint)
+    spec = source.spec
+    if source.checkpoint is None:
+        preprocess = spec.preprocess_for(config.image_size, config.fit)
+    elif config.image_size is None:  # a checkpoint brings the preprocessing it was trained with
+        preprocess = source.preprocess
+    else:
+        preprocess = spec.preprocess_for(config.image_size, source.preprocess.fit)
+    preprocess = replace(preprocess, max_pixels=config.max_pixels)
+    samples = dataset.samples + [Sample(s.path, s.label, AUGMENTED, s.group)
+                                 for _ in range(config.augment) for s in dataset.samples if s.split == "train"]
+    device = device_type(config.device) if device_here else "cpu" if config.device == "auto" else config.device[:4]
+    precision, reason = resolve_precision(config.precision, device, spec.architecture)
+    recipe = {
+        "dataset_fingerprint": dataset.fingerprint(), "backbone": spec.name, "weights_sha256": source.weights.sha256,
+        "preprocess": preprocess.as_dict(), "layer": ",".join(layers), "pooling": "avg", "tta": config.tta,
+        "dtype": config.dtype, "precision": precision,
+    }
+    if config.augment:  # only when asked, so keys of files made without copies stay as they were
+        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+    key = cache_key(recipe)
+    path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
+    return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
+                n_images=len(dataset.samples), precision_reason=reason)
+
+
+def cached_result(path: Path, key: str) -> ExtractResult | None:
+    """The cached file at ``path`` if it is complete, made from ``key`` and intact; None to extract it."""
+    if not path.exists():
+        return None
+    meta = read_meta(path)
+    if meta.get("cache_key") != key:
+        raise ConfigError(f"{path} exists but was made from other inputs (cache key {meta.get('cache_key')} "
+                          f"instead of {key}); remove it or choose another --out")
+    if not meta["complete"]:
+        return None
+    # A damaged file is never "cached" (the error says to re-extract with --force). One that verified and has not
+    # changed size or time since is not read through again; its chunks' Fletcher32 still guards every later read.
+    stat = path.stat()
+    remembered(f"intact:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", lambda: check_intact(path) and "yes")
+    log.info("using cached %s", path)
+    return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), label=meta.get("label") or meta["backbone"],
+                         resumed_from=int(meta["n_rows"]))
