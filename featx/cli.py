@@ -92,6 +92,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
              "never flips.")
 @options.batch_size
 @options.option("workers", help="DataLoader decoding worker processes (default: a thread pool on CPU, 8 on GPU).")
+@options.decode
 @options.device
 @click.option("--split", metavar="TRAIN,VAL,TEST",
               help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
@@ -110,7 +111,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                                                 "worker's work).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
-            fit, augment, aug, batch_size, workers, device, split, seed, split_from, max_pixels, verify_content,
+            fit, augment, aug, batch_size, workers, decode, device, split, seed, split_from, max_pixels, verify_content,
             allow_outside_root, force, cluster, shard_rows):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
@@ -142,7 +143,8 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
                                layer=layer, tta=tta, precision=precision,
                                dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
-                               batch_size=batch_size, workers=workers, device=device, cache_dir=str(cache_dir),
+                               batch_size=batch_size, workers=workers, decode=decode, device=device,
+                               cache_dir=str(cache_dir),
                                max_pixels=max_pixels)
         try:
             if address:

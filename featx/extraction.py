@@ -146,7 +146,8 @@ def _run(model, plan: Plan, rows: ImageRows, writer, offset: int, device, progre
     bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
     with torch.inference_mode(), autocast(device, plan.precision), bar:
-        for images, ok, errors in _batches(rows, config, device):
+        batches = _tensor_batches(rows, config, device) if plan.decoder == "tensor" else _batches(rows, config, device)
+        for images, ok, errors in batches:
             features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
             overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
@@ -191,6 +192,31 @@ def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
             items = list(pool.map(rows.__getitem__, range(begin, min(begin + config.batch_size, len(rows)))))
             yield (torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items]),
                    [i[2] for i in items])
+
+
+def _tensor_batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
+    """Batches decoded as tensors on ``device`` (``featx.decoding``), the next batch's bytes read meanwhile."""
+    from featx.decoding import BatchDecoder
+
+    decoder = BatchDecoder(rows.preprocess, device, threads=min(8, os.cpu_count() or 1))
+    spans = [(begin, min(begin + config.batch_size, len(rows))) for begin in range(0, len(rows), config.batch_size)]
+
+    def files(span):
+        return [rows.files[rows.start + i - rows.first_row] for i in range(*span)]
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(decoder.read, files(spans[0])) if spans else None
+        for k, span in enumerate(spans):
+            contents = upcoming.result()
+            if k + 1 < len(spans):
+                upcoming = reader.submit(decoder.read, files(spans[k + 1]))
+            pixels, ok, errors = decoder.decode(files(span), contents)
+            for i in range(*span):  # augmented copies, seeded by their row number as on the Pillow path
+                row = rows.start + i
+                if row >= rows.first_copy and ok[i - span[0]]:
+                    pixels[i - span[0]] = seeded(rows.transform, pixels[i - span[0]], row)
+            yield pixels, ok, errors
+    decoder.close()
 
 
 def _probe_dim(model, preprocess: Preprocess, device) -> int:

@@ -42,6 +42,7 @@ class ExtractConfig:
     augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
     aug: str = "natural"  # the copies' transforms (featx.augment)
     batch_size: int = 32
+    decode: str = "auto"  # "tensor": JPEGs decoded in batches on the device (featx.decoding); auto: on a GPU
     workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
     device: str = "auto"
     cache_dir: str = "cache"
@@ -87,6 +88,7 @@ class Plan:
     path: Path
     n_images: int  # rows before the augmented copies
     precision_reason: str = ""
+    decoder: str = "pillow"
     first_row: int = 0
 
     @property
@@ -106,7 +108,8 @@ class Plan:
             "featx_version": __version__, "backbone": spec.name, "label": self.source.label,
             "weights": self.source.weights.identifier, "weights_sha256": self.source.weights.sha256,
             "layer": ",".join(self.layers), "pooling": "avg", **self.preprocess.as_dict(), "tta": self.config.tta,
-            "precision": self.precision, "precision_reason": self.precision_reason, "classes": dataset.classes, "dataset_name": dataset.name,
+            "precision": self.precision, "precision_reason": self.precision_reason, "decoder": self.decoder,
+            "classes": dataset.classes, "dataset_name": dataset.name,
             "dataset_root": str(dataset.root.resolve()), "dataset_fingerprint": dataset.fingerprint(),
             "fingerprint_method": dataset.fingerprint_method, "split_source": dataset.split_source,
             "scan_skipped": dataset.skipped, "cache_key": self.key, "recipe": self.recipe,
@@ -145,10 +148,13 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     }
     if config.augment:  # only when asked, so keys of files made without copies stay as they were
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+    decoder = config.decode if config.decode != "auto" else "tensor" if device == "cuda" else "pillow"
+    if decoder == "tensor":  # its pixels differ from Pillow's in the last bits (draft mode, resampler)
+        recipe["decoder"] = decoder
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
     return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
-                n_images=len(dataset.samples), precision_reason=reason)
+                n_images=len(dataset.samples), precision_reason=reason, decoder=decoder)
 
 
 def cached_result(path: Path, key: str) -> ExtractResult | None:

@@ -26,6 +26,7 @@ from featx.errors import DataError
 
 ALLOWED = frozenset({
     "featx.heads.EarlyStoppedLightGBM",
+    "featx.heads.HingeSGD",
     "lightgbm.basic.Booster",
     "lightgbm.sklearn.LGBMClassifier",
     "sklearn.calibration.CalibratedClassifierCV",
@@ -33,6 +34,7 @@ ALLOWED = frozenset({
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.decomposition._pca.PCA",
     "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.model_selection._split.StratifiedShuffleSplit",
     "sklearn.neighbors._classification.KNeighborsClassifier",
     "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
@@ -58,6 +60,8 @@ class _Encoder:
         self.arrays: dict[str, np.ndarray] = {}
 
     def __call__(self, value):
+        if isinstance(value, np.generic):  # before float: np.float64 is a float, and would come back a Python one
+            return {"$scalar": value.dtype.str, "value": value.item()}
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, np.ndarray):
@@ -66,8 +70,6 @@ class _Encoder:
             key = f"a{len(self.arrays)}"
             self.arrays[key] = value
             return {"$array": key}
-        if isinstance(value, np.generic):
-            return {"$scalar": value.dtype.str, "value": value.item()}
         if isinstance(value, list):
             return [self(v) for v in value]
         if isinstance(value, tuple):

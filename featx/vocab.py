@@ -15,6 +15,7 @@ from featx.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
+DECODERS = ("auto", "pillow", "tensor")  # auto: tensor batches on a GPU, Pillow on a CPU
 FITS = ("crop", "full")  # ImageNet centre crop, or the whole image squeezed to the input size
 AUGMENTATIONS = ("natural", "xray", "none")
 BN_MODES = ("frozen", "train")
@@ -95,6 +96,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "dtype": OneOf(STORAGE_DTYPES),
     "device": Pattern(r"auto|cpu|cuda(?::\d+)?", "auto, cpu, cuda or cuda:N"),
     "fit": OneOf(FITS),
+    "decode": OneOf(DECODERS),
     "aug": OneOf(AUGMENTATIONS),
     "augment": Interval(int, 0),
     "layer": Pattern(rf"{_LAYER_TOKEN}(?:,{_LAYER_TOKEN})*",

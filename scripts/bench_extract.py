@@ -1,82 +1,96 @@
-"""Extraction speed, measured in one run on the same images and backbone.
+"""Extraction speed, measured in one run on the same images, per backbone and precision.
 
 Prints images/s of
-  (a) the bare model forward on pre-decoded, pre-normalised tensors (the ceiling),
-  (b) `featx extract` end to end (decode, resize, forward, HDF5 write),
+  (a) the bare model forward on pre-decoded tensors already on the device (the ceiling),
+  (b) `featx extract` end to end (read, decode, resize, forward, HDF5 write), once per decoder:
+      pillow (one image per CPU thread) and tensor (JPEG batches decoded on the device, featx.decoding),
   (c) a plain tutorial pipeline: torchvision ImageFolder + transforms + DataLoader, fp32 NCHW, no_grad,
-and the ratios b/a and b/c, for each precision asked for.
+and the ratios b/a and b/c.
 
-Usage: python scripts/bench_extract.py [--images N] [--backbone NAME] [--precision fp32 --precision bf16]
-Uses ../shared/data/chest_xray when present, else synthetic JPEGs written to a temporary folder.
+Usage: python scripts/bench_extract.py [--device cpu|cuda] [--images N] [--image-px 2000]
+                                       [--backbone efficientnet_lite0 --backbone resnet50] [--precision fp32 ...]
+Images: ../shared/data/chest_xray when present (downsized copies), else generated JPEGs; --image-px N generates
+N-pixel-wide photo-like JPEGs (users' X-rays are about 2000 × 1700). A backbone without installed weights
+runs with random weights (the speed is the same).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from featx.backbones import get_backbone, resolve_weights
-from featx.datasets import scan_dataset
-from featx.extraction import ExtractConfig, extract
-from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, resolve_precision, to_tensor
+from featx.backbones import RANDOM_INIT, get_backbone, resolve_weights
+from featx.errors import WeightsError
+from featx.extraction import extract
+from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.hardware import resolve_precision
 from featx.images import load_image
+from featx.planning import ExtractConfig
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray"
 
 
-def make_image_folder(target: Path, n_images: int) -> Path:
-    """A class-folder copy of n real chest X-rays, or synthetic 224 px JPEGs when the shared data is absent."""
+def make_image_folder(target: Path, n_images: int, image_px: int) -> Path:
+    """A class-folder copy of n real chest X-rays, or generated photo-like JPEGs (224 px, or ``image_px`` wide)."""
+    from PIL import Image
+
     rng = random.Random(0)
     for label in ("NORMAL", "PNEUMONIA"):
         (target / label).mkdir(parents=True)
-        sources = sorted((SHARED / "train" / label).glob("*.jpeg")) if SHARED.is_dir() else []
+        sources = sorted((SHARED / "train" / label).glob("*.jpeg")) if SHARED.is_dir() and not image_px else []
         for i in range(n_images // 2):
             if sources:
                 shutil.copy(rng.choice(sources), target / label / f"{i:05d}.jpeg")
-            else:
-                from PIL import Image
-
-                pixels = np.random.default_rng(i).integers(0, 255, (224, 224, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(target / label / f"{i:05d}.jpeg", quality=90)
+                continue
+            width = image_px or 224
+            height = width * 17 // 20 if image_px else 224
+            coarse = np.random.default_rng(i).integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8)
+            image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+            image.save(target / label / f"{i:05d}.jpeg", quality=90)
     return target
 
 
-def time_bare(forward, batches, precision: str) -> float:
-    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_bare(forward, batches, device, precision: str) -> float:
+    with torch.inference_mode(), autocast(device, precision):
         forward(batches[0])  # warm-up
+        synchronize(device)
         began = time.perf_counter()
         for x in batches:
             forward(x)
+        synchronize(device)
     return sum(len(x) for x in batches) / (time.perf_counter() - began)
 
 
-def time_featx(folder: Path, backbone: str, precision: str, batch_size: int) -> float:
-    dataset = scan_dataset(folder, split="1,0,0")
+def time_featx(folder: Path, config: ExtractConfig) -> float:
     with tempfile.TemporaryDirectory() as cache:
-        # Warm-up run on a handful of images so both sides start with loaded libraries and weights.
-        extract(folder, ExtractConfig(backbone=backbone, precision=precision, cache_dir=cache + "/warm",
-                                      batch_size=batch_size), split="1,0,0", progress=False)
+        # A warm-up run first, so that every side starts with loaded libraries and weights.
+        extract(folder, replace(config, cache_dir=cache + "/warm"), split="1,0,0", progress=False)
+        n_images = sum(1 for _ in folder.rglob("*.jpeg"))
         began = time.perf_counter()
-        extract(dataset, ExtractConfig(backbone=backbone, precision=precision, cache_dir=cache,
-                                       batch_size=batch_size, dtype="float32"), progress=False)
-        return len(dataset) / (time.perf_counter() - began)
+        extract(folder, replace(config, cache_dir=cache, dtype="float32"), split="1,0,0", progress=False)
+        return n_images / (time.perf_counter() - began)
 
 
-def time_tutorial(folder: Path, backbone: str, batch_size: int) -> float:
+def time_tutorial(folder: Path, model, spec, device, batch_size: int) -> float:
     """The pipeline of a typical transfer-learning tutorial, written the usual way."""
     import torchvision
     from torchvision import transforms
 
-    spec = get_backbone(backbone)
-    model = build_feature_model(spec, resolve_weights(spec)).net.to(memory_format=torch.contiguous_format)
     interpolation = transforms.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else \
         transforms.InterpolationMode.BILINEAR
     tf = transforms.Compose([
@@ -84,48 +98,65 @@ def time_tutorial(folder: Path, backbone: str, batch_size: int) -> float:
         transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std),
     ])
     loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, tf), batch_size=batch_size,
-                                         num_workers=2)
-    began = time.perf_counter()
-    n = 0
+                                         num_workers=min(8, os.cpu_count() or 1))
+    net = model.net.to(device, memory_format=torch.contiguous_format)
+    began, n = time.perf_counter(), 0
     with torch.no_grad():
         for x, _ in loader:
-            model(x)
+            net(x.to(device))
             n += len(x)
+    synchronize(device)
     return n / (time.perf_counter() - began)
 
 
+def weights_for(spec):
+    """(weights, the --weights value): the installed weights, or random ones where none are installed."""
+    try:
+        return resolve_weights(spec), None
+    except WeightsError:
+        return RANDOM_INIT, "none"
+
+
 @click.command()
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--images", default=384, show_default=True)
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--image-px", default=0, show_default=True, help="Generate JPEGs this wide (0: chest X-rays or 224 px).")
+@click.option("--backbone", "backbones", multiple=True, default=["efficientnet_lite0", "resnet50"], show_default=True)
+@click.option("--batch-size", default=None, type=int, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--precision", "precisions", multiple=True, default=["fp32", "bf16"], show_default=True)
-def main(images, backbone, batch_size, precisions):
+@click.option("--decode", "decoders", multiple=True, default=["pillow", "tensor"], show_default=True)
+def main(device, images, image_px, backbones, batch_size, precisions, decoders):
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"backbone {backbone}, {images} images, batch {batch_size}")
+    device = torch.device(device)
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+          f"{images} images{f' of {image_px} px' if image_px else ''}, batch {batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_image_folder(Path(tmp) / "images", images)
-        spec = get_backbone(backbone)
-        eager = build_feature_model(spec, resolve_weights(spec))
-        decoded = [to_tensor(load_image(p, spec.preprocess)) for p in sorted(folder.rglob("*.jpeg"))]
-        batches = [torch.stack(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
-        tutorial = time_tutorial(folder, backbone, batch_size)
-        print(f"(c) tutorial ImageFolder+DataLoader fp32 NCHW : {tutorial:7.1f} img/s")
-        for precision in precisions:
-            used = resolve_precision(precision, torch.device("cpu"))
-            # (a) runs the very module featx runs, chunked as featx runs it, so b/a isolates decoding and writing.
-            model = optimise_for_cpu(eager, spec.input_size) if used == "fp32" else eager
-            eager_speed = time_bare(eager, batches, used)
-            whole_batch = time_bare(model, batches, used)
-            bare = time_bare(lambda x: embed(model, x), batches, used)
-            pipeline = time_featx(folder, backbone, precision, batch_size)
-            note = "" if used == precision else f" (ran as {used}: not native on this CPU)"
-            print(f"[{precision}]{note}")
-            print(f"      eager channels_last forward, for reference: {eager_speed:7.1f} img/s")
-            print(f"      featx's model, {batch_size} images per forward  : {whole_batch:7.1f} img/s")
-            print(f"  (a) bare model forward, pre-decoded         : {bare:7.1f} img/s")
-            print(f"  (b) featx extract end to end                : {pipeline:7.1f} img/s")
-            print(f"  b/a = {pipeline / bare:.2f}   b/c = {pipeline / tutorial:.2f}")
+        folder = make_image_folder(Path(tmp) / "images", images, image_px)
+        files = sorted(folder.rglob("*.jpeg"))
+        for backbone in backbones:
+            spec = get_backbone(backbone)
+            weights, weights_arg = weights_for(spec)
+            eager = build_feature_model(spec, weights).to(device)
+            decoded = [to_tensor(load_image(p, spec.preprocess)) for p in files]
+            batches = [torch.stack(decoded[i:i + batch_size]).to(device) for i in range(0, len(decoded), batch_size)]
+            tutorial = time_tutorial(folder, eager, spec, device, batch_size)
+            print(f"\n{backbone}{' (random weights: none installed)' if weights_arg else ''}")
+            print(f"  (c) tutorial ImageFolder+DataLoader fp32 NCHW : {tutorial:8.1f} img/s")
+            for precision in precisions:
+                used, reason = resolve_precision(precision, device.type, spec.architecture)
+                model = optimise_for_cpu(eager, spec.input_size) if device.type == "cpu" and used == "fp32" else eager
+                bare = time_bare(lambda x: embed(model, x), batches, device, used)
+                print(f"  [{precision}]" + ("" if used == precision else f" ran as {used}: {reason}"))
+                print(f"  (a) bare model forward, pre-decoded on {device.type:4s} : {bare:8.1f} img/s")
+                for decode in decoders:
+                    config = ExtractConfig(backbone=backbone, weights=weights_arg, precision=precision, decode=decode,
+                                           device=device.type, batch_size=batch_size)
+                    end_to_end = time_featx(folder, config)
+                    print(f"  (b) featx extract, {decode:6s} decoding         : {end_to_end:8.1f} img/s   "
+                          f"b/a = {end_to_end / bare:.2f}   b/c = {end_to_end / tutorial:.2f}")
+
 
 if __name__ == "__main__":
     main()

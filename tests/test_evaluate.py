@@ -150,3 +150,17 @@ def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(
     assert len(left_out) == 6  # exactly the validation images' copies stayed out
     (X_plain, _), _, _, _ = split_arrays(emb, 0.25, seed=0, with_copies=False)
     assert len(X_plain) == 18
+
+
+@pytest.mark.parametrize("n_classes, n_rows", [(2, 40), (3, 12), (5, 300)])
+def test_bootstrap_aucs_equal_the_auc_of_each_resample(n_classes, n_rows):
+    from featx.metrics import _auc, bootstrap_aucs
+
+    rng = np.random.default_rng(n_classes)
+    y = rng.integers(0, n_classes, n_rows)
+    proba = np.round(rng.random((n_rows, n_classes)), 1)  # coarse scores: many ties
+    proba /= proba.sum(1, keepdims=True)
+    index = rng.integers(0, n_rows, (100, n_rows))
+    expected = np.array([_auc(y[i], proba[i]) for i in index])
+    np.testing.assert_allclose(bootstrap_aucs(y, proba, index), expected, atol=1e-12)  # NaN where a class is missing
+    assert n_rows > 20 or np.isnan(expected).any()

@@ -144,3 +144,61 @@ def test_the_registry_refuses_a_taken_name_unless_told_to_replace():
         assert get_head("knn").description == "another knn"
     finally:
         HEADS["knn"] = original
+
+
+def test_a_warm_started_path_chooses_and_fits_as_independent_fits_do():
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+
+    X, y = blobs(n_per_class=80, dim=30, seed=3)
+    X += np.random.default_rng(3).normal(0, 3, X.shape).astype(np.float32)  # overlapping classes: C matters
+    Xt, yt, Xv, yv = X[::2], y[::2], X[1::2], y[1::2]
+    fitted = fit_head("logreg", Xt, yt, Xv, yv)
+    plan = get_head("logreg").plan(len(Xt), X.shape[1], 0)
+    cold = GridSearchCV(plan.pipeline, plan.grid, scoring="balanced_accuracy", refit=False,
+                        cv=PredefinedSplit(np.r_[np.full(len(Xt), -1), np.zeros(len(Xv), int)]))
+    cold.fit(np.concatenate([Xt, Xv]), np.concatenate([yt, yv]))
+    assert fitted.best_params == cold.best_params_
+    assert fitted.tuning_score == pytest.approx(cold.best_score_, abs=0.02)
+    independent = plan.pipeline.set_params(**cold.best_params_).fit(Xt, yt)
+    assert np.abs(fitted.pipeline.predict_proba(Xv) - independent.predict_proba(Xv)).max() < 1e-2  # solver tol
+    assert fitted.pipeline["clf"].warm_start is False  # saved heads refit from scratch, as users expect
+
+
+class SizeRecorder(EarlyStoppedLightGBM):
+    """Predicts well exactly when ``num_leaves`` is 15; records how many rows each fit saw."""
+
+    sizes: list[int] = []
+
+    def fit(self, X, y):
+        SizeRecorder.sizes.append(len(y))
+        return super().fit(X, y if self.num_leaves == 15 else np.roll(y, 1))
+
+
+def test_successive_halving_narrows_on_fractions_then_fits_the_best_on_every_row():
+    from sklearn.metrics import get_scorer
+
+    from featx.heads import _halving_search
+
+    X, y = blobs(n_per_class=90, n_classes=3, dim=8)
+    SizeRecorder.sizes = []
+    grid = [{"num_leaves": n} for n in (7, 15, 31, 3, 5, 9, 11, 13, 17)]
+    kept = _halving_search(SizeRecorder(max_trees=10), grid, X, y, X, y, 0, get_scorer("balanced_accuracy"))
+    assert kept == [{"num_leaves": 15}]
+    assert SizeRecorder.sizes == [len(y) // 9] * 9 + [len(y) // 3] * 3
+
+
+def test_large_training_sets_get_the_sgd_linear_svm_and_halved_lightgbm(tmp_path, monkeypatch):
+    from featx import heads, serialize
+
+    monkeypatch.setattr(heads, "RBF_MAX_ROWS", 100)
+    monkeypatch.setattr(heads, "HALVING_MIN_ROWS", 100)
+    X, y = blobs(n_per_class=100, n_classes=3, dim=20)
+    Xt, yt, Xv, yv = X[::2], y[::2], X[1::2], y[1::2]
+    svm = fit_head("svm", Xt, yt, Xv, yv)
+    assert isinstance(svm.pipeline["clf"].estimator, heads.HingeSGD) and "SGD" in svm.note
+    assert (svm.pipeline.predict(Xv) == yv).mean() > 0.95
+    serialize.dump(svm.pipeline, tmp_path / "svm.json", {})
+    again = serialize.load(tmp_path / "svm.json")["object"]
+    assert np.array_equal(again.predict_proba(Xv), svm.pipeline.predict_proba(Xv))
+    lightgbm = fit_head("lightgbm", Xt, yt, Xv, yv)
+    assert "successive halving" in lightgbm.note and (lightgbm.pipeline.predict(Xv) == yv).mean() > 0.95

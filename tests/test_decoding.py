@@ -1,0 +1,85 @@
+"""The tensor pipeline (featx.decoding): the same inputs as the Pillow path, and the Pillow path for what it refuses."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featx.decoding import BatchDecoder, batchable
+from featx.extraction import extract
+from featx.images import Preprocess, load_image
+from featx.planning import ExtractConfig, plan_extraction
+from featx.store import load_embeddings
+
+
+def photo(size, seed):
+    """A smooth, photo-like RGB image (noise blown up by bicubic resampling)."""
+    rng = np.random.default_rng(seed)
+    coarse = (rng.random((max(2, size[1] // 16), max(2, size[0] // 16), 3)) * 255).astype(np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
+def make_photos(root):
+    """JPEGs as users have them: small and full-size X-ray-like ones, portrait, grey, EXIF-rotated."""
+    sizes = [(320, 240), (2000, 1700), (224, 224), (480, 640), (1024, 768), (300, 450)]
+    for i, size in enumerate(sizes):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        photo(size, i).save(folder / f"{i}.jpg", quality=90)
+    photo((400, 300), 10).convert("L").save(root / "a" / "grey.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated by 90°
+    photo((400, 300), 11).save(root / "b" / "rotated.jpg", quality=90, exif=exif.tobytes())
+    return root
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_tensor_decoding_embeds_as_the_pillow_path_does(tmp_path):
+    data = make_photos(tmp_path / "photos")
+    files = {}
+    for decode in ("pillow", "tensor"):
+        config = ExtractConfig(decode=decode, batch_size=4, cache_dir=str(tmp_path / decode))
+        files[decode] = load_embeddings(extract(data, config, progress=False).path)
+    assert files["tensor"].meta["decoder"] == "tensor" and files["pillow"].meta["decoder"] == "pillow"
+    assert files["tensor"].ok.all() and list(files["tensor"].paths) == list(files["pillow"].paths)
+    similarity = cosines(files["tensor"].features(), files["pillow"].features())
+    assert similarity.min() >= 0.999, similarity
+
+
+def test_what_the_batch_decoder_refuses_goes_through_pillow_exactly(tmp_path):
+    photo((60, 50), 0).save(tmp_path / "plain.png")
+    photo((60, 50), 1).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray((np.arange(3000).reshape(50, 60) * 20).astype(np.uint16)).save(tmp_path / "deep.png")
+    photo((300, 200), 2).save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    preprocess = Preprocess(64, 72, "bilinear")
+    files = [tmp_path / n for n in ("plain.png", "cmyk.jpg", "deep.png", "whole.jpg", "truncated.jpg", "garbage.jpg",
+                                    "empty.jpg")]
+    assert [batchable(f.read_bytes(), preprocess.max_pixels) for f in files[:4]] == [False, False, False, True]
+    decoder = BatchDecoder(preprocess, torch.device("cpu"), threads=2)
+    pixels, ok, errors = decoder.decode(files, decoder.read(files))
+    decoder.close()
+    for i, path in enumerate(files):
+        try:
+            expected = torch.from_numpy(load_image(path, preprocess).copy()).movedim(-1, 0)
+        except Exception as err:  # the Pillow path's refusal, word for word
+            assert not ok[i] and errors[i] == str(err)
+        else:
+            assert ok[i] and not errors[i]
+            if i < 3:  # the fallbacks are Pillow's own pixels
+                assert torch.equal(pixels[i], expected)
+            else:
+                assert (pixels[i].float() - expected.float()).abs().mean() < 1.0
+    assert list(ok) == [True, True, True, True, False, False, False]
+
+
+def test_the_decoder_is_part_of_the_key_only_when_it_is_the_tensor_one(tmp_path):
+    data = make_photos(tmp_path / "photos")
+    keys = {decode: plan_extraction(data, ExtractConfig(decode=decode, device="cpu")).key
+            for decode in ("auto", "pillow", "tensor")}
+    assert keys["auto"] == keys["pillow"] != keys["tensor"]  # on a CPU, auto is Pillow: the keys files always had
