@@ -315,8 +315,9 @@ def _validation_search(plan: HeadPlan, X, y, X_val, y_val, seed: int, scoring: s
     *before, (last, final) = plan.pipeline.steps
     grid, warm, prefix = plan.grid, plan.warm_start, None
     if before and all(key.startswith(f"{last}__") for key in grid):
-        prefix = Pipeline(before).fit(X, y)
-        X, X_val = prefix.transform(X), prefix.transform(X_val)
+        prefix = Pipeline(before)
+        X = prefix.fit_transform(X, y)  # as Pipeline.fit feeds the last step (PCA's fit_transform is U·S, not X·Vᵀ)
+        X_val = prefix.transform(X_val)
         strip = len(last) + 2
         grid = {key[strip:]: values for key, values in grid.items()}
         warm = warm and warm[strip:]

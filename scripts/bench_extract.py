@@ -60,6 +60,15 @@ def make_image_folder(target: Path, n_images: int, image_px: int) -> Path:
     return target
 
 
+def cpu_model() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "CPU"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -129,7 +138,7 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders):
     torch.manual_seed(0)
     device = torch.device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
           f"{images} images{f' of {image_px} px' if image_px else ''}, batch {batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
