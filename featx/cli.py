@@ -211,6 +211,60 @@ def list_cache(cache_dir):
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--from", "source", default="train", show_default=True, help="The split the heads learn from.")
+@click.option("--to", "target", default="test", show_default=True, help="The split whose figures are in question.")
+@click.option("--duplicate-cosine", default=0.88, show_default=True, type=click.FloatRange(0.5, 1.0),
+              help="Cosine similarity of embeddings from which two images count as near-duplicates.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for duplicates.csv (every pair) and audit.json.")
+@options.seed("Seed of the balanced samples, folds and permutations.")
+def audit(file, source, target, duplicate_cosine, out, seed):
+    """Check an embedding file for what makes figures optimistic: shift between two splits (can a
+    classifier tell them apart? within each class too) and near-duplicate images leaked across splits.
+    Reads only the cached embeddings: seconds, no torch."""
+    import csv
+    import json
+
+    from featx.audit import SHIFT_AUC, SHIFT_P, leaked_rows, near_duplicates, shift_between
+    from featx.store import load_embeddings
+
+    emb = load_embeddings(file)
+    report = shift_between(emb, source, target, seed)
+    test = report.overall
+    echo(f"shift {source} → {target}: AUC {test.auc:.3f} (p = {test.p_value:.3f}, {test.n} rows a side; "
+         "0.5 = alike)")
+    for name, per_class in report.per_class.items():
+        echo(f"  within {name}: AUC {per_class.auc:.3f} (p = {per_class.p_value:.3f}, {per_class.n} rows a side)")
+    if report.shifted:
+        echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p < {SHIFT_P}): figures measured "
+             f"on validation carved from {source} are likely optimistic for {target}", err=True)
+        echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
+    pairs = near_duplicates(emb, duplicate_cosine)
+    leaked = leaked_rows(emb, pairs, into=target, from_=source)
+    echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(pairs)} pairs; {len(leaked)} {target} images have one "
+         f"in {source}")
+    for pair in pairs[:5]:
+        echo(f"  {emb.paths[pair.first]} ({emb.splits[pair.first]}) ~ {emb.paths[pair.second]} "
+             f"({emb.splits[pair.second]}): {pair.cosine:.3f}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "duplicates.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
+            writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
+                              f"{p.cosine:.4f}"] for p in pairs)
+        summary = {"shift": {"from": source, "to": target, "auc": test.auc, "p_value": test.p_value, "rows": test.n,
+                             "shifted": report.shifted,
+                             "per_class": {k: {"auc": v.auc, "p_value": v.p_value, "rows": v.n}
+                                           for k, v in report.per_class.items()},
+                             "least_alike": report.least_alike_paths},
+                   "duplicates": {"cosine": duplicate_cosine, "pairs": len(pairs), "leaked_into_" + target: len(leaked)}}
+        (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+        echo(f"wrote {out / 'duplicates.csv'} and {out / 'audit.json'}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def info(file):
     """Show how an embedding file was made and what is in it (splits, classes, failures)."""
     import numpy as np

@@ -47,7 +47,8 @@ def bootstrap_aucs(y: np.ndarray, proba: np.ndarray, index: np.ndarray) -> np.nd
     for begin in range(0, len(index), step):
         chunk = index[begin:begin + step]
         offsets = (chunk + n * np.arange(len(chunk))[:, None]).ravel()
-        weights = np.bincount(offsets, minlength=len(chunk) * n).reshape(len(chunk), n).astype(np.float64)
+        # float32 counts are exact (a count is at most n) and halve the memory traffic of the sums below
+        weights = np.bincount(offsets, minlength=len(chunk) * n).reshape(len(chunk), n).astype(np.float32)
         per_class = [_weighted_auc(proba[:, k], y == k, weights) for k in positives]
         out[begin:begin + step] = np.mean(per_class, axis=0)
     return out
@@ -58,8 +59,8 @@ def _weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) 
     sorted_score = score[order]
     starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])  # tied scores form one group
     w = weights[:, order]
-    pos = np.add.reduceat(w * positive[order], starts, axis=1)
-    neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
+    pos = np.add.reduceat(w * positive[order], starts, axis=1, dtype=np.float64)
+    neg = np.add.reduceat(w, starts, axis=1, dtype=np.float64) - pos
     below = np.cumsum(neg, axis=1) - neg
     n_pos, n_neg = pos.sum(1), neg.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,0 +1,80 @@
+"""featx audit: shift between splits and near-duplicates, on generated embeddings and a real tiny extraction."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from featx.audit import DUPLICATE_COSINE, leaked_rows, near_duplicates, shift_between, two_sample_test
+from featx.cli import audit, main
+from featx.store import Embeddings
+
+
+def embeddings(features, labels, splits, tmp_path=None) -> Embeddings:
+    n = len(labels)
+    return Embeddings(tmp_path or "mem.h5", {"backbone": "test", "cache_key": "k"}, ["a", "b"],
+                      np.array([f"img{i}.jpg" for i in range(n)]), np.array(splits), np.ones(n, bool),
+                      np.array([""] * n), features.astype(np.float16), np.array(labels))
+
+
+def cnn_like(rng, n, dim=64, contrast=1.0, brightness=0.0):
+    """Non-negative correlated features, and what a contrast/brightness change of the images does to them."""
+    basis = np.random.default_rng(0).normal(0, 1, (8, dim))
+    return np.maximum(contrast * (rng.normal(0, 1, (n, 8)) @ basis) + brightness, 0)
+
+
+def test_a_contrast_and_brightness_shift_is_found_and_two_halves_of_one_set_are_not():
+    rng = np.random.default_rng(1)
+    same = two_sample_test(cnn_like(rng, 300), cnn_like(rng, 300), seed=0)
+    assert 0.4 < same.auc < 0.6 and same.p_value > 0.05 and not same.shifted
+    shifted = two_sample_test(cnn_like(rng, 300), cnn_like(rng, 300, contrast=0.7, brightness=0.8), seed=0)
+    assert shifted.auc > 0.7 and shifted.p_value < 0.01 and shifted.shifted
+
+
+def test_a_different_class_balance_alone_is_no_shift_within_classes():
+    rng = np.random.default_rng(2)
+    centre = np.r_[np.zeros(32), np.full(32, 3.0)]
+
+    def sample(n_a, n_b):
+        return np.concatenate([rng.normal(0, 1, (n_a, 64)), rng.normal(0, 1, (n_b, 64)) + centre])
+
+    features = np.concatenate([sample(200, 200), sample(360, 40)])  # train 50/50, test 90/10
+    labels = [0] * 200 + [1] * 200 + [0] * 360 + [1] * 40
+    emb = embeddings(features, labels, ["train"] * 400 + ["test"] * 400)
+    report = shift_between(emb, "train", "test")
+    assert report.overall.auc > 0.6  # the mix differs …
+    assert not any(test.shifted for test in report.per_class.values())  # … but no class's images do
+    assert set(report.per_class) == {"a", "b"} and len(report.least_alike_paths) == 10
+
+
+def test_near_duplicates_across_splits_are_leaks_and_distinct_rows_are_not():
+    rng = np.random.default_rng(3)
+    originals = np.abs(rng.normal(0, 1, (40, 128)))
+    copies = originals[:5] * 1.02 + np.abs(rng.normal(0, 0.05, (5, 128)))  # re-encoded, slightly changed
+    emb = embeddings(np.concatenate([originals, copies]), [0, 1] * 20 + [0] * 5,
+                     ["train"] * 40 + ["test"] * 5)
+    pairs = near_duplicates(emb, block=16)  # blocks smaller than the file: pairs across blocks too
+    assert sorted((p.first, p.second) for p in pairs) == [(i, 40 + i) for i in range(5)]
+    assert leaked_rows(emb, pairs, into="test", from_="train") == {40, 41, 42, 43, 44}
+
+
+def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
+    from featx.store import EmbeddingWriter
+
+    rng = np.random.default_rng(4)
+    features = np.concatenate([cnn_like(rng, 200), cnn_like(rng, 100, contrast=0.7, brightness=0.8)])
+    features[200] = features[0]  # one test image is a train image
+    labels = [0, 1] * 150
+    writer = EmbeddingWriter(tmp_path / "e.h5", dim=64, paths=[f"{i}.jpg" for i in range(300)], labels=labels,
+                             splits=["train"] * 200 + ["test"] * 100,
+                             attrs={"backbone": "test", "cache_key": "k", "classes": ["a", "b"]})
+    writer.write(features.astype(np.float16), np.ones(300, bool), [""] * 300)
+    result = CliRunner().invoke(main, ["audit", str(writer.finish()), "--out", str(tmp_path / "audit"),
+                                       "--duplicate-cosine", "0.99"])  # 8-dim features: many rows are alike
+    assert result.exit_code == 0, result.output
+    assert "warning: test differs from train" in result.output and "1 test images have one in train" in result.output
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["shift"]["shifted"] and summary["duplicates"]["leaked_into_test"] == 1
+    assert "0.jpg,train,200.jpg,test" in (tmp_path / "audit" / "duplicates.csv").read_text()
+    default = next(p.default for p in audit.params if p.name == "duplicate_cosine")
+    assert default == DUPLICATE_COSINE
