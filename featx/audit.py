@@ -14,8 +14,11 @@ threshold) across two splits or within one: the same image re-encoded, resized o
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -144,3 +147,41 @@ def leaked_rows(emb: Embeddings, pairs: list[DuplicatePair], into: str = "test",
         elif splits == (into, from_):
             leaked.add(pair.first)
     return leaked
+
+
+@dataclass
+class Audit:
+    """What ``featx audit`` found in one file: the shift report, every near-duplicate pair, the leaked rows."""
+
+    embeddings: Embeddings
+    shift: ShiftReport
+    pairs: list[DuplicatePair]
+    leaked: set[int]
+    duplicate_cosine: float
+
+    def save(self, out: Path) -> None:
+        """``out/duplicates.csv`` (every pair) and ``out/audit.json`` (the summary)."""
+        emb, shift = self.embeddings, self.shift
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "duplicates.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
+            writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
+                              f"{p.cosine:.4f}"] for p in self.pairs)
+        tests = {"overall": shift.overall, **{f"class {k}": v for k, v in shift.per_class.items()}}
+        summary = {
+            "shift": {"from": shift.source, "to": shift.target, "shifted": shift.shifted,
+                      "tests": {k: {"auc": t.auc, "p_value": t.p_value, "rows": t.n} for k, t in tests.items()},
+                      "least_alike": shift.least_alike_paths},
+            "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
+                           f"leaked_into_{shift.target}": len(self.leaked)},
+        }
+        (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def audit(emb: Embeddings, source: str = "train", target: str = "test", *,
+          duplicate_cosine: float = DUPLICATE_COSINE, seed: int = 0) -> Audit:
+    """Shift from ``source`` to ``target`` and near-duplicates, with the ``target`` rows leaked from ``source``."""
+    pairs = near_duplicates(emb, duplicate_cosine)
+    return Audit(emb, shift_between(emb, source, target, seed), pairs,
+                 leaked_rows(emb, pairs, into=target, from_=source), duplicate_cosine)

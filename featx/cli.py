@@ -222,14 +222,11 @@ def audit(file, source, target, duplicate_cosine, out, seed):
     """Check an embedding file for what makes figures optimistic: shift between two splits (can a
     classifier tell them apart? within each class too) and near-duplicate images leaked across splits.
     Reads only the cached embeddings: seconds, no torch."""
-    import csv
-    import json
-
-    from featx.audit import SHIFT_AUC, SHIFT_P, leaked_rows, near_duplicates, shift_between
+    from featx.audit import SHIFT_AUC, SHIFT_P, audit as run_audit
     from featx.store import load_embeddings
 
-    emb = load_embeddings(file)
-    report = shift_between(emb, source, target, seed)
+    found = run_audit(load_embeddings(file), source, target, duplicate_cosine=duplicate_cosine, seed=seed)
+    report, emb = found.shift, found.embeddings
     test = report.overall
     echo(f"shift {source} → {target}: AUC {test.auc:.3f} (p = {test.p_value:.3f}, {test.n} rows a side; "
          "0.5 = alike)")
@@ -239,27 +236,13 @@ def audit(file, source, target, duplicate_cosine, out, seed):
         echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p < {SHIFT_P}): figures measured "
              f"on validation carved from {source} are likely optimistic for {target}", err=True)
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
-    pairs = near_duplicates(emb, duplicate_cosine)
-    leaked = leaked_rows(emb, pairs, into=target, from_=source)
-    echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(pairs)} pairs; {len(leaked)} {target} images have one "
-         f"in {source}")
-    for pair in pairs[:5]:
+    echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
+         f"images have one in {source}")
+    for pair in found.pairs[:5]:
         echo(f"  {emb.paths[pair.first]} ({emb.splits[pair.first]}) ~ {emb.paths[pair.second]} "
              f"({emb.splits[pair.second]}): {pair.cosine:.3f}")
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "duplicates.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
-            writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
-                              f"{p.cosine:.4f}"] for p in pairs)
-        summary = {"shift": {"from": source, "to": target, "auc": test.auc, "p_value": test.p_value, "rows": test.n,
-                             "shifted": report.shifted,
-                             "per_class": {k: {"auc": v.auc, "p_value": v.p_value, "rows": v.n}
-                                           for k, v in report.per_class.items()},
-                             "least_alike": report.least_alike_paths},
-                   "duplicates": {"cosine": duplicate_cosine, "pairs": len(pairs), "leaked_into_" + target: len(leaked)}}
-        (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+        found.save(out)
         echo(f"wrote {out / 'duplicates.csv'} and {out / 'audit.json'}")
 
 

@@ -75,6 +75,7 @@ def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
     assert "warning: test differs from train" in result.output and "1 test images have one in train" in result.output
     summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert summary["shift"]["shifted"] and summary["duplicates"]["leaked_into_test"] == 1
+    assert set(summary["shift"]["tests"]) == {"overall", "class a", "class b"}
     assert "0.jpg,train,200.jpg,test" in (tmp_path / "audit" / "duplicates.csv").read_text()
     default = next(p.default for p in audit.params if p.name == "duplicate_cosine")
     assert default == DUPLICATE_COSINE
