@@ -159,6 +159,17 @@ class Audit:
     leaked: set[int]
     duplicate_cosine: float
 
+    @property
+    def threshold_too_low(self) -> float | None:
+        """A higher cosine to try when more pairs than images were found: in a domain whose images are all alike
+        (chest X-rays) the threshold measured on photos flags ordinary pairs. The suggestion keeps the closest
+        pairs, one for every hundred images."""
+        rows = len(self.embeddings.rows())
+        if len(self.pairs) <= rows:
+            return None
+        closest = sorted((p.cosine for p in self.pairs), reverse=True)
+        return round(closest[max(1, rows // 100) - 1], 3)
+
     def save(self, out: Path) -> None:
         """``out/duplicates.csv`` (every pair) and ``out/audit.json`` (the summary)."""
         emb, shift = self.embeddings, self.shift
@@ -174,7 +185,8 @@ class Audit:
                       "tests": {k: {"auc": t.auc, "p_value": t.p_value, "rows": t.n} for k, t in tests.items()},
                       "least_alike": shift.least_alike_paths},
             "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
-                           f"leaked_into_{shift.target}": len(self.leaked)},
+                           f"leaked_into_{shift.target}": len(self.leaked),
+                           "suggested_cosine": self.threshold_too_low},
         }
         (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -238,7 +238,12 @@ def audit(file, source, target, duplicate_cosine, out, seed):
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
-    for pair in found.pairs[:5]:
+    suggested = found.threshold_too_low
+    if suggested:
+        echo(f"featx: warning: more pairs than images: these images are alike in general, and cosine "
+             f"{duplicate_cosine} (measured on photos) is too low for them; try --duplicate-cosine {suggested}",
+             err=True)
+    for pair in sorted(found.pairs, key=lambda p: -p.cosine)[:5]:
         echo(f"  {emb.paths[pair.first]} ({emb.splits[pair.first]}) ~ {emb.paths[pair.second]} "
              f"({emb.splits[pair.second]}): {pair.cosine:.3f}")
     if out:

@@ -79,3 +79,5 @@ def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
     assert "0.jpg,train,200.jpg,test" in (tmp_path / "audit" / "duplicates.csv").read_text()
     default = next(p.default for p in audit.params if p.name == "duplicate_cosine")
     assert default == DUPLICATE_COSINE
+    alike = CliRunner().invoke(main, ["audit", str(tmp_path / "e.h5"), "--duplicate-cosine", "0.6"])
+    assert "more pairs than images" in alike.output and "try --duplicate-cosine 0.9" in alike.output
