@@ -48,17 +48,19 @@ class ShiftTest:
     """How well two sets of rows can be told apart: AUC 0.5 is alike; the p-value is from permutations."""
 
     auc: float
-    p_value: float
+    p_value: float | None  # None: not computed, the AUC being too low to matter (``permute_above``)
     n: int  # rows per side
     least_alike: list[int] = field(default_factory=list)  # rows of the second set most unlike the first
 
     @property
     def shifted(self) -> bool:
-        return self.auc > SHIFT_AUC and self.p_value < SHIFT_P
+        return self.auc > SHIFT_AUC and self.p_value is not None and self.p_value <= SHIFT_P
 
 
-def two_sample_test(a: np.ndarray, b: np.ndarray, seed: int = 0, permutations: int = PERMUTATIONS) -> ShiftTest:
-    """Cross-validated AUC of telling ``a`` from ``b`` (equal-size seeded samples), with a permutation p-value."""
+def two_sample_test(a: np.ndarray, b: np.ndarray, seed: int = 0, permutations: int = PERMUTATIONS,
+                    permute_above: float | None = None) -> ShiftTest:
+    """Cross-validated AUC of telling ``a`` from ``b`` (equal-size seeded samples), with a permutation p-value;
+    with ``permute_above``, the permutations run only for an AUC above it (a quick check for every compare)."""
     rng = np.random.default_rng(seed)
     n = min(len(a), len(b), MAX_ROWS)
     if n < MIN_ROWS:
@@ -70,10 +72,12 @@ def two_sample_test(a: np.ndarray, b: np.ndarray, seed: int = 0, permutations: i
     side = np.r_[np.zeros(n, int), np.ones(n, int)]
     scores = _out_of_fold(X, side, seed)
     observed = roc_auc_score(side, scores)
+    least_alike = pick_b[np.argsort(-scores[n:])[:10]].tolist()
+    if permute_above is not None and observed <= permute_above:
+        return ShiftTest(float(observed), None, n, least_alike)
     null = [roc_auc_score(permuted, _out_of_fold(X, permuted, seed))
             for permuted in (rng.permutation(side) for _ in range(permutations))]
     p_value = (1 + sum(v >= observed for v in null)) / (permutations + 1)
-    least_alike = pick_b[np.argsort(-scores[n:])[:10]].tolist()
     return ShiftTest(float(observed), float(p_value), n, least_alike)
 
 
@@ -99,17 +103,24 @@ class ShiftReport:
     def shifted(self) -> bool:
         return self.overall.shifted or any(t.shifted for t in self.per_class.values())
 
+    def summary(self) -> dict:
+        tests = {"overall": self.overall, **{f"class {k}": v for k, v in self.per_class.items()}}
+        return {"from": self.source, "to": self.target, "shifted": self.shifted,
+                "tests": {k: {"auc": round(t.auc, 4), "p_value": t.p_value, "rows": t.n} for k, t in tests.items()},
+                "least_alike": self.least_alike_paths}
 
-def shift_between(emb: Embeddings, source: str = "train", target: str = "test", seed: int = 0) -> ShiftReport:
+
+def shift_between(emb: Embeddings, source: str = "train", target: str = "test", seed: int = 0, *,
+                  permutations: int = PERMUTATIONS, permute_above: float | None = None) -> ShiftReport:
     """``two_sample_test`` of the readable rows of ``source`` against ``target``, overall and per class."""
     rows_a, rows_b = emb.rows(source), emb.rows(target)
     a, b = emb._features[rows_a].astype(np.float32), emb._features[rows_b].astype(np.float32)
-    overall = two_sample_test(a, b, seed)
+    overall = two_sample_test(a, b, seed, permutations, permute_above)
     per_class = {}
     for k, name in enumerate(emb.classes):
         in_a, in_b = emb._labels[rows_a] == k, emb._labels[rows_b] == k
         if in_a.sum() >= MIN_ROWS and in_b.sum() >= MIN_ROWS:
-            per_class[name] = two_sample_test(a[in_a], b[in_b], seed)
+            per_class[name] = two_sample_test(a[in_a], b[in_b], seed, permutations, permute_above)
     return ShiftReport(source, target, overall, per_class, [str(emb.paths[rows_b[i]]) for i in overall.least_alike])
 
 
@@ -170,25 +181,26 @@ class Audit:
         closest = sorted((p.cosine for p in self.pairs), reverse=True)
         return round(closest[max(1, rows // 100) - 1], 3)
 
+    def summary(self) -> dict:
+        """The findings as plain data (``audit.json``)."""
+        shift = self.shift
+        return {
+            "shift": shift.summary(),
+            "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
+                           f"leaked_into_{shift.target}": len(self.leaked),
+                           "suggested_cosine": self.threshold_too_low},
+        }
+
     def save(self, out: Path) -> None:
         """``out/duplicates.csv`` (every pair) and ``out/audit.json`` (the summary)."""
-        emb, shift = self.embeddings, self.shift
+        emb = self.embeddings
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "duplicates.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
             writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
                               f"{p.cosine:.4f}"] for p in self.pairs)
-        tests = {"overall": shift.overall, **{f"class {k}": v for k, v in shift.per_class.items()}}
-        summary = {
-            "shift": {"from": shift.source, "to": shift.target, "shifted": shift.shifted,
-                      "tests": {k: {"auc": t.auc, "p_value": t.p_value, "rows": t.n} for k, t in tests.items()},
-                      "least_alike": shift.least_alike_paths},
-            "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
-                           f"leaked_into_{shift.target}": len(self.leaked),
-                           "suggested_cosine": self.threshold_too_low},
-        }
-        (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "audit.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
 
 
 def audit(emb: Embeddings, source: str = "train", target: str = "test", *,

@@ -233,7 +233,7 @@ def audit(file, source, target, duplicate_cosine, out, seed):
     for name, per_class in report.per_class.items():
         echo(f"  within {name}: AUC {per_class.auc:.3f} (p = {per_class.p_value:.3f}, {per_class.n} rows a side)")
     if report.shifted:
-        echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p < {SHIFT_P}): figures measured "
+        echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p ≤ {SHIFT_P}): figures measured "
              f"on validation carved from {source} are likely optimistic for {target}", err=True)
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from featx.audit import SHIFT_AUC, SHIFT_P, shift_between
 from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
 from featx.errors import ConfigError, DataError
@@ -28,6 +29,7 @@ from featx.store import Embeddings, concat_embeddings, load_embeddings
 from featx.vocab import check
 
 log = logging.getLogger(__name__)
+SHIFT_CHECK_ROWS = 100  # train and test rows each before compare checks for shift (see check_shift)
 REPORTED_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "accuracy_ci", "roc_auc_ci")
 
 
@@ -270,6 +272,9 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
                      len(y_train), seed)
             X_train, y_train = X_train[kept], y_train[kept]
         splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
+        shift = check_shift(emb, seed)
+        if shift:  # recorded only when there was a test split to check
+            settings.setdefault("shift", {})[emb.path.name] = shift
         if threshold and len(emb.classes) != 2:
             log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
                         len(emb.classes))
@@ -284,6 +289,24 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
         settings["max_train_rows"] = max_train_rows
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
+
+
+def check_shift(emb: Embeddings, seed: int) -> dict | None:
+    """The audit's shift test of train against test, kept quick for every compare (permutations only when the
+    AUC is high enough to matter); warns when validation figures are likely optimistic. None without a test split
+    of ``SHIFT_CHECK_ROWS`` rows: below that, chance alone moves the AUC past the threshold too often to warn on."""
+    try:
+        if min(len(emb.rows("train")), len(emb.rows("test"))) < SHIFT_CHECK_ROWS:
+            return None
+    except DataError:  # no test split
+        return None
+    report = shift_between(emb, "train", "test", seed, permutations=99, permute_above=SHIFT_AUC)
+    if report.shifted:
+        worst = max([report.overall, *report.per_class.values()], key=lambda t: t.auc)
+        log.warning("%s: the test images differ from the training ones (shift AUC up to %.2f, p ≤ %.2f): "
+                    "validation figures are likely optimistic for test; see `featx audit %s`", emb.path.name,
+                    worst.auc, SHIFT_P, emb.path)
+    return report.summary()
 
 
 def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int) -> HeadResult:

@@ -81,3 +81,26 @@ def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
     assert default == DUPLICATE_COSINE
     alike = CliRunner().invoke(main, ["audit", str(tmp_path / "e.h5"), "--duplicate-cosine", "0.6"])
     assert "more pairs than images" in alike.output and "try --duplicate-cosine 0.9" in alike.output
+
+
+def test_compare_warns_about_shift_and_records_it_only_when_there_is_some(tmp_path, caplog):
+    from featx.evaluate import compare
+    from featx.store import EmbeddingWriter
+
+    def write(name, test_contrast, test_brightness):
+        rng = np.random.default_rng(5)
+        features = np.concatenate([cnn_like(rng, 200), cnn_like(rng, 100, contrast=test_contrast, brightness=test_brightness)])
+        writer = EmbeddingWriter(tmp_path / name, dim=64, paths=[f"{i}.jpg" for i in range(300)],
+                                 labels=[0, 1] * 150, splits=["train"] * 200 + ["test"] * 100,
+                                 attrs={"backbone": name, "cache_key": name, "classes": ["a", "b"]})
+        writer.write(features.astype(np.float16), np.ones(300, bool), [""] * 300)
+        return writer.finish()
+
+    with caplog.at_level("WARNING", logger="featx"):
+        alike = compare([write("alike.h5", 1.0, 0.0)], ["logreg"])
+    assert "differ from the training ones" not in caplog.text
+    assert alike.settings["shift"]["alike.h5"]["tests"]["overall"]["p_value"] is None  # too low to permute
+    with caplog.at_level("WARNING", logger="featx"):
+        shifted = compare([write("shifted.h5", 0.7, 0.8)], ["logreg"])
+    assert "shifted.h5: the test images differ from the training ones" in caplog.text
+    assert shifted.settings["shift"]["shifted.h5"]["shifted"]
