@@ -21,25 +21,19 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from featx.feature_model import to_tensor
-from featx.images import ImageError, Preprocess, load_image
+from featx.images import ImageError, Preprocess, crop_geometry, load_image
 from featx.remote import is_url, read_bytes
 
 INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 BATCH_MODES = ("RGB", "L")  # JPEG colour modes the batch decoder turns into RGB as Pillow does
 
 
-def crop_geometry(height: int, width: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
-    """(resized height, resized width, top, left) of the centre crop: the numbers ``images.resize_and_crop`` uses."""
-    if preprocess.fit == "full":
-        return preprocess.size, preprocess.size, 0, 0
-    scale = preprocess.resize / min(width, height)
-    new_w, new_h = max(preprocess.resize, int(width * scale)), max(preprocess.resize, int(height * scale))
-    return new_h, new_w, int(round((new_h - preprocess.size) / 2.0)), int(round((new_w - preprocess.size) / 2.0))
-
-
 def resize_and_crop(image: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """A uint8 CHW image to ``size`` × ``size``, on its own device, antialiased as Pillow resamples."""
-    new_h, new_w, top, left = crop_geometry(image.shape[-2], image.shape[-1], preprocess)
+    if preprocess.fit == "full":
+        new_w, new_h, left, top = preprocess.size, preprocess.size, 0, 0
+    else:
+        new_w, new_h, left, top = crop_geometry(image.shape[-1], image.shape[-2], preprocess)
     image = F.resize(image, [new_h, new_w], interpolation=INTERPOLATION[preprocess.interpolation], antialias=True)
     return image[..., top:top + preprocess.size, left:left + preprocess.size]
 

@@ -131,6 +131,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def crop_geometry(width: int, height: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top): the shorter side to ``resize``, then the centre ``size`` crop.
+    One definition for the Pillow path here and the tensor path (``featx.decoding``)."""
+    scale = preprocess.resize / min(width, height)
+    new_w, new_h = max(preprocess.resize, int(width * scale)), max(preprocess.resize, int(height * scale))
+    return new_w, new_h, int(round((new_w - preprocess.size) / 2.0)), int(round((new_h - preprocess.size) / 2.0))
+
+
 def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
     """Shorter side to ``resize``, centre crop to ``size`` (or the whole image to ``size``); returns HWC uint8.
 
@@ -140,10 +148,7 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
     if preprocess.fit == "full":
         return np.asarray(img.resize((preprocess.size,) * 2, INTERPOLATIONS[preprocess.interpolation]), dtype=np.uint8)
     width, height = img.size
-    scale = preprocess.resize / min(width, height)
-    new_w, new_h = max(preprocess.resize, int(width * scale)), max(preprocess.resize, int(height * scale))
-    left = int(round((new_w - preprocess.size) / 2.0))
-    top = int(round((new_h - preprocess.size) / 2.0))
+    new_w, new_h, left, top = crop_geometry(width, height, preprocess)
     sx, sy = new_w / width, new_h / height
     box = (left / sx, top / sy, (left + preprocess.size) / sx, (top + preprocess.size) / sy)
     img = img.resize((preprocess.size, preprocess.size), INTERPOLATIONS[preprocess.interpolation], box=box)
