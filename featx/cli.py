@@ -57,6 +57,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
       featx demo                                # the bundled sample, end to end
       featx advise data/chest_xray              # which strategy, and why
       featx extract data/chest_xray             # embeddings into cache/chest_xray/
+      featx audit cache/chest_xray/*.h5         # shift between splits, leaked duplicates
       featx compare cache/chest_xray/*.h5 --out runs/xray
       featx report runs/xray                    # runs/xray/report.html
       featx predict runs/xray new_images/       # top-3 classes, or unknown
