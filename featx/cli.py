@@ -473,6 +473,14 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust)
             else:  # other libraries' warnings (a head from another scikit-learn) go on as they came
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
+    drift = predictor.drift()
+    if drift is not None:
+        tested = "no permutations needed at or below 0.6" if drift.p_value is None else f"p = {drift.p_value:.3f}"
+        echo(f"featx: these {drift.n} images against the training ones: shift AUC {drift.auc:.3f} ({tested}; "
+             "0.5 = alike)", err=True)
+        if drift.shifted:
+            echo("featx: warning: these images differ from the ones the head was trained on: expect lower accuracy "
+                 "than the run's test figures", err=True)
     if as_json:
         echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featx.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
 from featx.checkpoints import backbone_source
 from featx.datasets import list_images
 from featx.errors import DataError
@@ -59,6 +60,7 @@ class Predictor:
         self.open_set = OpenSet.load(self.folder)
         self.preprocess = Preprocess.from_dict(self.meta)
         self._model = None
+        self._seen: list[np.ndarray] = []
 
     def model(self):
         """The feature model exactly as at extraction; refuses weights whose hash differs from the recorded one."""
@@ -83,6 +85,7 @@ class Predictor:
         check("Predictor.predict", top_k=top_k, batch_size=batch_size)
         files = list_images(paths)
         results: list[Prediction] = []
+        self._seen = []  # this call's features, for drift()
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             pixels, readable = [], []
@@ -97,8 +100,19 @@ class Predictor:
         order = {str(p): i for i, p in enumerate(files)}
         return sorted(results, key=lambda r: order[r.path])
 
+    def drift(self) -> ShiftTest | None:
+        """How far the images of the last ``predict`` call are from the training images (a drift check without
+        labels: the audit's two-sample test against the training rows the run keeps for its open-set scores).
+        None when the run keeps none or fewer than ``audit.MIN_ROWS`` images were read."""
+        if not self.open_set or sum(map(len, self._seen)) < MIN_ROWS:
+            return None
+        batch = np.concatenate(self._seen)
+        unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
+        return two_sample_test(self.open_set.reference, unit, permute_above=SHIFT_AUC)  # permutations only if it matters
+
     def _predict_pixels(self, paths, pixels, top_k) -> list[Prediction]:
         features = self.features(pixels)
+        self._seen.append(features)
         proba = self.head["pipeline"].predict_proba(features)
         chosen = predict_labels(proba, self.head.get("threshold"))
         unknown = self.open_set.scores(features, proba)[self.score] if self.open_set else None

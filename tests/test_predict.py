@@ -151,3 +151,21 @@ def test_a_planted_joblib_head_never_runs_without_trust(tiny_run, tmp_path):
     trusted = CliRunner().invoke(main, ["predict", str(run), image, "--trust"])
     assert marker.exists()  # with --trust it is the user's call, and featx said what it means:
     assert "featx: warning:" in trusted.output and "can run any code it holds" in trusted.output
+
+
+def test_predict_checks_the_batch_for_drift_from_the_training_images(tiny_run, tmp_path):
+    from PIL import Image
+
+    predictor = Predictor(tiny_run.run)
+    predictor.predict([tiny_run.data / "test"])
+    alike = predictor.drift()
+    assert alike is not None and alike.n == 30 and not alike.shifted
+    for i in range(30):  # another kind of picture: stripes, none of the training colours
+        stripes = np.zeros((40, 48, 3), np.uint8)
+        stripes[::4] = 255
+        stripes[:, i % 5::7, i % 3] = 120
+        Image.fromarray(stripes).save(tmp_path / f"s{i:02d}.png")
+    predictor.predict([tmp_path])
+    assert predictor.drift().shifted
+    result = CliRunner().invoke(main, ["predict", str(tiny_run.run), str(tmp_path)])
+    assert result.exit_code == 0 and "differ from the ones the head was trained on" in result.output
