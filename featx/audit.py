@@ -113,15 +113,16 @@ class ShiftReport:
 def shift_between(emb: Embeddings, source: str = "train", target: str = "test", seed: int = 0, *,
                   permutations: int = PERMUTATIONS, permute_above: float | None = None) -> ShiftReport:
     """``two_sample_test`` of the readable rows of ``source`` against ``target``, overall and per class."""
-    rows_a, rows_b = emb.rows(source), emb.rows(target)
-    a, b = emb._features[rows_a].astype(np.float32), emb._features[rows_b].astype(np.float32)
+    a, b = emb.features(source), emb.features(target)
+    labels_a, labels_b = emb.labels(source), emb.labels(target)
     overall = two_sample_test(a, b, seed, permutations, permute_above)
     per_class = {}
     for k, name in enumerate(emb.classes):
-        in_a, in_b = emb._labels[rows_a] == k, emb._labels[rows_b] == k
+        in_a, in_b = labels_a == k, labels_b == k
         if in_a.sum() >= MIN_ROWS and in_b.sum() >= MIN_ROWS:
             per_class[name] = two_sample_test(a[in_a], b[in_b], seed, permutations, permute_above)
-    return ShiftReport(source, target, overall, per_class, [str(emb.paths[rows_b[i]]) for i in overall.least_alike])
+    paths = emb.paths_of(target)
+    return ShiftReport(source, target, overall, per_class, [str(paths[i]) for i in overall.least_alike])
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,7 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
 
     Blocks of rows against all later rows: memory stays at ``block`` × rows, whatever the file's size.
     """
-    rows = emb.rows()
-    X = emb._features[rows].astype(np.float32)
+    rows, X = emb.rows(), emb.features()  # features() holds the rows of rows(), in order
     X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
     pairs = []
     for begin in range(0, len(X), block):

@@ -62,16 +62,19 @@ class BatchDecoder:
         self.preprocess, self.device = preprocess, device
         self.pool = ThreadPoolExecutor(max_workers=threads)
 
-    def close(self) -> None:
+    def __enter__(self) -> "BatchDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.pool.shutdown()
 
-    def read(self, files: list) -> list:
-        """The files' bytes (an ``ImageError`` in place of one that cannot be read), read in threads."""
+    def read(self, files: list) -> list[bytes | None]:
+        """The files' bytes, read in threads; None for one that cannot be read (the Pillow path then says why)."""
         def read_one(path):
             try:
                 return _read(path)
-            except OSError as err:
-                return ImageError(f"cannot read ({type(err).__name__}: {str(err)[:120]})")
+            except OSError:
+                return None
         return list(self.pool.map(read_one, files))
 
     def decode(self, files: list, contents: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

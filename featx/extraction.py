@@ -204,7 +204,7 @@ def _tensor_batches(rows: ImageRows, config: ExtractConfig, device: torch.device
     def files(span):
         return [rows.files[rows.start + i - rows.first_row] for i in range(*span)]
 
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    with ThreadPoolExecutor(max_workers=1) as reader, decoder:
         upcoming = reader.submit(decoder.read, files(spans[0])) if spans else None
         for k, span in enumerate(spans):
             contents = upcoming.result()
@@ -216,7 +216,6 @@ def _tensor_batches(rows: ImageRows, config: ExtractConfig, device: torch.device
                 if row >= rows.first_copy and ok[i - span[0]]:
                     pixels[i - span[0]] = seeded(rows.transform, pixels[i - span[0]], row)
             yield pixels, ok, errors
-    decoder.close()
 
 
 def _probe_dim(model, preprocess: Preprocess, device) -> int:

@@ -56,8 +56,12 @@ def remembered(key: str, find: Callable[[], str]) -> str:
     return entries[key]
 
 
-def remembered_sha256(path: str | Path) -> str:
-    """``file_sha256(path)``, hashed again only when the file's size or modification time changed."""
+def remembered_of_file(kind: str, path: str | Path, find: Callable[[], str]) -> str:
+    """A ``kind`` of fact about the file ``path``, found again only when its size or modification time changed."""
     path = Path(path).resolve()
     stat = path.stat()
-    return remembered(f"sha256:{path}:{stat.st_size}:{stat.st_mtime_ns}", lambda: file_sha256(path))
+    return remembered(f"{kind}:{path}:{stat.st_size}:{stat.st_mtime_ns}", find)
+
+
+def remembered_sha256(path: str | Path) -> str:
+    return remembered_of_file("sha256", path, lambda: file_sha256(path))

@@ -17,7 +17,7 @@ from featx.datasets import ImageDataset, Sample, scan_dataset
 from featx.errors import ConfigError
 from featx.hardware import device_type, resolve_precision
 from featx.images import MAX_PIXELS, Preprocess
-from featx.memo import remembered
+from featx.memo import remembered_of_file
 from featx.store import AUGMENTED, cache_key, cache_path, check_intact, package_version, read_meta
 from featx.version import __version__
 from featx.vocab import check_fields, parse_layer
@@ -169,8 +169,7 @@ def cached_result(path: Path, key: str) -> ExtractResult | None:
         return None
     # A damaged file is never "cached" (the error says to re-extract with --force). One that verified and has not
     # changed size or time since is not read through again; its chunks' Fletcher32 still guards every later read.
-    stat = path.stat()
-    remembered(f"intact:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", lambda: check_intact(path) and "yes")
+    remembered_of_file("intact", path, lambda: check_intact(path) and "verified")
     log.info("using cached %s", path)
     return ExtractResult(path=path, cached=True, rows=int(meta["n_rows"]), label=meta.get("label") or meta["backbone"],
                          resumed_from=int(meta["n_rows"]))

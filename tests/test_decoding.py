@@ -61,9 +61,8 @@ def test_what_the_batch_decoder_refuses_goes_through_pillow_exactly(tmp_path):
     files = [tmp_path / n for n in ("plain.png", "cmyk.jpg", "deep.png", "whole.jpg", "truncated.jpg", "garbage.jpg",
                                     "empty.jpg")]
     assert [batchable(f.read_bytes(), preprocess.max_pixels) for f in files[:4]] == [False, False, False, True]
-    decoder = BatchDecoder(preprocess, torch.device("cpu"), threads=2)
-    pixels, ok, errors = decoder.decode(files, decoder.read(files))
-    decoder.close()
+    with BatchDecoder(preprocess, torch.device("cpu"), threads=2) as decoder:
+        pixels, ok, errors = decoder.decode(files, decoder.read(files))
     for i, path in enumerate(files):
         try:
             expected = torch.from_numpy(load_image(path, preprocess).copy()).movedim(-1, 0)
