@@ -44,9 +44,13 @@ HEAD_FORMAT = "featx.head/2"  # a JSON document (the pipeline as plain data) bes
 JOBLIB_HEAD_FORMAT = "featx.head/1"  # a joblib pickle of everything: loaded only with trust
 # Beyond this many training rows an RBF SVM's cost (about N² kernel evaluations) outgrows the budget.
 RBF_MAX_ROWS = 10_000
-# From this many training rows, heads that ask for it are tuned by successive halving (see _halving_search).
+# From this many training rows, heads that ask for it are tuned by successive halving (see _halving_search),
+# and LightGBM samples rows by gradient (GOSS) instead of bagging.
 HALVING_MIN_ROWS = 20_000
 HALVING_FACTOR = 3
+# The first halving round compares candidates on at most this many rows. (Measured on the 60,000-row stand-in:
+# num_leaves 7/15/31 rank the same on 6,700 rows as on 17,000, for a third of the time.)
+HALVING_FIRST_ROWS = HALVING_MIN_ROWS // HALVING_FACTOR
 
 
 @dataclass(frozen=True)
@@ -138,12 +142,14 @@ def _svm(n_rows: int, n_features: int, seed: int) -> HeadPlan:
 
 @register_head("lightgbm", "LightGBM on PCA-64 features, early stopping on an inner validation fold")
 def _lightgbm(n_rows: int, n_features: int, seed: int) -> HeadPlan:
-    pipeline = Pipeline([("pca", _pca(n_features, n_rows, 64, seed)), ("clf", EarlyStoppedLightGBM(seed=seed))])
-    halving = n_rows >= HALVING_MIN_ROWS
+    large = n_rows >= HALVING_MIN_ROWS
+    lightgbm = EarlyStoppedLightGBM(sampling="goss" if large else "bagging", seed=seed)
+    pipeline = Pipeline([("pca", _pca(n_features, n_rows, 64, seed)), ("clf", lightgbm)])
     return HeadPlan(pipeline, {"clf__num_leaves": [7, 15, 31]},
                     f"gradient boosting on {pipeline['pca'].n_components} PCA components (trees on 1280 dense "
                     "dims are slow and no more accurate), early stopping on a 10 % inner fold"
-                    + ("; num_leaves by successive halving" if halving else ""), halving=halving)
+                    + ("; rows sampled by gradient (GOSS), num_leaves by successive halving" if large else ""),
+                    halving=large)
 
 
 @register_head("knn", "k nearest neighbours, cosine distance")
@@ -191,12 +197,21 @@ class HingeSGD(ClassifierMixin, BaseEstimator):
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(1)]
 
 
+SAMPLING = {"bagging": {"subsample": 0.8, "subsample_freq": 1}, "goss": {"data_sample_strategy": "goss"}}
+
+
 class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
-    """LightGBM that stops adding trees when a stratified inner validation fold stops improving."""
+    """LightGBM that stops adding trees when a stratified inner validation fold stops improving.
+
+    ``sampling``: each tree sees a random 80 % of the rows (``bagging``), or the rows with the largest gradients
+    and a sample of the rest (``goss``, LightGBM's gradient-based one-side sampling; measured on 51,000 × 64:
+    1.7× faster than bagging for the same validation accuracy).
+    """
 
     def __init__(self, num_leaves: int = 15, learning_rate: float = 0.05, max_trees: int = 1000,
-                 patience: int = 30, class_weight: str | None = "balanced", seed: int = 0):
+                 patience: int = 30, class_weight: str | None = "balanced", sampling: str = "bagging", seed: int = 0):
         self.num_leaves = num_leaves
+        self.sampling = sampling
         self.class_weight = class_weight
         self.learning_rate = learning_rate
         self.max_trees = max_trees
@@ -208,13 +223,15 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
 
         X, y = validate_data(self, X, y)
         check_classification_targets(y)
+        if self.sampling not in SAMPLING:
+            raise ConfigError(f"unknown LightGBM sampling {self.sampling!r}; choose from {', '.join(SAMPLING)}")
         self.classes_, y_index = np.unique(y, return_inverse=True)
         # Too few rows for an inner fold: a short fixed number of trees instead of early stopping.
         stop_early = len(y) >= 50 and np.bincount(y_index).min() >= 5
         self.model_ = lightgbm.LGBMClassifier(
             n_estimators=self.max_trees if stop_early else min(self.max_trees, 100),
             learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight=self.class_weight,
-            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, verbose=-1,
+            **SAMPLING[self.sampling], colsample_bytree=0.8, random_state=self.seed, verbose=-1,
             # Threads only pay off on large inputs; on small ones OpenMP start-up and spinning dominate. (Measured:
             # 17,000 × 64 fits 1.8× faster on 2 threads.)
             n_jobs=min(2, os.cpu_count() or 1) if len(X) * X.shape[1] > 500_000 else 1,
@@ -346,11 +363,11 @@ def _validation_search(plan: HeadPlan, X, y, X_val, y_val, seed: int, scoring: s
 
 
 def _halving_search(model, candidates: list[dict], X, y, X_val, y_val, seed: int, scorer) -> list[dict]:
-    """Successive halving: all candidates on 1/3^k of the training rows, the best third on 3× as many, …, until
-    one is left to fit on all of them. Scored on the full validation split each round."""
+    """Successive halving: all candidates on 1/3^k of the training rows (at most ``HALVING_FIRST_ROWS``), the best
+    third on 3× as many, …, until one is left to fit on all of them. Scored on the full validation split each round."""
     rounds = math.ceil(math.log(len(candidates), HALVING_FACTOR))
     for round_ in range(rounds):
-        rows = len(y) // HALVING_FACTOR ** (rounds - round_)
+        rows = min(len(y) // HALVING_FACTOR ** (rounds - round_), HALVING_FIRST_ROWS * HALVING_FACTOR ** round_)
         part, _ = train_test_split(np.arange(len(y)), train_size=rows, random_state=seed, stratify=y)
         scores = [scorer(clone(model).set_params(**params).fit(X[part], y[part]), X_val, y_val)
                   for params in candidates]

@@ -5,6 +5,9 @@ One set of definitions for the leaderboard, the fine-tuning history and the repo
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -38,19 +41,22 @@ def bootstrap_aucs(y: np.ndarray, proba: np.ndarray, index: np.ndarray) -> np.nd
     A resample is the original rows with multiplicities, so each class's scores are sorted once and every
     resample's AUC is read from weighted counts of tied score groups (ties count a half, as in the
     Mann-Whitney statistic): 10,000 test rows × 1,000 resamples take a second instead of half a minute.
+    Classes are summed in threads (numpy releases the GIL: 2× on 2 cores for 10 classes).
     NaN where a resample lacks a class, as ``_auc``.
     """
     n = len(y)
     positives = [1] if proba.shape[1] == 2 else range(proba.shape[1])
     out = np.empty(len(index))
-    step = max(1, 20_000_000 // max(n, 1))  # resamples at a time: bounded memory for large test sets
-    for begin in range(0, len(index), step):
-        chunk = index[begin:begin + step]
-        offsets = (chunk + n * np.arange(len(chunk))[:, None]).ravel()
-        # float32 counts are exact (a count is at most n) and halve the memory traffic of the sums below
-        weights = np.bincount(offsets, minlength=len(chunk) * n).reshape(len(chunk), n).astype(np.float32)
-        per_class = [_weighted_auc(proba[:, k], y == k, weights) for k in positives]
-        out[begin:begin + step] = np.mean(per_class, axis=0)
+    threads = min(len(positives), os.cpu_count() or 1)
+    step = max(1, 20_000_000 // threads // max(n, 1))  # resamples at a time: bounded memory for large test sets
+    with ThreadPoolExecutor(threads) as pool:
+        for begin in range(0, len(index), step):
+            chunk = index[begin:begin + step]
+            offsets = (chunk + n * np.arange(len(chunk))[:, None]).ravel()
+            # float32 counts are exact (a count is at most n) and halve the memory traffic of the sums below
+            weights = np.bincount(offsets, minlength=len(chunk) * n).reshape(len(chunk), n).astype(np.float32)
+            per_class = list(pool.map(lambda k: _weighted_auc(proba[:, k], y == k, weights), positives))
+            out[begin:begin + step] = np.mean(per_class, axis=0)
     return out
 
 

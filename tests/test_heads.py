@@ -187,6 +187,19 @@ def test_successive_halving_narrows_on_fractions_then_fits_the_best_on_every_row
     assert SizeRecorder.sizes == [len(y) // 9] * 9 + [len(y) // 3] * 3
 
 
+def test_successive_halving_caps_the_first_round(monkeypatch):
+    from sklearn.metrics import get_scorer
+
+    from featx import heads
+
+    monkeypatch.setattr(heads, "HALVING_FIRST_ROWS", 20)
+    X, y = blobs(n_per_class=90, n_classes=3, dim=8)
+    SizeRecorder.sizes = []
+    grid = [{"num_leaves": n} for n in (7, 15, 31, 3, 5, 9, 11, 13, 17)]
+    heads._halving_search(SizeRecorder(max_trees=10), grid, X, y, X, y, 0, get_scorer("balanced_accuracy"))
+    assert SizeRecorder.sizes == [20] * 9 + [60] * 3
+
+
 def test_large_training_sets_get_the_sgd_linear_svm_and_halved_lightgbm(tmp_path, monkeypatch):
     from featx import heads, serialize
 
@@ -202,3 +215,9 @@ def test_large_training_sets_get_the_sgd_linear_svm_and_halved_lightgbm(tmp_path
     assert np.array_equal(again.predict_proba(Xv), svm.pipeline.predict_proba(Xv))
     lightgbm = fit_head("lightgbm", Xt, yt, Xv, yv)
     assert "successive halving" in lightgbm.note and (lightgbm.pipeline.predict(Xv) == yv).mean() > 0.95
+    assert lightgbm.pipeline["clf"].sampling == "goss" and "GOSS" in lightgbm.note
+    serialize.dump(lightgbm.pipeline, tmp_path / "lightgbm.json", {})
+    again = serialize.load(tmp_path / "lightgbm.json")["object"]
+    assert np.array_equal(again.predict_proba(Xv), lightgbm.pipeline.predict_proba(Xv))
+    with pytest.raises(ConfigError, match="sampling"):
+        heads.EarlyStoppedLightGBM(sampling="gos").fit(Xt, yt)
