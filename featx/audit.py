@@ -10,6 +10,10 @@ alone does not count.
 
 *Duplicates*: pairs of rows whose embeddings point the same way (cosine similarity at or above a
 threshold) across two splits or within one: the same image re-encoded, resized or slightly cropped.
+
+*Label issues*: confident learning (Northcutt, Jiang & Chuang 2021) on out-of-fold probabilities: a row whose
+given class gets a low probability while another class is predicted above that class's own typical
+confidence. *Outliers*: the rows least like every class (cosine to the nearest class centroid).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from featx.errors import DataError
 from featx.store import Embeddings
@@ -148,6 +154,18 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
     return pairs
 
 
+def has_near_duplicate(X: np.ndarray, reference: np.ndarray, threshold: float = DUPLICATE_COSINE,
+                       block: int = 512) -> np.ndarray:
+    """For each row of ``X``, whether some row of ``reference`` has cosine ≥ ``threshold`` with it (blockwise)."""
+    reference = reference / (np.linalg.norm(reference, axis=1, keepdims=True) + 1e-12)
+    found = np.zeros(len(X), bool)
+    for begin in range(0, len(X), block):
+        part = X[begin:begin + block]
+        part = part / (np.linalg.norm(part, axis=1, keepdims=True) + 1e-12)
+        found[begin:begin + block] = (part @ reference.T).max(axis=1, initial=-1.0) >= threshold
+    return found
+
+
 def leaked_rows(emb: Embeddings, pairs: list[DuplicatePair], into: str = "test", from_: str = "train") -> set[int]:
     """Rows of ``into`` with a near-duplicate in ``from_``: its figures on them are memory, not generalisation."""
     leaked = set()
@@ -160,6 +178,57 @@ def leaked_rows(emb: Embeddings, pairs: list[DuplicatePair], into: str = "test",
     return leaked
 
 
+@dataclass(frozen=True)
+class LabelIssue:
+    row: int  # of the file
+    given: int  # class index
+    suggested: int
+    p_given: float  # out-of-fold probability of the given class
+    p_suggested: float
+
+
+def label_issues(emb: Embeddings, split: str = "train", seed: int = 0, folds: int = 5) -> list[LabelIssue]:
+    """Rows of ``split`` whose label is likely wrong, the least self-confident first.
+
+    Out-of-fold probabilities of a logistic regression on the leading principal components; a class's
+    threshold is its mean probability over the rows labelled with it. A row is in question when some other
+    class reaches its own threshold and beats the given class (confident learning's off-diagonal rows).
+    """
+    rows, X, y = emb.rows(split), emb.features(split), emb.labels(split)
+    labelled = y >= 0
+    rows, X, y = rows[labelled], X[labelled], y[labelled]
+    present = np.unique(y)
+    counts = np.bincount(y)
+    if len(present) < 2 or counts[present].min() < folds:
+        raise DataError(f"{emb.path}: finding label issues needs at least {folds} {split} rows in each of two "
+                        "classes or more")
+    model = make_pipeline(StandardScaler(), PCA(min(64, X.shape[1], len(y) - len(y) // folds - 1),
+                                                random_state=seed),
+                          StandardScaler(), LogisticRegression(C=0.1, max_iter=1000))
+    proba = np.zeros((len(y), len(emb.classes)))
+    proba[:, present] = cross_val_predict(model, X, y, method="predict_proba",
+                                          cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    thresholds = np.array([proba[y == k, k].mean() if (y == k).any() else np.inf for k in range(proba.shape[1])])
+    confident = np.where(proba >= thresholds, proba, -1.0)
+    confident[np.arange(len(y)), y] = -1.0  # only another class can put the label in question
+    suggested = confident.argmax(1)
+    p_given, p_other = proba[np.arange(len(y)), y], proba[np.arange(len(y)), suggested]
+    flagged = np.flatnonzero((confident.max(1) >= 0) & (p_other > p_given))
+    return [LabelIssue(int(rows[i]), int(y[i]), int(suggested[i]), float(p_given[i]), float(p_other[i]))
+            for i in flagged[np.argsort(p_given[flagged], kind="stable")]]
+
+
+def outliers(emb: Embeddings, split: str = "train", count: int = 20) -> list[tuple[int, float]]:
+    """The ``count`` rows of ``split`` least like every class: (row, 1 − cosine to the nearest class centroid)."""
+    rows, X, y = emb.rows(split), emb.features(split), emb.labels(split)
+    unit = X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+    centroids = np.stack([unit[y == k].mean(0) for k in np.unique(y[y >= 0])])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12
+    distance = 1.0 - (unit @ centroids.T).max(1)
+    worst = np.argsort(-distance, kind="stable")[:count]
+    return [(int(rows[i]), float(distance[i])) for i in worst]
+
+
 @dataclass
 class Audit:
     """What ``featx audit`` found in one file: the shift report, every near-duplicate pair, the leaked rows."""
@@ -169,6 +238,8 @@ class Audit:
     pairs: list[DuplicatePair]
     leaked: set[int]
     duplicate_cosine: float
+    issues: list[LabelIssue]
+    far: list[tuple[int, float]]  # outliers: (row, distance)
 
     @property
     def threshold_too_low(self) -> float | None:
@@ -189,10 +260,12 @@ class Audit:
             "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
                            f"leaked_into_{shift.target}": len(self.leaked),
                            "suggested_cosine": self.threshold_too_low},
+            "label_issues": {"split": shift.source, "rows": len(self.issues)},
+            "outliers": [{"path": str(self.embeddings.paths[row]), "distance": round(d, 4)} for row, d in self.far],
         }
 
     def save(self, out: Path) -> None:
-        """``out/duplicates.csv`` (every pair) and ``out/audit.json`` (the summary)."""
+        """``out/duplicates.csv`` (every pair), ``out/label_issues.csv`` and ``out/audit.json`` (the summary)."""
         emb = self.embeddings
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "duplicates.csv", "w", newline="") as handle:
@@ -200,12 +273,20 @@ class Audit:
             writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
             writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
                               f"{p.cosine:.4f}"] for p in self.pairs)
+        classes = emb.classes
+        with open(out / "label_issues.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "given", "suggested", "p_given", "p_suggested"])
+            writer.writerows([emb.paths[i.row], classes[i.given], classes[i.suggested], f"{i.p_given:.4f}",
+                              f"{i.p_suggested:.4f}"] for i in self.issues)
         (out / "audit.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
 
 
 def audit(emb: Embeddings, source: str = "train", target: str = "test", *,
           duplicate_cosine: float = DUPLICATE_COSINE, seed: int = 0) -> Audit:
-    """Shift from ``source`` to ``target`` and near-duplicates, with the ``target`` rows leaked from ``source``."""
+    """Shift from ``source`` to ``target``, near-duplicates (with the ``target`` rows leaked from ``source``), and
+    the label issues and outliers of ``source``."""
     pairs = near_duplicates(emb, duplicate_cosine)
     return Audit(emb, shift_between(emb, source, target, seed), pairs,
-                 leaked_rows(emb, pairs, into=target, from_=source), duplicate_cosine)
+                 leaked_rows(emb, pairs, into=target, from_=source), duplicate_cosine,
+                 label_issues(emb, source, seed), outliers(emb, source))

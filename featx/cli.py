@@ -92,6 +92,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.aug("Transforms of the --augment copies; xray varies contrast, exposure, sharpness and position and "
              "never flips.")
 @options.batch_size
+@click.option("--adapt-bn", is_flag=True,
+              help="AdaBN: embed each split with BatchNorm statistics re-estimated on its own images (up to 1,000 "
+                   "of them; no labels read), for test images unlike the training ones. Weights stay frozen.")
 @options.option("workers", help="DataLoader decoding worker processes (default: a thread pool on CPU, 8 on GPU).")
 @options.decode
 @options.device
@@ -112,8 +115,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                                                 "worker's work).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
-            fit, augment, aug, batch_size, workers, decode, device, split, seed, split_from, max_pixels, verify_content,
-            allow_outside_root, force, cluster, shard_rows):
+            fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from, max_pixels,
+            verify_content, allow_outside_root, force, cluster, shard_rows):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -144,9 +147,8 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
                                layer=layer, tta=tta, precision=precision,
                                dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
-                               batch_size=batch_size, workers=workers, decode=decode, device=device,
-                               cache_dir=str(cache_dir),
-                               max_pixels=max_pixels)
+                               batch_size=batch_size, adapt_bn=adapt_bn, workers=workers, decode=decode,
+                               device=device, cache_dir=str(cache_dir), max_pixels=max_pixels)
         try:
             if address:
                 from featx.shards import extract_on_cluster
@@ -214,15 +216,15 @@ def list_cache(cache_dir):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--from", "source", default="train", show_default=True, help="The split the heads learn from.")
 @click.option("--to", "target", default="test", show_default=True, help="The split whose figures are in question.")
-@click.option("--duplicate-cosine", default=0.88, show_default=True, type=click.FloatRange(0.5, 1.0),
-              help="Cosine similarity of embeddings from which two images count as near-duplicates.")
+@options.option("duplicate_cosine", default=0.88, show_default=True, metavar="COSINE",
+                help="Cosine similarity of embeddings from which two images count as near-duplicates.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for duplicates.csv (every pair) and audit.json.")
+              help="Folder for duplicates.csv (every pair), label_issues.csv and audit.json.")
 @options.seed("Seed of the balanced samples, folds and permutations.")
 def audit(file, source, target, duplicate_cosine, out, seed):
     """Check an embedding file for what makes figures optimistic: shift between two splits (can a
-    classifier tell them apart? within each class too) and near-duplicate images leaked across splits.
-    Reads only the cached embeddings: seconds, no torch."""
+    classifier tell them apart? within each class too), near-duplicate images leaked across splits,
+    likely label errors and outliers. Reads only the cached embeddings: seconds, no torch."""
     from featx.audit import SHIFT_AUC, SHIFT_P, audit as run_audit
     from featx.store import load_embeddings
 
@@ -247,9 +249,15 @@ def audit(file, source, target, duplicate_cosine, out, seed):
     for pair in sorted(found.pairs, key=lambda p: -p.cosine)[:5]:
         echo(f"  {emb.paths[pair.first]} ({emb.splits[pair.first]}) ~ {emb.paths[pair.second]} "
              f"({emb.splits[pair.second]}): {pair.cosine:.3f}")
+    echo(f"likely label errors in {source}: {len(found.issues)} rows (out-of-fold probabilities, confident learning)")
+    for issue in found.issues[:5]:
+        echo(f"  {emb.paths[issue.row]}: labelled {emb.classes[issue.given]} (p {issue.p_given:.2f}), looks "
+             f"{emb.classes[issue.suggested]} (p {issue.p_suggested:.2f})")
+    echo(f"least like any class in {source}: " + ", ".join(f"{emb.paths[row]} ({distance:.2f})"
+                                                           for row, distance in found.far[:3]))
     if out:
         found.save(out)
-        echo(f"wrote {out / 'duplicates.csv'} and {out / 'audit.json'}")
+        echo(f"wrote {out / 'duplicates.csv'}, {out / 'label_issues.csv'} and {out / 'audit.json'}")
 
 
 @main.command()
@@ -306,28 +314,38 @@ def _head_options(command):
         click.option("--out-of-core", is_flag=True,
                      help="With --cluster: train the lightgbm head over the file on the workers, for training rows "
                           "that do not fit in this machine's memory."),
+        click.option("--exclude-leaked", is_flag=True,
+                     help="Score test without its images that have a near-duplicate among train and val (cosine of "
+                          "embeddings ≥ --duplicate-cosine); the figures with them are reported too."),
+        options.option("duplicate_cosine", metavar="COSINE",
+                       help="Near-duplicate threshold for --exclude-leaked [default: 0.88, measured on photos; "
+                            "`featx audit` suggests one for alike images such as X-rays]."),
+        options.option("align", default="none", show_default=True,
+                       help="Map train and val features towards the test images before fitting (no test labels "
+                            "read): per-dimension moments (standardize) or covariance too (coral)."),
+        options.option("prior_shift", default="off", show_default=True,
+                       help="The test images' class balance by EM on each head's probabilities: report it "
+                            "(estimate), or also re-weight to it where a simulated change on validation helps "
+                            "(auto)."),
     ]):
         command = option(command)
     return command
 
 
-def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster, out_of_core,
-                 concat=False):
+def _run_compare(files, heads, out, concat=False, **settings):
     from featx.evaluate import compare
     from featx.runs import prepare_out, save_run
 
     if out:
         prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
-    board = compare(list(files), heads, cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction,
-                    sort_by=sort_by, concat=concat, max_train_rows=max_train_rows, cluster=cluster,
-                    out_of_core=out_of_core)
+    board = compare(list(files), heads, concat=concat, **settings)
     if out:
         save_run(board, out)
     echo(board.to_markdown())
     best = board.best()
-    echo(f"best by validation {sort_by}: {best['backbone']} + {best['head']} "
-               f"(test accuracy {best.get('test_accuracy', float('nan')):.4f}, "
-               f"AUC {best.get('test_roc_auc', float('nan')):.4f})")
+    echo(f"best by validation {settings['sort_by']}: {best['backbone']} + {best['head']} "
+         f"(test accuracy {best.get('test_accuracy', float('nan')):.4f}, "
+         f"AUC {best.get('test_roc_auc', float('nan')):.4f})")
     if out:
         echo(f"saved run to {out}/ (run.json, leaderboard.*, heads/, plots/)")
 
@@ -336,14 +354,13 @@ def _run_compare(files, heads, out, cv, seed, threshold, val_fraction, sort_by, 
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options.heads("--head", "logreg")
 @_head_options
-def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster, out_of_core):
+def train(embeddings, heads, out, **settings):
     """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
 
     Hyper-parameters are chosen on the validation split (carved from train when the file has
     none) or by --cv; the test split is scored once, at the end.
     """
-    _run_compare([embeddings], heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
-                 out_of_core)
+    _run_compare([embeddings], heads, out, **settings)
 
 
 @main.command(name="compare")
@@ -352,12 +369,10 @@ def train(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, ma
 @_head_options
 @click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
                                              "of the same images) as one more input.")
-def compare_command(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
-                    out_of_core, concat):
+def compare_command(embeddings, heads, out, concat, **settings):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
-    _run_compare(embeddings, heads, out, cv, seed, threshold, val_fraction, sort_by, max_train_rows, cluster,
-                 out_of_core, concat)
+    _run_compare(embeddings, heads, out, concat, **settings)
 
 
 @main.command()

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from featx.audit import SHIFT_AUC, SHIFT_P, shift_between
+from featx.adapt import fit_alignment, prior_shift as estimate_prior_shift
+from featx.audit import DUPLICATE_COSINE, SHIFT_AUC, SHIFT_P, has_near_duplicate, shift_between, two_sample_test
 from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
 from featx.errors import ConfigError, DataError
@@ -145,11 +146,10 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
     finite = np.isfinite(emb._features).all(axis=1) if check_features else None
     rows = {}
     for split in (s for s in ("train", "val", "test") if s in emb.split_names):
-        found = emb.rows(split)
-        labelled = emb._labels[found] >= 0
-        if not labelled.all():
-            log.warning("%s: %d %s rows have no label and are left out", emb.path.name, int((~labelled).sum()), split)
-            found = found[labelled]
+        found = labelled_rows(emb, split)
+        if len(found) < len(emb.rows(split)):
+            log.warning("%s: %d %s rows have no label and are left out", emb.path.name,
+                        len(emb.rows(split)) - len(found), split)
         if finite is not None and not finite[found].all():
             broken = found[~finite[found]]
             raise DataError(f"{emb.path}: {len(broken)} {split} rows hold NaN or infinite features (e.g. "
@@ -168,6 +168,12 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
                         f"to carve a stratified {val_fraction:.0%} validation split; add images or give the "
                         "data a val split") from None
     return train[kept], train[carved], rows.get("test"), f"{val_fraction:.0%} of train, stratified, seed {seed}"
+
+
+def labelled_rows(emb: Embeddings, split: str) -> np.ndarray:
+    """The readable rows of ``split`` that have a label: the rows a head is trained or scored on."""
+    found = emb.rows(split)
+    return found[emb._labels[found] >= 0]
 
 
 def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
@@ -233,7 +239,9 @@ def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, see
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
             cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
             sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
-            max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False) -> Leaderboard:
+            max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False,
+            exclude_leaked: bool = False, duplicate_cosine: float | None = None, align: str = "none",
+            prior_shift: str = "off") -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
@@ -244,14 +252,23 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     Dask address) fits the file × head grid as parallel tasks; the leaderboard is the same.
     ``out_of_core`` trains the lightgbm head on the cluster over the file itself, for training rows
     that do not fit in this machine's memory (``featx.outofcore``).
+
+    Without reading test labels: ``exclude_leaked`` scores test without its images that have a near-duplicate
+    (cosine ≥ ``duplicate_cosine``) among the labelled ones, and reports the figures with them too; ``align``
+    maps train and val features towards the test images (``featx.adapt``); ``prior_shift`` estimates the test
+    images' class balance (``estimate``) and re-weights the probabilities to it where validation shows it helps
+    (``auto``).
     """
     check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by,
-          max_train_rows=max_train_rows)
+          max_train_rows=max_train_rows, align=align, prior_shift=prior_shift, duplicate_cosine=duplicate_cosine)
     names = resolve_heads(heads)
     files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e, lazy=out_of_core)
                              for e in embeddings])
     settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
                 "sort_by": sort_by}
+    adapting = exclude_leaked or align != "none" or prior_shift != "off"
+    if out_of_core and adapting:
+        raise ConfigError("--exclude-leaked, --align and --prior-shift work in memory; leave out --out-of-core")
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
@@ -260,7 +277,7 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         if len(files) < 2:
             raise ConfigError("--concat needs at least two embedding files")
         files.append(concat_embeddings(files))
-    splits, jobs = {}, []
+    splits, jobs, test_extra = {}, [], {}
     for emb in files:
         if cv and emb.n_copies:
             log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in "
@@ -271,10 +288,15 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept),
                      len(y_train), seed)
             X_train, y_train = X_train[kept], y_train[kept]
-        splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
         shift = check_shift(emb, seed)
         if shift:  # recorded only when there was a test split to check
             settings.setdefault("shift", {})[emb.path.name] = shift
+        if adapting:
+            (X_train, y_train), val, test_extra[emb.path.name] = _adapt(
+                emb, (X_train, y_train), val, test, align=align, exclude_leaked=exclude_leaked,
+                duplicate_cosine=duplicate_cosine or DUPLICATE_COSINE, prior_shift=prior_shift, seed=seed,
+                settings=settings)
+        splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
         if threshold and len(emb.classes) != 2:
             log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
                         len(emb.classes))
@@ -284,8 +306,8 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     outcomes = _run_jobs([(name, *splits[emb.path.name][0], *splits[emb.path.name][1], splits[emb.path.name][2][0])
                           for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {},
                          threshold=threshold, cluster=cluster)
-    results = [_head_result(emb, name, splits[emb.path.name], outcome, seed) for (emb, name), outcome in
-               zip(jobs, outcomes)]
+    results = [_head_result(emb, name, splits[emb.path.name], outcome, seed, test_extra.get(emb.path.name))
+               for (emb, name), outcome in zip(jobs, outcomes)]
     if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
         settings["max_train_rows"] = max_train_rows
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
@@ -309,8 +331,36 @@ def check_shift(emb: Embeddings, seed: int) -> dict | None:
     return report.summary()
 
 
-def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int) -> HeadResult:
-    """The leaderboard row and the scores of one head fitted on one file."""
+def _adapt(emb: Embeddings, train: tuple, val: tuple, test: tuple, *, align: str, exclude_leaked: bool,
+           duplicate_cosine: float, prior_shift: str, seed: int, settings: dict):
+    """The remedies for shift and leakage that need no test label: train and val mapped towards the test images,
+    and what scoring test needs to know (its leaked rows, the prior-shift mode), recorded in ``settings``."""
+    (X_train, y_train), (X_val, y_val), (X_test, _) = train, val, test
+    if X_test is None:
+        raise ConfigError(f"{emb.path}: --exclude-leaked, --align and --prior-shift need a test split (the images "
+                          "whose figures they correct)")
+    extra = {"prior_shift": prior_shift, "leaked": None}
+    if exclude_leaked:
+        extra["leaked"] = has_near_duplicate(X_test, np.concatenate([X_train, X_val]), duplicate_cosine)
+        count = int(extra["leaked"].sum())
+        settings.setdefault("exclude_leaked", {})[emb.path.name] = {"cosine": duplicate_cosine, "test_rows": count}
+        log.info("%s: %d of %d test images have a near-duplicate among the labelled ones (cosine ≥ %s); scored "
+                 "without them, and with them for comparison", emb.path.name, count, len(X_test), duplicate_cosine)
+        if count > len(X_test) / 2:
+            log.warning("%s: %d of %d test images count as leaked at cosine ≥ %s: too low a threshold for images "
+                        "this alike; `featx audit %s` suggests one", emb.path.name, count, len(X_test),
+                        duplicate_cosine, emb.path)
+    if align != "none":
+        alignment = fit_alignment(X_train, X_test, align)
+        X_train, X_val = alignment.apply(X_train), alignment.apply(X_val)
+        after = two_sample_test(X_train, X_test, seed, permute_above=1.0)  # the AUC alone: how alike now
+        settings.setdefault("align", {})[emb.path.name] = {"method": align, "shift_auc_after": round(after.auc, 4)}
+    return (X_train, y_train), (X_val, y_val), extra
+
+
+def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int,
+                 adapt: dict | None = None) -> HeadResult:
+    """The leaderboard row and the scores of one head fitted on one file (with ``_adapt``'s corrections)."""
     fitted, p_val, chosen, p_test, predict_s = outcome
     (_, _), (_, y_val), (_, y_test), val_source = split
     row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
@@ -320,13 +370,32 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
                         classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
     if p_test is not None:
         row["predict_s"] = predict_s
+        test_paths = emb.paths[labelled_rows(emb, "test")]
+        if adapt and adapt["leaked"] is not None:
+            with_leaked = classification_metrics(y_test, p_test, emb.classes, threshold=chosen)
+            row.update(test_leaked_rows=int(adapt["leaked"].sum()), test_with_leaked_accuracy=with_leaked["accuracy"],
+                       test_with_leaked_roc_auc=with_leaked["roc_auc"])
+            kept = ~adapt["leaked"]
+            p_test, y_test, test_paths = p_test[kept], y_test[kept], test_paths[kept]
+        if adapt and adapt["prior_shift"] != "off":
+            p_test = _prior_shift(row, adapt["prior_shift"], p_val, y_val, p_test, emb.classes, chosen, seed)
         result.test = classification_metrics(y_test, p_test, emb.classes, threshold=chosen, with_ci=True, seed=seed)
-        result.test_truth, result.test_proba, result.test_paths = y_test, p_test, emb.paths_of("test")
+        result.test_truth, result.test_proba, result.test_paths = y_test, p_test, test_paths
     for split_name, scores in (("val", result.val), ("test", result.test)):
         for metric in REPORTED_METRICS:
             if scores is not None and metric in scores:
                 row[f"{split_name}_{metric}"] = scores[metric]
     return result
+
+
+def _prior_shift(row: dict, mode: str, p_val, y_val, p_test, classes: list[str], threshold, seed: int):
+    """The test images' estimated class balance in ``row``; with ``auto``, the test probabilities re-weighted to
+    it when a simulated prior change on validation showed that helps (not with a decision threshold, which was
+    chosen for the validation balance)."""
+    found = estimate_prior_shift(p_val, y_val, p_test, seed)
+    apply = mode == "auto" and found.applied and threshold is None
+    row["prior_shift"] = {**found.summary(classes), "applied": apply}
+    return found.adjust(p_test) if apply else p_test
 
 
 OPEN_SET_SAMPLE = 20_000  # training rows brought into memory for the open-set calibration of an out-of-core run

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,15 @@ import torch
 
 from featx.augment import augmentation, seeded
 from featx.datasets import ImageDataset
-from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, resolve_device, to_tensor
+from featx.errors import ConfigError
+from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu,
+                                 resolve_device, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
-from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
-from featx.store import CacheLock, EmbeddingWriter
+from featx.planning import ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
+from featx.store import AUGMENTED, CacheLock, EmbeddingWriter
 
 log = logging.getLogger(__name__)
+ADAPT_BN_BATCH = 64  # images per batch at least while BatchNorm statistics are re-estimated (--adapt-bn)
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 
 
@@ -97,11 +100,23 @@ class LoadedModel:
     dim: int
 
 
-def load_model(plan: Plan) -> LoadedModel:
-    """Build the plan's model here, with the precision the plan recorded; frozen for a CPU in fp32."""
+def load_model(plan: Plan, adapt_to: str | None = None) -> LoadedModel:
+    """Build the plan's model here, with the precision the plan recorded; frozen for a CPU in fp32.
+
+    ``adapt_to`` (a split, with ``--adapt-bn``): BatchNorm statistics re-estimated on that split's images first.
+    """
     spec, device = plan.source.spec, resolve_device(plan.config.device)
     model = build_feature_model(spec, plan.source.weights, ",".join(plan.layers),
                                 plan.source.backbone_state()).to(device)
+    if adapt_to is not None:
+        files = _adaptation_images(plan, adapt_to)
+        rows = ImageRows(files, plan.preprocess, 0, len(files), len(files))
+        # Large, shuffled batches: the layers below each BatchNorm run on batch statistics meanwhile, and small or
+        # one-class batches would skew what the layers above see.
+        batches = _batches(rows, replace(plan.config, batch_size=max(plan.config.batch_size, ADAPT_BN_BATCH)), device)
+        readable = (images[ok].to(device) for images, ok, _ in batches if ok.any())
+        seen = adapt_batchnorm(model, readable)
+        log.info("BatchNorm statistics of %r re-estimated on %d of its images", adapt_to, seen)
     dim = spec.dim if plan.layers == ("penultimate",) else _probe_dim(model, plan.preprocess, device)
     if device.type == "cpu" and plan.precision == "fp32":
         model = optimise_for_cpu(model, plan.preprocess.size)
@@ -115,24 +130,68 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
     ``loaded`` reuses a model built for this plan (a worker running several shards builds it once).
     """
     config = plan.config
-    loaded = loaded or load_model(plan)
-    model, device, dim = loaded.model, loaded.device, loaded.dim
+    models = _ModelsBySplit(plan) if config.adapt_bn else None
+    loaded = loaded or (models.first() if models else load_model(plan))
+    device, dim = loaded.device, loaded.dim
     samples = plan.samples[start - plan.first_row:stop - plan.first_row]
     writer = EmbeddingWriter(
         path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
         splits=[s.split for s in samples], attrs={**plan.attrs(str(device)), **(extra_attrs or {})}, dtype=config.dtype,
     )
     transform = augmentation(config.aug, plan.preprocess.size) if config.augment else None
-    rows = ImageRows([plan.dataset.absolute_path(s) for s in samples], plan.preprocess, start + writer.rows_done,
-                     stop, plan.n_images, transform, first_row=start)
+    files = [plan.dataset.absolute_path(s) for s in samples]
+    segments = [(loaded.model, ImageRows(files, plan.preprocess, start + writer.rows_done, stop, plan.n_images,
+                                         transform, first_row=start))]
+    if models:  # one model per split; rows in file order, a new segment wherever the split changes
+        segments = [(models.of(split).model, ImageRows(files, plan.preprocess, begin, end, plan.n_images, transform,
+                                                       first_row=start))
+                    for split, begin, end in _split_runs(plan, start + writer.rows_done, stop)]
     try:
-        return _run(model, plan, rows, writer, start, device, progress)
+        return _run(segments, plan, writer, start, device, progress)
     finally:
         writer.close()
 
 
-def _run(model, plan: Plan, rows: ImageRows, writer, offset: int, device, progress) -> ExtractResult:
-    """Embed ``rows`` into ``writer``, whose first row is the plan's row ``offset``."""
+class _ModelsBySplit:
+    """With ``--adapt-bn``, a model per split, built when its first row comes (augmented copies use train's)."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.built = plan, {}
+
+    def of(self, split: str) -> LoadedModel:
+        split = "train" if split == AUGMENTED else split
+        if split not in self.built:
+            self.built[split] = load_model(self.plan, adapt_to=split)
+        return self.built[split]
+
+    def first(self) -> LoadedModel:
+        return self.of(self.plan.samples[0].split if self.plan.samples else "train")
+
+
+def _adaptation_images(plan: Plan, split: str) -> list[Path]:
+    """A seeded sample of up to ``ADAPT_BN_IMAGES`` of ``split``'s images, shuffled (never their labels)."""
+    own = [s for s in plan.dataset.samples if s.split == split]
+    if not own:
+        raise ConfigError(f"--adapt-bn: no images of split {split!r} to estimate its statistics from")
+    picked = np.random.default_rng(0).choice(len(own), min(ADAPT_BN_IMAGES, len(own)), replace=False)
+    return [plan.dataset.absolute_path(own[i]) for i in picked]  # in random order: batches mix the classes
+
+
+def _split_runs(plan: Plan, start: int, stop: int) -> list[tuple[str, int, int]]:
+    """Rows ``start:stop`` cut where the split changes: (split, first row, end row)."""
+    runs = []
+    for row in range(start, stop):
+        split = plan.samples[row - plan.first_row].split
+        split = "train" if split == AUGMENTED else split
+        if runs and runs[-1][0] == split:
+            runs[-1][2] = row + 1
+        else:
+            runs.append([split, row, row + 1])
+    return [tuple(run) for run in runs]
+
+
+def _run(segments, plan: Plan, writer, offset: int, device, progress) -> ExtractResult:
+    """Embed each segment's ``rows`` with its model into ``writer``, whose first row is the plan's row ``offset``."""
     from tqdm.auto import tqdm
 
     config, n_images = plan.config, plan.n_images  # later rows are copies, whose failures repeat their source's
@@ -146,8 +205,9 @@ def _run(model, plan: Plan, rows: ImageRows, writer, offset: int, device, progre
     bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
     with torch.inference_mode(), autocast(device, plan.precision), bar:
-        batches = _tensor_batches(rows, config, device) if plan.decoder == "tensor" else _batches(rows, config, device)
-        for images, ok, errors in batches:
+        batches = ((model, batch) for model, rows in segments for batch in (
+            _tensor_batches(rows, config, device) if plan.decoder == "tensor" else _batches(rows, config, device)))
+        for model, (images, ok, errors) in batches:
             features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
             overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see

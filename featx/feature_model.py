@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from featx.backbones import RANDOM_INIT, BackboneSpec, ResolvedWeights
-from featx.errors import DataError
+from featx.errors import ConfigError, DataError
 from featx.hardware import device_type
 from featx.vocab import STAGE_NAMES, parse_layer
 
@@ -178,6 +178,27 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     if not pixels.flags.writeable:  # Pillow's arrays are read-only; torch wants memory it may write
         pixels = pixels.copy()
     return torch.from_numpy(pixels).movedim(-1, -3)
+
+
+def adapt_batchnorm(model: nn.Module, batches) -> int:
+    """AdaBN (Li et al. 2017): every BatchNorm's running mean and variance re-estimated from these uint8 batches
+    (an equal-weight average over all of them), all weights untouched; no label is involved. Returns the number
+    of images seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ConfigError("--adapt-bn re-estimates BatchNorm statistics, and this backbone has no BatchNorm layer")
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average instead of an exponential one
+        norm.train()
+    seen = 0
+    with torch.no_grad():
+        for images in batches:
+            model(images)
+            seen += len(images)
+    for norm in norms:
+        norm.eval()
+    return seen
 
 
 def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:

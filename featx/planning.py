@@ -43,6 +43,7 @@ class ExtractConfig:
     aug: str = "natural"  # the copies' transforms (featx.augment)
     batch_size: int = 32
     decode: str = "auto"  # "tensor": JPEGs decoded in batches on the device (featx.decoding); auto: on a GPU
+    adapt_bn: bool = False  # AdaBN: each split embedded with BatchNorm statistics of its own images (no labels)
     workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
     device: str = "auto"
     cache_dir: str = "cache"
@@ -52,6 +53,10 @@ class ExtractConfig:
         check_fields(self, "extract")
         if self.augment and self.aug == "none":
             raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
+
+
+# Images per split whose BatchNorm statistics replace the pretrained ones with --adapt-bn: a sample, seed 0.
+ADAPT_BN_IMAGES = 1000
 
 
 @dataclass
@@ -148,6 +153,8 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     }
     if config.augment:  # only when asked, so keys of files made without copies stay as they were
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+    if config.adapt_bn:
+        recipe["adapt_bn"] = {"images_per_split": ADAPT_BN_IMAGES}
     decoder = config.decode if config.decode != "auto" else "tensor" if device == "cuda" else "pillow"
     if decoder == "tensor":  # its pixels differ from Pillow's in the last bits (draft mode, resampler)
         recipe["decoder"] = decoder

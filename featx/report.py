@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jinja2 import Environment
 
+from featx.audit import label_issues, outliers
 from featx.errors import DataError
 from featx.evaluate import Leaderboard, format_cell
 from featx.images import ImageError, open_rgb
@@ -42,6 +43,24 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 {% for row in rows %}<tr class="{{ 'best' if loop.first else '' }}">{% for c in columns %}<td class="{{ 'text' if c in text_columns else '' }}">{{ fmt(row.get(c)) }}</td>{% endfor %}</tr>
 {% endfor %}</table></div>
 
+<h2 id="audit">Can these figures be trusted?</h2>
+{% for item in audit.files %}<h3>{{ item.file }}</h3>
+{% if item.shift %}<p>{% if item.shift.shifted %}<strong>The test images differ from the training ones</strong> (a classifier tells them apart): validation figures are likely optimistic for test; <code>--align</code>, <code>--prior-shift auto</code> and fine-tuning are the remedies to try.{% else %}No shift found between the training and test images: validation figures should carry over to test.{% endif %}</p>
+<table><tr><th class="text">train → test</th><th>AUC (0.5 = alike)</th><th>p</th><th>rows a side</th></tr>
+{% for name, t in item.shift.tests.items() %}<tr><td class="text">{{ name }}</td><td>{{ fmt(t.auc) }}</td><td>{{ fmt(t.p_value) }}</td><td>{{ t.rows }}</td></tr>{% endfor %}</table>
+{% if item.least_alike %}<p class="muted">Test images least like the training ones:</p><div class="grid">{% for t in item.least_alike %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
+{% else %}<p class="muted">No shift check (no test split, or fewer than 100 rows in train or test).</p>{% endif %}
+{% if item.leaked %}<p>Leaked: {{ item.leaked.test_rows }} test images have a near-duplicate among the labelled ones (cosine ≥ {{ item.leaked.cosine }}); the leaderboard's test figures leave them out, <code>test_with_leaked_*</code> keep them.</p>{% endif %}
+{% if item.align %}<p>Aligned: training and validation features mapped to the test images by {{ item.align.method }}; a classifier then tells them apart with AUC {{ fmt(item.align.shift_auc_after) }}.</p>{% endif %}
+{% endfor %}
+{% if audit.priors %}<h3>Class balance of the test images (EM on each head's probabilities)</h3>
+<table><tr><th class="text">head</th>{% for c in audit.classes %}<th>{{ c }}: val → test</th>{% endfor %}<th class="text">re-weighted</th></tr>
+{% for p in audit.priors %}<tr><td class="text">{{ p.label }}</td>{% for c in audit.classes %}<td>{{ fmt(p.source[c]) }} → {{ fmt(p.target[c]) }}</td>{% endfor %}<td class="text">{{ 'yes' if p.applied else 'no' }}</td></tr>{% endfor %}</table>{% endif %}
+<h3>Likely label errors in train ({{ audit.issue_count }})</h3>
+{% if audit.issues %}<div class="grid">{% for t in audit.issues %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>
+{% else %}<p class="muted">{{ audit.issues_note }}</p>{% endif %}
+{% if audit.outliers %}<h3>Training images least like any class</h3><div class="grid">{% for t in audit.outliers %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
+
 {% if finetune %}<h2 id="finetune">Fine-tuning</h2>
 {% for item in finetune %}<h3>{{ item.title }}</h3>{% for img in item.images %}<img class="plot" src="data:image/png;base64,{{ img }}" alt="{{ item.title }}">{% endfor %}{% endfor %}
 {% endif %}
@@ -70,6 +89,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 </body></html>
 """
 TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci"}
+MAX_AUDIT_ROWS = 20_000  # training rows up to which the report looks for label errors itself (seconds)
 
 
 def _b64(path: Path) -> str:
@@ -136,10 +156,56 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         heads=heads, examples=examples, dataset_root=str(root or "unknown"), wrong=wrong,
         wrong_title=f"{best['backbone']} + {best['head']}, {predictions[1]}" if predictions else "",
         finetune=_finetune_plots(run["inputs"]), provenance=provenance,
+        audit=_audit(run, Path(source) if source else None, root if reachable else None),
     )
     path = run_dir / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: int = 12) -> dict:
+    """The report's audit section: what compare recorded (shift, leaks, alignment, class balance) and, on the best
+    input's training rows, likely label errors and outliers with thumbnails where the images are reachable."""
+    config = run["config"]
+    files = []
+    for item in run["inputs"]:
+        name = Path(item["path"]).name
+        shift = (config.get("shift") or {}).get(name)
+        least = [{"data": data, "caption": rel.split("/")[-1]} for rel in (shift or {}).get("least_alike", [])[:8]
+                 if root and (data := _thumbnail(root / rel))]
+        files.append({"file": name, "shift": shift, "least_alike": least,
+                      "leaked": (config.get("exclude_leaked") or {}).get(name),
+                      "align": (config.get("align") or {}).get(name)})
+    priors = [{"label": f"{r['backbone']} + {r['head']}", **r["prior_shift"]} for r in run["results"]
+              if r.get("prior_shift")]
+    section = {"files": files, "priors": priors, "classes": list(priors[0]["source"]) if priors else [],
+               "issues": [], "outliers": [], "issue_count": 0, "issues_note": ""}
+    if embeddings_path is None or not embeddings_path.exists():
+        section["issues_note"] = "The embedding file is not reachable from here."
+        return section
+    emb = load_embeddings(embeddings_path)
+    if len(emb.rows("train")) > MAX_AUDIT_ROWS:
+        section["issues_note"] = (f"More than {MAX_AUDIT_ROWS} training rows: run `featx audit {embeddings_path}` "
+                                  "for the list.")
+        return section
+    try:
+        issues = label_issues(emb, "train")
+    except DataError as err:
+        section["issues_note"] = str(err)
+        return section
+    section["issue_count"] = len(issues)
+    section["issues_note"] = "None found." if not issues else "The images are not reachable from here."
+    if root:
+        for issue in issues[:count]:
+            rel = emb.paths[issue.row]
+            if data := _thumbnail(root / rel):
+                section["issues"].append({"data": data, "caption": f"{rel.split('/')[-1]}: labelled "
+                                          f"{emb.classes[issue.given]}, looks {emb.classes[issue.suggested]} "
+                                          f"({issue.p_suggested:.2f})"})
+        section["outliers"] = [{"data": data, "caption": f"{emb.paths[row].split('/')[-1]} ({distance:.2f})"}
+                               for row, distance in outliers(emb, "train", count // 2)
+                               if (data := _thumbnail(root / emb.paths[row]))]
+    return section
 
 
 def _embeddings_meta(path) -> dict:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from featx.cluster import connect, describe
-from featx.errors import DataError, FeatxError
+from featx.errors import ConfigError, DataError, FeatxError
 from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
 from featx.store import CacheLock, check_intact, publish_shards, read_failures, rows_written
 
@@ -109,6 +109,9 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
                        split: str | None = None, seed: int = 0, split_from=None, progress: bool = True,
                        force: bool = False) -> ExtractResult:
     """``featx.extract`` as shards on the Dask cluster at ``address``; returns the published file's result."""
+    if config.adapt_bn:
+        raise ConfigError("--adapt-bn runs on one machine: every shard would estimate the statistics again; "
+                          "leave out --cluster")
     began = time.perf_counter()
     plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from, device_here=False)
     cached = None if force else cached_result(plan.path, plan.key)

@@ -24,6 +24,8 @@ UNFREEZE = tuple(str(n) for n in range(STAGE_GROUPS + 1)) + ("all",)
 STAGE_NAMES = tuple(f"stage{n}" for n in range(1, STAGE_GROUPS + 1))
 OPEN_SET_SCORES = ("knn", "centroid", "max_prob")
 SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")  # validation metrics that rank
+ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.adapt)
+PRIOR_SHIFTS = ("off", "estimate", "auto")  # the test split's class balance: ignored, reported, applied if it helps
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,9 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "threshold": Maybe(Pattern(rf"balanced_accuracy|f1|sensitivity={_UNIT_FLOAT}",
                                "balanced_accuracy, f1 or sensitivity=<0..1>")),
     "sort_by": OneOf(SORTABLE),
+    "align": OneOf(ALIGNMENTS),
+    "prior_shift": OneOf(PRIOR_SHIFTS),
+    "duplicate_cosine": Maybe(Interval(float, 0.5, 1.0)),
     # using a run
     "score": OneOf(OPEN_SET_SCORES),
     "top_k": Interval(int, 1),

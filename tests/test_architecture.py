@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "featx"
 HEAVY = {"torch", "torchvision", "timm"}
-HEAD_SIDE = ("store", "heads", "metrics", "evaluate", "runs", "openset", "report", "audit")
+HEAD_SIDE = ("store", "heads", "metrics", "evaluate", "runs", "openset", "report", "audit", "adapt")
 
 
 def read_map() -> dict[str, set[str]]:

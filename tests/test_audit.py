@@ -104,3 +104,23 @@ def test_compare_warns_about_shift_and_records_it_only_when_there_is_some(tmp_pa
         shifted = compare([write("shifted.h5", 0.7, 0.8)], ["logreg"])
     assert "shifted.h5: the test images differ from the training ones" in caplog.text
     assert shifted.settings["shift"]["shifted.h5"]["shifted"]
+
+
+def test_flipped_labels_are_found_among_the_likely_label_errors():
+    from featx.audit import label_issues, outliers
+
+    rng = np.random.default_rng(6)
+    centres = rng.normal(0, 1, (2, 32)) * 1.5
+    truth = np.arange(300) % 2
+    features = centres[truth] + rng.normal(0, 1, (300, 32))
+    given = truth.copy()
+    flipped = np.arange(0, 300, 30)  # ten labels flipped
+    given[flipped] = 1 - given[flipped]
+    features[7] = 40.0  # one image unlike either class
+    emb = embeddings(features, given, ["train"] * 300)
+    issues = label_issues(emb, "train")
+    found = {issue.row for issue in issues}
+    assert len(found & set(flipped)) >= 9  # nearly every flipped label …
+    assert len(found - set(flipped)) <= 5  # … and few correct ones
+    assert all(issue.suggested == truth[issue.row] for issue in issues if issue.row in set(flipped))
+    assert outliers(emb, "train", count=1)[0][0] == 7

@@ -151,3 +151,59 @@ def test_full_fit_keeps_the_image_edges_and_its_own_cache_key(image_folder, tiny
         extract(image_folder, replace(tiny_config, fit="stretch"), progress=False)
     with pytest.raises(ConfigError, match="augmented copies need transforms"):
         extract(image_folder, replace(tiny_config, augment=1, aug="none"), progress=False)
+
+
+def test_adapt_bn_embeds_each_split_with_its_own_statistics_and_never_reads_labels(tmp_path, tiny_config):
+    from PIL import Image
+
+    from featx.extraction import _adaptation_images, load_model
+    from featx.planning import plan_extraction
+    from tests.conftest import COLOURS
+
+    root = tmp_path / "scanners"  # test: the training images again, at 60 % contrast (another scanner)
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(6):
+            original = make_image(root / "train" / name / f"{name}_{i}.jpg", colour, seed=10 * c + i)
+            darker = (np.asarray(Image.open(original)) * 0.6).astype(np.uint8)
+            Image.fromarray(darker).save(root / "test" / name / f"{name}_{i}.jpg", quality=95)
+    plain = load_embeddings(extract(root, tiny_config, progress=False).path)
+    adapted_config = replace(tiny_config, adapt_bn=True)
+    adapted = load_embeddings(extract(root, adapted_config, progress=False).path)
+    assert adapted.cache_key != plain.cache_key and "adapt_bn" in adapted.meta["recipe"]
+
+    def shift(emb):  # the distance between the splits' mean features, in standard deviations of train's
+        train, test = emb.features("train"), emb.features("test")
+        return np.linalg.norm(train.mean(0) - test.mean(0)) / np.linalg.norm(train.std(0))
+
+    def found_originals(emb):  # the share of darker test images whose nearest training image is their original
+        train, test = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (emb.features("train"),
+                                                                             emb.features("test")))
+        return float(((test @ train.T).argmax(1) == np.arange(len(test))).mean())
+
+    assert emb_paths_match(plain) and shift(adapted) < 0.5 * shift(plain)
+    assert found_originals(adapted) == 1.0 > found_originals(plain)
+    plan = plan_extraction(root, adapted_config)
+    relabelled = replace(plan, dataset=replace(plan.dataset, samples=[replace(s, label=(s.label + 1) % 3)
+                                                                      for s in plan.dataset.samples]))
+    assert _adaptation_images(plan, "test") == _adaptation_images(relabelled, "test")
+    batch = torch_batch(root / "test" / "red" / "red_0.jpg", plan)
+    test_model, same_model = load_model(plan, adapt_to="test").model, load_model(relabelled, adapt_to="test").model
+    pretrained = load_model(plan).model
+    assert np.array_equal(test_model(batch).numpy(), same_model(batch).numpy())
+    assert not np.allclose(test_model(batch).numpy(), pretrained(batch).numpy(), atol=1e-3)
+
+
+def emb_paths_match(emb) -> bool:
+    """Train and test rows pair up by file name (the test image is the darker copy of the train image)."""
+    return [p.split("/")[-1] for p in emb.paths_of("train")] == [p.split("/")[-1] for p in emb.paths_of("test")]
+
+
+def torch_batch(path, plan):
+    import torch
+
+    from featx.feature_model import to_tensor
+    from featx.images import load_image
+
+    with torch.inference_mode():
+        return to_tensor(load_image(path, plan.preprocess)).unsqueeze(0)

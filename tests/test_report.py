@@ -49,3 +49,23 @@ def test_report_of_a_fine_tuned_backbone_shows_its_curves(tmp_path):
 def test_report_needs_a_run_folder(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no run.json" in result.output
+
+
+def test_report_says_whether_the_figures_can_be_trusted(tmp_path):
+    import numpy as np
+
+    from tests.test_adapt import blobs, write_file
+
+    rng = np.random.default_rng(5)
+    X_train, y_train = blobs(rng, 300)
+    X_test, y_test = blobs(rng, 150, shift=1.0, contrast=0.7)  # other images than train's
+    y_train[:6] = 1 - y_train[:6]  # six wrong labels
+    file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 300 + ["test"] * 150)
+    save_run(compare([file], ["logreg"], prior_shift="estimate"), tmp_path / "run")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="audit"' in html and "The test images differ from the training ones" in html
+    assert "Class balance of the test images" in html
+    found = int(re.search(r"Likely label errors in train \((\d+)\)", html).group(1))
+    assert 4 <= found <= 15  # most of the six, and few others

@@ -1,0 +1,168 @@
+"""Adapting a head to images that differ from the training ones, without their labels.
+
+*Feature alignment* maps the training features (and validation, carved from the same images) towards the
+target images' distribution, so that a head trained on them applies unchanged to the target images:
+
+- ``standardize``: each dimension's mean and standard deviation made the target's (per-domain
+  standardisation, expressed in the target's units);
+- ``coral``: the covariance too (CORAL, Sun, Feng & Saenko 2016): source features whitened and re-coloured
+  with the target's covariance, both regularised by the identity in source-standardised units, as in the paper.
+
+*Prior shift*: the target's class balance estimated from a head's probabilities on the target images by EM
+(Saerens, Latinne & Decaestecker 2002), and the probabilities re-weighted to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from featx.errors import DataError
+
+MIN_TARGET_ROWS = 10  # fewer target images than this say too little about their distribution to align to
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """A fitted affine map of source-domain features into the target domain: ``x ↦ (x - shift) @ matrix + offset``
+    (``matrix`` None: per dimension, ``(x - shift) * scale + offset``)."""
+
+    method: str
+    shift: np.ndarray
+    offset: np.ndarray
+    scale: np.ndarray | None = None
+    matrix: np.ndarray | None = None
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        if self.matrix is not None:
+            return ((X - self.shift) @ self.matrix + self.offset).astype(np.float32)
+        return ((X - self.shift) * self.scale + self.offset).astype(np.float32)
+
+
+def fit_alignment(source: np.ndarray, target: np.ndarray, method: str, regularisation: float = 1.0) -> Alignment:
+    """The ``standardize`` or ``coral`` map from ``source`` rows to ``target`` rows (no labels involved)."""
+    if len(target) < MIN_TARGET_ROWS:
+        raise DataError(f"aligning to the target images needs at least {MIN_TARGET_ROWS} of them; got {len(target)}")
+    source, target = source.astype(np.float64), target.astype(np.float64)
+    mean_s, mean_t = source.mean(0), target.mean(0)
+    std_s = source.std(0) + 1e-6
+    if method == "standardize":
+        return Alignment(method, mean_s, mean_t, scale=(target.std(0) + 1e-6) / std_s)
+    if method != "coral":
+        raise DataError(f"unknown alignment {method!r}; choose standardize or coral")
+    # In source-standardised units, as CORAL's λ = 1 assumes; the map is then expressed on raw features.
+    zs, zt = (source - mean_s) / std_s, (target - mean_t) / std_s
+    eye = np.eye(source.shape[1])
+    whiten = _matrix_power(np.cov(zs, rowvar=False) + regularisation * eye, -0.5)
+    recolour = _matrix_power(np.cov(zt, rowvar=False) + regularisation * eye, 0.5)
+    matrix = (whiten @ recolour) / std_s[:, None] * std_s[None, :]
+    return Alignment(method, mean_s, mean_t, matrix=matrix)
+
+
+def _matrix_power(symmetric: np.ndarray, power: float) -> np.ndarray:
+    values, vectors = np.linalg.eigh(symmetric)
+    return (vectors * np.clip(values, 1e-12, None) ** power) @ vectors.T
+
+
+@dataclass(frozen=True)
+class PriorShift:
+    """The class balance a head implies on validation (``source``) and its EM estimate on the target images
+    (``target``); ``applied`` when a simulated prior change on validation showed re-weighting helps.
+
+    EM needs calibrated probabilities (regularised heads are under-confident, and EM then runs to a corner),
+    so the head's probabilities are first calibrated on validation by bias-corrected temperature scaling
+    (Alexandari, Kundaje & Shrikumar 2020): ``softmax(slope · log p + bias)``.
+    """
+
+    source: np.ndarray
+    target: np.ndarray
+    slope: float
+    bias: np.ndarray
+    applied: bool
+    validation: dict
+
+    def calibrated(self, proba: np.ndarray) -> np.ndarray:
+        return _softmax(self.slope * np.log(np.clip(proba, 1e-12, None)) + self.bias)
+
+    def adjust(self, proba: np.ndarray) -> np.ndarray:
+        """``proba`` calibrated and re-weighted to the target's class balance."""
+        return reweight(self.calibrated(proba), self.source, self.target)
+
+    def summary(self, classes: list[str]) -> dict:
+        return {"source": dict(zip(classes, np.round(self.source, 4).tolist())),
+                "target": dict(zip(classes, np.round(self.target, 4).tolist())),
+                "applied": self.applied, "validation": self.validation}
+
+
+def em_priors(proba: np.ndarray, prior: np.ndarray, max_iter: int = 200, tol: float = 1e-6) -> np.ndarray:
+    """Saerens et al.'s EM: the class balance of the rows behind ``proba`` (posteriors made under ``prior``)."""
+    estimate = prior.copy()
+    for _ in range(max_iter):
+        updated = reweight(proba, prior, estimate).mean(0)
+        if np.abs(updated - estimate).max() < tol:
+            return updated
+        estimate = updated
+    return estimate
+
+
+def reweight(proba: np.ndarray, prior: np.ndarray, new_prior: np.ndarray) -> np.ndarray:
+    """Posteriors made under ``prior`` re-weighted to ``new_prior`` (Bayes' rule, renormalised per row)."""
+    weighted = proba * (new_prior / np.clip(prior, 1e-12, None))
+    return weighted / np.clip(weighted.sum(1, keepdims=True), 1e-300, None)
+
+
+def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed: int = 0,
+                rounds: int = 20) -> PriorShift:
+    """Estimate the target's class balance; decide on validation whether re-weighting to it helps.
+
+    The check resamples validation rows to the estimated target balance ``rounds`` times, runs the same EM on
+    each resample and keeps re-weighting only if it lowers the log-loss without lowering the accuracy, on
+    average, against the head's own probabilities. Test labels are never read.
+    """
+    k = p_val.shape[1]
+    by_class = [np.flatnonzero(y_val == c) for c in range(k)]
+    slope, bias = _fit_calibration(p_val, y_val)
+    shift = PriorShift(np.zeros(k), np.zeros(k), slope, bias, False, {})
+    source = shift.calibrated(p_val).mean(0)
+    target = em_priors(shift.calibrated(p_target), source)
+    if any(len(rows) == 0 for rows in by_class):
+        return replace(shift, source=source, target=target, validation={"skipped": "a class is missing from val"})
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(rounds):
+        counts = rng.multinomial(len(y_val), target)
+        rows = np.concatenate([rng.choice(by_class[c], counts[c]) for c in range(k)])
+        p, y = p_val[rows], y_val[rows]
+        calibrated = shift.calibrated(p)
+        adjusted = reweight(calibrated, source, em_priors(calibrated, source))
+        deltas.append((_log_loss(y, adjusted) - _log_loss(y, p),
+                       (adjusted.argmax(1) == y).mean() - (p.argmax(1) == y).mean()))
+    log_loss_change, accuracy_change = np.mean(deltas, axis=0)
+    applied = bool(log_loss_change < 0 and accuracy_change >= 0)
+    return replace(shift, source=source, target=target, applied=applied, validation={
+        "rounds": rounds, "log_loss_change": round(float(log_loss_change), 4),
+        "accuracy_change": round(float(accuracy_change), 4)})
+
+
+def _fit_calibration(proba: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Slope and per-class bias of ``softmax(slope · log p + bias)`` minimising the log-loss on (proba, y)."""
+    from scipy.optimize import minimize
+
+    logs = np.log(np.clip(proba, 1e-12, None))
+
+    def loss(params):
+        return _log_loss(y, _softmax(np.exp(params[0]) * logs + np.r_[0.0, params[1:]]))
+
+    found = minimize(loss, np.zeros(proba.shape[1]), method="L-BFGS-B")
+    return float(np.exp(found.x[0])), np.r_[0.0, found.x[1:]]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    return float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, None)).mean())

@@ -1,0 +1,132 @@
+"""Adapting to shift without test labels: feature alignment, prior shift, and compare's leak exclusion."""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featx.adapt import em_priors, fit_alignment, prior_shift, reweight
+from featx.errors import DataError
+
+
+def correlated(rng, n, dim=16, scale=1.0, offset=0.0):
+    mixing = rng.normal(0, 1, (dim, dim))
+    return rng.normal(0, 1, (n, dim)) @ mixing * scale + offset
+
+
+def test_coral_gives_the_source_the_target_covariance_and_standardize_its_moments():
+    rng = np.random.default_rng(0)
+    source, target = correlated(rng, 4000), correlated(rng, 4000, scale=0.5, offset=2.0)
+    coral = fit_alignment(source, target, "coral", regularisation=1e-9).apply(source)
+    before = np.linalg.norm(np.cov(source, rowvar=False) - np.cov(target, rowvar=False))
+    after = np.linalg.norm(np.cov(coral, rowvar=False) - np.cov(target, rowvar=False))
+    assert after < 1e-3 * before
+    assert np.allclose(coral.mean(0), target.mean(0), atol=1e-3)
+    moments = fit_alignment(source, target, "standardize").apply(source)
+    assert np.allclose(moments.mean(0), target.mean(0), atol=1e-3)
+    assert np.allclose(moments.std(0), target.std(0), rtol=1e-3)
+    with pytest.raises(DataError, match="at least 10"):
+        fit_alignment(source, target[:5], "coral")
+
+
+def two_gaussians(rng, n, prior_of_1):
+    """Rows of two classes (means -1 and +1, unit variance) and their exact posteriors under a 50/50 prior."""
+    y = (rng.random(n) < prior_of_1).astype(int)
+    x = rng.normal(2.0 * y - 1.0, 1.0)
+    p1 = 1 / (1 + np.exp(-2 * x))
+    return np.c_[1 - p1, p1], y
+
+
+def test_em_recovers_a_changed_class_balance_and_reweighting_makes_the_right_calls():
+    rng = np.random.default_rng(1)
+    p_target, y_target = two_gaussians(rng, 5000, prior_of_1=0.2)
+    estimate = em_priors(p_target, np.array([0.5, 0.5]))
+    assert abs(estimate[1] - 0.2) < 0.03
+    adjusted = reweight(p_target, np.array([0.5, 0.5]), estimate)
+    assert (adjusted.argmax(1) == y_target).mean() > (p_target.argmax(1) == y_target).mean()
+    p_val, y_val = two_gaussians(rng, 2000, prior_of_1=0.5)
+    assert "y_target" not in inspect.signature(prior_shift).parameters  # the decision never sees test labels
+    changed = prior_shift(p_val, y_val, p_target)
+    assert changed.applied and abs(changed.target[1] - 0.2) < 0.03 and abs(changed.source[1] - 0.5) < 0.03
+    same = prior_shift(p_val, y_val, two_gaussians(rng, 5000, prior_of_1=0.5)[0])
+    assert abs(same.target[1] - 0.5) < 0.03
+
+
+def write_file(tmp_path, features, labels, splits, name="e.h5"):
+    from featx.store import EmbeddingWriter
+
+    n = len(labels)
+    writer = EmbeddingWriter(tmp_path / name, dim=features.shape[1], paths=[f"{i}.jpg" for i in range(n)],
+                             labels=list(labels), splits=list(splits),
+                             attrs={"backbone": "test", "cache_key": name, "classes": ["a", "b"]})
+    writer.write(features.astype(np.float16), np.ones(n, bool), [""] * n)
+    return writer.finish()
+
+
+def blobs(rng, n, dim=32, shift=0.0, contrast=1.0, separation=1.2):
+    y = np.arange(n) % 2
+    centres = np.random.default_rng(7).normal(0, 1, (2, dim)) * separation
+    return (centres[y] + rng.normal(0, 1, (n, dim))) * contrast + shift, y
+
+
+def test_compare_excludes_test_images_leaked_from_train_and_reports_both_figures(tmp_path):
+    from featx.evaluate import compare
+
+    rng = np.random.default_rng(2)
+    X_train, y_train = blobs(rng, 300, separation=0.25)  # classes that overlap: test accuracy well below 1
+    X_test, y_test = blobs(rng, 100, separation=0.25)
+    X_test[:12], y_test[:12] = X_train[:12] * 1.01, y_train[:12]  # twelve re-encoded training images in test
+    file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 300 + ["test"] * 100)
+    board = compare([file], ["logreg"], exclude_leaked=True, duplicate_cosine=0.98)
+    row = board.rows[0]
+    assert row["test_leaked_rows"] == 12 and board.settings["exclude_leaked"]["e.h5"]["test_rows"] == 12
+    result = board.result_of(row)
+    assert result.test["n"] == 88 and len(result.test_paths) == 88 and not {f"{300 + i}.jpg" for i in range(12)} & set(result.test_paths)
+    assert row["test_with_leaked_accuracy"] != row["test_accuracy"]
+    plain = compare([file], ["logreg"]).rows[0]
+    assert plain["test_accuracy"] == row["test_with_leaked_accuracy"] and "test_leaked_rows" not in plain
+
+
+def test_compare_aligns_train_to_the_test_images(tmp_path):
+    from featx.cli import main
+
+    rng = np.random.default_rng(3)
+    X_train, y_train = blobs(rng, 400)
+    X_test, y_test = blobs(rng, 200, shift=1.5, contrast=0.6)  # another scanner: brighter, less contrast
+    file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 400 + ["test"] * 200)
+    runs = {}
+    for align in ("none", "coral"):
+        out = tmp_path / f"run-{align}"
+        result = CliRunner().invoke(main, ["compare", str(file), "--heads", "logreg", "--align", align,
+                                           "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        runs[align] = json.loads((out / "run.json").read_text())
+    aligned = runs["coral"]["config"]
+    assert aligned["align"]["e.h5"]["method"] == "coral"
+    assert aligned["align"]["e.h5"]["shift_auc_after"] < 0.7 < aligned["shift"]["e.h5"]["tests"]["overall"]["auc"]
+    assert runs["coral"]["results"][0]["test_accuracy"] > runs["none"]["results"][0]["test_accuracy"] + 0.2
+    refused = CliRunner().invoke(main, ["compare", str(file), "--align", "sideways"])
+    assert refused.exit_code == 2 and "sideways" in refused.output
+
+
+def test_compare_estimates_the_test_images_class_balance_and_reweights_only_when_asked(tmp_path):
+    from featx.evaluate import compare
+
+    rng = np.random.default_rng(4)
+    X_train, y_train = blobs(rng, 2000, separation=0.25)
+    X_test, y_test = blobs(rng, 600, separation=0.25)
+    keep = (y_test == 0) | (np.arange(600) % 6 == 1)  # a quarter of the test images are b, against half in train
+    file = write_file(tmp_path, np.r_[X_train, X_test[keep]], np.r_[y_train, y_test[keep]],
+                      ["train"] * 2000 + ["test"] * int(keep.sum()))
+    plain = compare([file], ["logreg"]).rows[0]
+    estimated = compare([file], ["logreg"], prior_shift="estimate").rows[0]
+    assert abs(estimated["prior_shift"]["target"]["b"] - 0.25) < 0.08 and not estimated["prior_shift"]["applied"]
+    assert estimated["test_accuracy"] == plain["test_accuracy"]  # reported, not applied
+    auto = compare([file], ["logreg"], prior_shift="auto").rows[0]
+    if auto["prior_shift"]["applied"]:  # the simulated change on validation decides; then test improves too
+        assert auto["test_log_loss"] < plain["test_log_loss"]
+    else:
+        assert auto["test_log_loss"] == plain["test_log_loss"]
+    assert auto["prior_shift"]["validation"]["rounds"] == 20
