@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from featx.audit import ShiftTest, two_sample_test
 from featx.errors import DataError
 
 MIN_TARGET_ROWS = 10  # fewer target images than this say too little about their distribution to align to
@@ -143,6 +144,22 @@ def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed
     return replace(shift, source=source, target=target, applied=applied, validation={
         "rounds": rounds, "log_loss_change": round(float(log_loss_change), 4),
         "accuracy_change": round(float(accuracy_change), 4)})
+
+
+def unexplained_shift(X_train: np.ndarray, y_train: np.ndarray, X_target: np.ndarray, prior: np.ndarray,
+                      seed: int = 0) -> ShiftTest:
+    """Whether a change of class balance alone explains how the target images differ from the training ones.
+
+    Training rows resampled to ``prior`` (the EM estimate) should be indistinguishable from the target rows if
+    only the balance changed, which is what re-weighting assumes. A shift left over means the images themselves
+    differ (another scanner), and EM's estimate is not to be trusted. Reads the training labels only.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(len(X_target), 2000)
+    counts = rng.multinomial(n, prior)
+    rows = np.concatenate([rng.choice(np.flatnonzero(y_train == k), counts[k])
+                           for k in range(len(prior)) if counts[k] and (y_train == k).any()])
+    return two_sample_test(X_train[rows], X_target, seed, permutations=99, permute_above=0.6)
 
 
 def _fit_calibration(proba: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

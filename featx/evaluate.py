@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from featx.adapt import fit_alignment, prior_shift as estimate_prior_shift
+from featx.adapt import fit_alignment, prior_shift as estimate_prior_shift, unexplained_shift
 from featx.audit import DUPLICATE_COSINE, SHIFT_AUC, SHIFT_P, has_near_duplicate, shift_between, two_sample_test
 from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
@@ -339,7 +339,7 @@ def _adapt(emb: Embeddings, train: tuple, val: tuple, test: tuple, *, align: str
     if X_test is None:
         raise ConfigError(f"{emb.path}: --exclude-leaked, --align and --prior-shift need a test split (the images "
                           "whose figures they correct)")
-    extra = {"prior_shift": prior_shift, "leaked": None}
+    extra = {"prior_shift": prior_shift, "leaked": None, "train": (X_train, y_train), "test": X_test}
     if exclude_leaked:
         extra["leaked"] = has_near_duplicate(X_test, np.concatenate([X_train, X_val]), duplicate_cosine)
         count = int(extra["leaked"].sum())
@@ -378,7 +378,7 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
             kept = ~adapt["leaked"]
             p_test, y_test, test_paths = p_test[kept], y_test[kept], test_paths[kept]
         if adapt and adapt["prior_shift"] != "off":
-            p_test = _prior_shift(row, adapt["prior_shift"], p_val, y_val, p_test, emb.classes, chosen, seed)
+            p_test = _prior_shift(row, adapt, p_val, y_val, p_test, emb.classes, chosen, seed)
         result.test = classification_metrics(y_test, p_test, emb.classes, threshold=chosen, with_ci=True, seed=seed)
         result.test_truth, result.test_proba, result.test_paths = y_test, p_test, test_paths
     for split_name, scores in (("val", result.val), ("test", result.test)):
@@ -388,13 +388,19 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
     return result
 
 
-def _prior_shift(row: dict, mode: str, p_val, y_val, p_test, classes: list[str], threshold, seed: int):
+def _prior_shift(row: dict, adapt: dict, p_val, y_val, p_test, classes: list[str], threshold, seed: int):
     """The test images' estimated class balance in ``row``; with ``auto``, the test probabilities re-weighted to
-    it when a simulated prior change on validation showed that helps (not with a decision threshold, which was
-    chosen for the validation balance)."""
+    it when a simulated prior change on validation showed that helps, and the change of balance explains how
+    the test images differ from the training ones (``adapt.unexplained_shift``). Never with a decision
+    threshold, which was chosen for the validation balance."""
     found = estimate_prior_shift(p_val, y_val, p_test, seed)
-    apply = mode == "auto" and found.applied and threshold is None
-    row["prior_shift"] = {**found.summary(classes), "applied": apply}
+    summary = found.summary(classes)
+    apply = adapt["prior_shift"] == "auto" and found.applied and threshold is None
+    if apply:
+        left = unexplained_shift(*adapt["train"], adapt["test"], found.target, seed)
+        summary["shift_after_reweighting_train"] = {"auc": round(left.auc, 4), "p_value": left.p_value}
+        apply = not left.shifted
+    row["prior_shift"] = {**summary, "applied": apply}
     return found.adjust(p_test) if apply else p_test
 
 

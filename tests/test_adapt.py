@@ -125,8 +125,12 @@ def test_compare_estimates_the_test_images_class_balance_and_reweights_only_when
     assert abs(estimated["prior_shift"]["target"]["b"] - 0.25) < 0.08 and not estimated["prior_shift"]["applied"]
     assert estimated["test_accuracy"] == plain["test_accuracy"]  # reported, not applied
     auto = compare([file], ["logreg"], prior_shift="auto").rows[0]
-    if auto["prior_shift"]["applied"]:  # the simulated change on validation decides; then test improves too
-        assert auto["test_log_loss"] < plain["test_log_loss"]
-    else:
-        assert auto["test_log_loss"] == plain["test_log_loss"]
-    assert auto["prior_shift"]["validation"]["rounds"] == 20
+    assert auto["prior_shift"]["applied"] and auto["test_log_loss"] < plain["test_log_loss"]
+    assert auto["prior_shift"]["shift_after_reweighting_train"]["auc"] < 0.6  # the balance explains the shift
+
+    X_other = X_test[keep] + 1.0  # the same balance change, and images unlike the training ones besides
+    other = write_file(tmp_path, np.r_[X_train, X_other], np.r_[y_train, y_test[keep]],
+                       ["train"] * 2000 + ["test"] * int(keep.sum()), name="other.h5")
+    refused = compare([other], ["logreg"], prior_shift="auto").rows[0]
+    assert not refused["prior_shift"]["applied"]  # EM assumes the images of a class did not change
+    assert refused["prior_shift"]["shift_after_reweighting_train"]["auc"] > 0.6
