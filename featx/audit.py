@@ -33,7 +33,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featx.errors import DataError
-from featx.store import Embeddings
+from featx.images import ImageError, open_rgb
+from featx.store import Embeddings, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ COMPONENTS = 32  # the test runs on the leading principal components: fast, and 
 # cosine ≥ 0.898 with the original (median 0.94), distinct photos ≤ 0.81; of all 9.3 million flowers5 pairs,
 # 851 (0.009 %) reach 0.88, an upper bound of the false-positive rate since that set holds real duplicates.
 DUPLICATE_COSINE = 0.88
+CONFIRM_PAIRS = 5000  # closest pairs checked by perceptual hash where the images are at hand (reading them costs)
+SAME_IMAGE_BITS = 10  # of 64 difference-hash bits: re-encoded, resized, slightly cropped copies differ in fewer
 
 
 @dataclass
@@ -166,6 +169,45 @@ def has_near_duplicate(X: np.ndarray, reference: np.ndarray, threshold: float = 
     return found
 
 
+def exact_duplicates(emb: Embeddings, root: Path) -> list[list[int]]:
+    """Groups of rows whose image files under ``root`` have the same bytes (SHA-256), each group in row order."""
+    by_hash: dict[str, list[int]] = {}
+    for row in emb.rows():
+        path = root / emb.paths[row]
+        if path.is_file():
+            by_hash.setdefault(file_sha256(path), []).append(int(row))
+    return [rows for rows in by_hash.values() if len(rows) > 1]
+
+
+def difference_hash(path: Path, size: int = 8) -> int | None:
+    """A 64-bit perceptual hash: which of neighbouring pixels is brighter, on a (size+1)×size grey thumbnail.
+    Re-encoding, resizing and small crops change few bits; other images differ in about half. None: unreadable."""
+    try:
+        grey = np.asarray(open_rgb(path, min_side=4 * size).convert("L").resize((size + 1, size)), dtype=np.int16)
+    except (ImageError, OSError):
+        return None
+    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
+
+
+def confirm_pairs(emb: Embeddings, pairs: list[DuplicatePair], root: Path,
+                  limit: int = CONFIRM_PAIRS) -> dict[tuple[int, int], int]:
+    """Hamming distance of the perceptual hashes of the closest ``limit`` pairs whose images are under ``root``:
+    at most ``SAME_IMAGE_BITS`` confirms a near-duplicate."""
+    hashes: dict[int, int | None] = {}
+
+    def hash_of(row: int) -> int | None:
+        if row not in hashes:
+            hashes[row] = difference_hash(root / emb.paths[row])
+        return hashes[row]
+
+    distances = {}
+    for pair in sorted(pairs, key=lambda p: -p.cosine)[:limit]:
+        first, second = hash_of(pair.first), hash_of(pair.second)
+        if first is not None and second is not None:
+            distances[(pair.first, pair.second)] = bin(first ^ second).count("1")
+    return distances
+
+
 def leaked_rows(emb: Embeddings, pairs: list[DuplicatePair], into: str = "test", from_: str = "train") -> set[int]:
     """Rows of ``into`` with a near-duplicate in ``from_``: its figures on them are memory, not generalisation."""
     leaked = set()
@@ -240,6 +282,8 @@ class Audit:
     duplicate_cosine: float
     issues: list[LabelIssue]
     far: list[tuple[int, float]]  # outliers: (row, distance)
+    exact: list[list[int]] = field(default_factory=list)  # rows with identical files; empty without the images
+    hash_bits: dict[tuple[int, int], int] = field(default_factory=dict)  # perceptual-hash distance of checked pairs
 
     @property
     def threshold_too_low(self) -> float | None:
@@ -259,7 +303,12 @@ class Audit:
             "shift": shift.summary(),
             "duplicates": {"cosine": self.duplicate_cosine, "pairs": len(self.pairs),
                            f"leaked_into_{shift.target}": len(self.leaked),
-                           "suggested_cosine": self.threshold_too_low},
+                           "suggested_cosine": self.threshold_too_low,
+                           "checked_by_perceptual_hash": len(self.hash_bits),
+                           "confirmed_by_perceptual_hash": sum(d <= SAME_IMAGE_BITS for d in self.hash_bits.values()),
+                           "identical_files": {"groups": len(self.exact), "rows": sum(map(len, self.exact)),
+                                               "across_splits": sum(len({self.embeddings.splits[r] for r in g}) > 1
+                                                                    for g in self.exact)}},
             "label_issues": {"split": shift.source, "rows": len(self.issues)},
             "outliers": [{"path": str(self.embeddings.paths[row]), "distance": round(d, 4)} for row, d in self.far],
         }
@@ -270,9 +319,9 @@ class Audit:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "duplicates.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine"])
+            writer.writerow(["path_a", "split_a", "path_b", "split_b", "cosine", "hash_bits"])
             writer.writerows([emb.paths[p.first], emb.splits[p.first], emb.paths[p.second], emb.splits[p.second],
-                              f"{p.cosine:.4f}"] for p in self.pairs)
+                              f"{p.cosine:.4f}", self.hash_bits.get((p.first, p.second), "")] for p in self.pairs)
         classes = emb.classes
         with open(out / "label_issues.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -283,10 +332,16 @@ class Audit:
 
 
 def audit(emb: Embeddings, source: str = "train", target: str = "test", *,
-          duplicate_cosine: float = DUPLICATE_COSINE, seed: int = 0) -> Audit:
+          duplicate_cosine: float = DUPLICATE_COSINE, seed: int = 0, images: bool = True) -> Audit:
     """Shift from ``source`` to ``target``, near-duplicates (with the ``target`` rows leaked from ``source``), and
-    the label issues and outliers of ``source``."""
+    the label issues and outliers of ``source``. With ``images`` and the dataset at hand, also identical files
+    and the perceptual-hash check of the closest pairs."""
     pairs = near_duplicates(emb, duplicate_cosine)
-    return Audit(emb, shift_between(emb, source, target, seed), pairs,
-                 leaked_rows(emb, pairs, into=target, from_=source), duplicate_cosine,
-                 label_issues(emb, source, seed), outliers(emb, source))
+    found = Audit(emb, shift_between(emb, source, target, seed), pairs,
+                  leaked_rows(emb, pairs, into=target, from_=source), duplicate_cosine,
+                  label_issues(emb, source, seed), outliers(emb, source))
+    root = Path(emb.meta.get("dataset_root") or "")
+    if images and emb.meta.get("dataset_root") and root.is_dir():
+        found.exact = exact_duplicates(emb, root)
+        found.hash_bits = confirm_pairs(emb, pairs, root)
+    return found

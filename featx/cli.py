@@ -220,15 +220,19 @@ def list_cache(cache_dir):
                 help="Cosine similarity of embeddings from which two images count as near-duplicates.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for duplicates.csv (every pair), label_issues.csv and audit.json.")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="Where the dataset is at hand: find identical files (SHA-256) and check the closest pairs by "
+                   "perceptual hash.")
 @options.seed("Seed of the balanced samples, folds and permutations.")
-def audit(file, source, target, duplicate_cosine, out, seed):
+def audit(file, source, target, duplicate_cosine, out, images, seed):
     """Check an embedding file for what makes figures optimistic: shift between two splits (can a
     classifier tell them apart? within each class too), near-duplicate images leaked across splits,
     likely label errors and outliers. Reads only the cached embeddings: seconds, no torch."""
-    from featx.audit import SHIFT_AUC, SHIFT_P, audit as run_audit
+    from featx.audit import SAME_IMAGE_BITS, SHIFT_AUC, SHIFT_P, audit as run_audit
     from featx.store import load_embeddings
 
-    found = run_audit(load_embeddings(file), source, target, duplicate_cosine=duplicate_cosine, seed=seed)
+    found = run_audit(load_embeddings(file), source, target, duplicate_cosine=duplicate_cosine, seed=seed,
+                      images=images)
     report, emb = found.shift, found.embeddings
     test = report.overall
     echo(f"shift {source} → {target}: AUC {test.auc:.3f} (p = {test.p_value:.3f}, {test.n} rows a side; "
@@ -241,6 +245,12 @@ def audit(file, source, target, duplicate_cosine, out, seed):
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
+    if found.hash_bits:
+        confirmed = sum(d <= SAME_IMAGE_BITS for d in found.hash_bits.values())
+        echo(f"  confirmed by perceptual hash (≤ {SAME_IMAGE_BITS} of 64 bits differ): {confirmed} of the "
+             f"{len(found.hash_bits)} closest pairs")
+    if found.exact:
+        echo(f"identical files: {len(found.exact)} groups, {sum(map(len, found.exact))} rows")
     suggested = found.threshold_too_low
     if suggested:
         echo(f"featx: warning: more pairs than images: these images are alike in general, and cosine "

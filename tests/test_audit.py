@@ -124,3 +124,48 @@ def test_flipped_labels_are_found_among_the_likely_label_errors():
     assert len(found - set(flipped)) <= 5  # … and few correct ones
     assert all(issue.suggested == truth[issue.row] for issue in issues if issue.row in set(flipped))
     assert outliers(emb, "train", count=1)[0][0] == 7
+
+
+def smooth_image(seed: int, size: int = 256):
+    """A photo-like image: coloured noise on a coarse grid, smoothly upsampled."""
+    from PIL import Image
+
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+def test_perceptual_hash_confirms_copies_and_identical_files_are_found(tmp_path):
+    from featx.audit import SAME_IMAGE_BITS, audit as run_audit, difference_hash
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    names = []
+    for seed in range(30):
+        smooth_image(seed).save(root / f"{seed}.png")
+        names.append(f"{seed}.png")
+    original = smooth_image(0)
+    original.save(root / "q60.jpg", quality=60)
+    original.resize((128, 128)).save(root / "half.png")
+    original.crop((6, 6, 250, 250)).save(root / "crop.png")
+    (root / "same.png").write_bytes((root / "0.png").read_bytes())
+    bits = {name: bin(difference_hash(root / "0.png") ^ difference_hash(root / name)).count("1")
+            for name in ("q60.jpg", "half.png", "crop.png")}
+    assert max(bits.values()) <= SAME_IMAGE_BITS, bits
+    distinct = [bin(difference_hash(root / f"{a}.png") ^ difference_hash(root / f"{b}.png")).count("1")
+                for a in range(30) for b in range(a + 1, 30)]
+    assert min(distinct) > SAME_IMAGE_BITS  # none of the 435 pairs of distinct images passes for a copy
+
+    rng = np.random.default_rng(7)
+    features = np.abs(rng.normal(0, 1, (34, 64)))
+    features[30:] = features[0] * 1.01  # the copies' embeddings: near the original's
+    names += ["q60.jpg", "half.png", "crop.png", "same.png"]
+    emb = Embeddings(tmp_path / "e.h5", {"backbone": "test", "cache_key": "k", "dataset_root": str(root)}, ["a", "b"],
+                     np.array(names), np.array(["train"] * 20 + ["test"] * 14), np.ones(34, bool), np.array([""] * 34),
+                     features.astype(np.float16), np.arange(34) % 2)
+    found = run_audit(emb, duplicate_cosine=0.99)
+    assert found.exact == [[0, 33]]
+    assert all(found.hash_bits[(p.first, p.second)] <= SAME_IMAGE_BITS for p in found.pairs)
+    summary = found.summary()["duplicates"]
+    assert summary["identical_files"] == {"groups": 1, "rows": 2, "across_splits": 1}
+    assert summary["confirmed_by_perceptual_hash"] == len(found.pairs) >= 4
+    assert run_audit(emb, duplicate_cosine=0.99, images=False).hash_bits == {}
