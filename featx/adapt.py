@@ -72,8 +72,9 @@ class PriorShift:
     (``target``); ``applied`` when a simulated prior change on validation showed re-weighting helps.
 
     EM needs calibrated probabilities (regularised heads are under-confident, and EM then runs to a corner),
-    so the head's probabilities are first calibrated on validation by bias-corrected temperature scaling
-    (Alexandari, Kundaje & Shrikumar 2020): ``softmax(slope · log p + bias)``.
+    so the estimate is made on probabilities calibrated on validation by bias-corrected temperature scaling
+    (Alexandari, Kundaje & Shrikumar 2020): ``softmax(slope · log p + bias)``. The head's own probabilities
+    are then re-weighted by ``target / source``: where the balance did not change, they stay as they were.
     """
 
     source: np.ndarray
@@ -87,8 +88,8 @@ class PriorShift:
         return _softmax(self.slope * np.log(np.clip(proba, 1e-12, None)) + self.bias)
 
     def adjust(self, proba: np.ndarray) -> np.ndarray:
-        """``proba`` calibrated and re-weighted to the target's class balance."""
-        return reweight(self.calibrated(proba), self.source, self.target)
+        """The head's ``proba`` re-weighted from the balance it implies to the target's."""
+        return reweight(proba, self.source, self.target)
 
     def summary(self, classes: list[str]) -> dict:
         return {"source": dict(zip(classes, np.round(self.source, 4).tolist())),
@@ -117,9 +118,10 @@ def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed
                 rounds: int = 20) -> PriorShift:
     """Estimate the target's class balance; decide on validation whether re-weighting to it helps.
 
-    The check resamples validation rows to the estimated target balance ``rounds`` times, runs the same EM on
-    each resample and keeps re-weighting only if it lowers the log-loss without lowering the accuracy, on
-    average, against the head's own probabilities. Test labels are never read.
+    Re-weighting is kept only if the estimated change of balance (L1) exceeds what EM finds by chance on
+    validation resamples of the target's size, and if, on validation rows resampled ``rounds`` times to the
+    estimated balance, the same EM and re-weighting lower the log-loss without lowering the accuracy, on
+    average. Test labels are never read.
     """
     k = p_val.shape[1]
     by_class = [np.flatnonzero(y_val == c) for c in range(k)]
@@ -130,20 +132,25 @@ def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed
     if any(len(rows) == 0 for rows in by_class):
         return replace(shift, source=source, target=target, validation={"skipped": "a class is missing from val"})
     rng = np.random.default_rng(seed)
+    # EM's estimate moves by chance too: its spread on validation resamples of the test's size at the unchanged
+    # balance is the change a real shift has to exceed.
+    change = float(np.abs(target - source).sum())
+    by_chance = [np.abs(em_priors(shift.calibrated(p_val[rng.integers(0, len(y_val), len(p_target))]), source)
+                        - source).sum() for _ in range(rounds)]
+    chance = float(np.quantile(by_chance, 0.95))
     deltas = []
     for _ in range(rounds):
         counts = rng.multinomial(len(y_val), target)
         rows = np.concatenate([rng.choice(by_class[c], counts[c]) for c in range(k)])
         p, y = p_val[rows], y_val[rows]
-        calibrated = shift.calibrated(p)
-        adjusted = reweight(calibrated, source, em_priors(calibrated, source))
+        adjusted = reweight(p, source, em_priors(shift.calibrated(p), source))
         deltas.append((_log_loss(y, adjusted) - _log_loss(y, p),
                        (adjusted.argmax(1) == y).mean() - (p.argmax(1) == y).mean()))
     log_loss_change, accuracy_change = np.mean(deltas, axis=0)
-    applied = bool(log_loss_change < 0 and accuracy_change >= 0)
+    applied = bool(change > chance and log_loss_change < 0 and accuracy_change >= 0)
     return replace(shift, source=source, target=target, applied=applied, validation={
-        "rounds": rounds, "log_loss_change": round(float(log_loss_change), 4),
-        "accuracy_change": round(float(accuracy_change), 4)})
+        "rounds": rounds, "balance_change": round(change, 4), "by_chance_95": round(chance, 4),
+        "log_loss_change": round(float(log_loss_change), 4), "accuracy_change": round(float(accuracy_change), 4)})
 
 
 def unexplained_shift(X_train: np.ndarray, y_train: np.ndarray, X_target: np.ndarray, prior: np.ndarray,
