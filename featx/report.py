@@ -50,7 +50,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 {% for name, t in item.shift.tests.items() %}<tr><td class="text">{{ name }}</td><td>{{ fmt(t.auc) }}</td><td>{{ fmt(t.p_value) }}</td><td>{{ t.rows }}</td></tr>{% endfor %}</table>
 {% if item.least_alike %}<p class="muted">Test images least like the training ones:</p><div class="grid">{% for t in item.least_alike %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
 {% else %}<p class="muted">No shift check (no test split, or fewer than 100 rows in train or test).</p>{% endif %}
-{% if item.leaked %}<p>Leaked: {{ item.leaked.test_rows }} test images have a near-duplicate among the labelled ones (cosine ≥ {{ item.leaked.cosine }}); the leaderboard's test figures leave them out, <code>test_with_leaked_*</code> keep them.</p>{% endif %}
+{% if item.leaked %}<p>Leaked: {{ item.leaked.test_rows }} test image{{ '' if item.leaked.test_rows == 1 else 's' }} {{ 'has' if item.leaked.test_rows == 1 else 'have' }} a near-duplicate among the labelled ones (cosine ≥ {{ item.leaked.cosine }}); the leaderboard's test figures leave them out, <code>test_with_leaked_*</code> keep them.</p>{% endif %}
 {% if item.align %}<p>Aligned: training and validation features mapped to the test images by {{ item.align.method }}; a classifier then tells them apart with AUC {{ fmt(item.align.shift_auc_after) }}.</p>{% endif %}
 {% endfor %}
 {% if audit.priors %}<h3>Class balance of the test images (EM on each head's probabilities)</h3>
