@@ -153,7 +153,7 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
 
 
 class _ModelsBySplit:
-    """With ``--adapt-bn``, a model per split, built when its first row comes (augmented copies use train's)."""
+    """With ``--adapt-bn``, one model per split, built once (augmented copies use train's)."""
 
     def __init__(self, plan: Plan):
         self.plan, self.built = plan, {}
