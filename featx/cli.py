@@ -227,7 +227,8 @@ def list_cache(cache_dir):
 def audit(file, source, target, duplicate_cosine, out, images, seed):
     """Check an embedding file for what makes figures optimistic: shift between two splits (can a
     classifier tell them apart? within each class too), near-duplicate images leaked across splits,
-    likely label errors and outliers. Reads only the cached embeddings: seconds, no torch."""
+    likely label errors and outliers. Reads the cached embeddings, and the image files where they are at
+    hand (--no-images to skip): seconds, no torch."""
     from featx.audit import SAME_IMAGE_BITS, SHIFT_AUC, SHIFT_P, audit as run_audit
     from featx.store import load_embeddings
 
