@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.optimize import minimize
+from scipy.special import softmax
 
 from featx.audit import ShiftTest, two_sample_test
 from featx.errors import DataError
@@ -85,7 +87,7 @@ class PriorShift:
     validation: dict
 
     def calibrated(self, proba: np.ndarray) -> np.ndarray:
-        return _softmax(self.slope * np.log(np.clip(proba, 1e-12, None)) + self.bias)
+        return softmax(self.slope * np.log(np.clip(proba, 1e-12, None)) + self.bias, axis=1)
 
     def adjust(self, proba: np.ndarray) -> np.ndarray:
         """The head's ``proba`` re-weighted from the balance it implies to the target's."""
@@ -171,21 +173,13 @@ def unexplained_shift(X_train: np.ndarray, y_train: np.ndarray, X_target: np.nda
 
 def _fit_calibration(proba: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """Slope and per-class bias of ``softmax(slope · log p + bias)`` minimising the log-loss on (proba, y)."""
-    from scipy.optimize import minimize
-
     logs = np.log(np.clip(proba, 1e-12, None))
 
     def loss(params):
-        return _log_loss(y, _softmax(np.exp(params[0]) * logs + np.r_[0.0, params[1:]]))
+        return _log_loss(y, softmax(np.exp(params[0]) * logs + np.r_[0.0, params[1:]], axis=1))
 
     found = minimize(loss, np.zeros(proba.shape[1]), method="L-BFGS-B")
     return float(np.exp(found.x[0])), np.r_[0.0, found.x[1:]]
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def _log_loss(y: np.ndarray, proba: np.ndarray) -> float:

@@ -134,6 +134,11 @@ def shift_between(emb: Embeddings, source: str = "train", target: str = "test", 
     return ShiftReport(source, target, overall, per_class, [str(paths[i]) for i in overall.least_alike])
 
 
+def _unit(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, so that dot products are cosines."""
+    return X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+
+
 @dataclass(frozen=True)
 class DuplicatePair:
     first: int  # rows of the file
@@ -147,7 +152,7 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
     Blocks of rows against all later rows: memory stays at ``block`` × rows, whatever the file's size.
     """
     rows, X = emb.rows(), emb.features()  # features() holds the rows of rows(), in order
-    X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
+    X = _unit(X)
     pairs = []
     for begin in range(0, len(X), block):
         similarity = X[begin:begin + block] @ X[begin:].T
@@ -160,11 +165,11 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
 def has_near_duplicate(X: np.ndarray, reference: np.ndarray, threshold: float = DUPLICATE_COSINE,
                        block: int = 512) -> np.ndarray:
     """For each row of ``X``, whether some row of ``reference`` has cosine ≥ ``threshold`` with it (blockwise)."""
-    reference = reference / (np.linalg.norm(reference, axis=1, keepdims=True) + 1e-12)
+    reference = _unit(reference)
     found = np.zeros(len(X), bool)
     for begin in range(0, len(X), block):
         part = X[begin:begin + block]
-        part = part / (np.linalg.norm(part, axis=1, keepdims=True) + 1e-12)
+        part = _unit(part)
         found[begin:begin + block] = (part @ reference.T).max(axis=1, initial=-1.0) >= threshold
     return found
 
@@ -263,9 +268,9 @@ def label_issues(emb: Embeddings, split: str = "train", seed: int = 0, folds: in
 def outliers(emb: Embeddings, split: str = "train", count: int = 20) -> list[tuple[int, float]]:
     """The ``count`` rows of ``split`` least like every class: (row, 1 − cosine to the nearest class centroid)."""
     rows, X, y = emb.rows(split), emb.features(split), emb.labels(split)
-    unit = X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+    unit = _unit(X)
     centroids = np.stack([unit[y == k].mean(0) for k in np.unique(y[y >= 0])])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12
+    centroids = _unit(centroids)
     distance = 1.0 - (unit @ centroids.T).max(1)
     worst = np.argsort(-distance, kind="stable")[:count]
     return [(int(rows[i]), float(distance[i])) for i in worst]
