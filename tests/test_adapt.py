@@ -31,6 +31,16 @@ def test_coral_gives_the_source_the_target_covariance_and_standardize_its_moment
         fit_alignment(source, target[:5], "coral")
 
 
+def test_coral_warns_when_the_target_has_fewer_images_than_dimensions(caplog):
+    rng = np.random.default_rng(8)
+    with caplog.at_level("WARNING", logger="featx"):
+        fit_alignment(correlated(rng, 400), correlated(rng, 400), "coral")
+    assert "fewer than its dimensions" not in caplog.text
+    with caplog.at_level("WARNING", logger="featx"):
+        fit_alignment(correlated(rng, 400, dim=64), correlated(rng, 40, dim=64), "coral")
+    assert "from 40 target images, fewer than its dimensions" in caplog.text
+
+
 def two_gaussians(rng, n, prior_of_1):
     """Rows of two classes (means -1 and +1, unit variance) and their exact posteriors under a 50/50 prior."""
     y = (rng.random(n) < prior_of_1).astype(int)
