@@ -15,7 +15,7 @@ target images' distribution, so that a head trained on them applies unchanged to
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
@@ -87,13 +87,8 @@ class PriorShift:
 
     source: np.ndarray
     target: np.ndarray
-    slope: float
-    bias: np.ndarray
     applied: bool
     validation: dict
-
-    def calibrated(self, proba: np.ndarray) -> np.ndarray:
-        return softmax(self.slope * np.log(np.clip(proba, 1e-12, None)) + self.bias, axis=1)
 
     def adjust(self, proba: np.ndarray) -> np.ndarray:
         """The head's ``proba`` re-weighted from the balance it implies to the target's."""
@@ -133,17 +128,16 @@ def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed
     """
     k = p_val.shape[1]
     by_class = [np.flatnonzero(y_val == c) for c in range(k)]
-    slope, bias = _fit_calibration(p_val, y_val)
-    shift = PriorShift(np.zeros(k), np.zeros(k), slope, bias, False, {})
-    source = shift.calibrated(p_val).mean(0)
-    target = em_priors(shift.calibrated(p_target), source)
+    calibrated = _fit_calibration(p_val, y_val)
+    source = calibrated(p_val).mean(0)
+    target = em_priors(calibrated(p_target), source)
     if any(len(rows) == 0 for rows in by_class):
-        return replace(shift, source=source, target=target, validation={"skipped": "a class is missing from val"})
+        return PriorShift(source, target, False, {"skipped": "a class is missing from val"})
     rng = np.random.default_rng(seed)
     # EM's estimate moves by chance too: its spread on validation resamples of the test's size at the unchanged
     # balance is the change a real shift has to exceed.
     change = float(np.abs(target - source).sum())
-    by_chance = [np.abs(em_priors(shift.calibrated(p_val[rng.integers(0, len(y_val), len(p_target))]), source)
+    by_chance = [np.abs(em_priors(calibrated(p_val[rng.integers(0, len(y_val), len(p_target))]), source)
                         - source).sum() for _ in range(rounds)]
     chance = float(np.quantile(by_chance, 0.95))
     deltas = []
@@ -151,12 +145,12 @@ def prior_shift(p_val: np.ndarray, y_val: np.ndarray, p_target: np.ndarray, seed
         counts = rng.multinomial(len(y_val), target)
         rows = np.concatenate([rng.choice(by_class[c], counts[c]) for c in range(k)])
         p, y = p_val[rows], y_val[rows]
-        adjusted = reweight(p, source, em_priors(shift.calibrated(p), source))
+        adjusted = reweight(p, source, em_priors(calibrated(p), source))
         deltas.append((_log_loss(y, adjusted) - _log_loss(y, p),
                        (adjusted.argmax(1) == y).mean() - (p.argmax(1) == y).mean()))
     log_loss_change, accuracy_change = np.mean(deltas, axis=0)
     applied = bool(change > chance and log_loss_change < 0 and accuracy_change >= 0)
-    return replace(shift, source=source, target=target, applied=applied, validation={
+    return PriorShift(source, target, applied, {
         "rounds": rounds, "balance_change": round(change, 4), "by_chance_95": round(chance, 4),
         "log_loss_change": round(float(log_loss_change), 4), "accuracy_change": round(float(accuracy_change), 4)})
 
@@ -177,15 +171,15 @@ def unexplained_shift(X_train: np.ndarray, y_train: np.ndarray, X_target: np.nda
     return two_sample_test(X_train[rows], X_target, seed, permutations=99, permute_above=0.6)
 
 
-def _fit_calibration(proba: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Slope and per-class bias of ``softmax(slope · log p + bias)`` minimising the log-loss on (proba, y)."""
-    logs = np.log(np.clip(proba, 1e-12, None))
+def _fit_calibration(proba: np.ndarray, y: np.ndarray):
+    """``p ↦ softmax(slope · log p + bias)`` with the slope and per-class bias that minimise the log-loss on
+    (proba, y)."""
+    def calibrate(p: np.ndarray, params: np.ndarray) -> np.ndarray:
+        return softmax(np.exp(params[0]) * np.log(np.clip(p, 1e-12, None)) + np.r_[0.0, params[1:]], axis=1)
 
-    def loss(params):
-        return _log_loss(y, softmax(np.exp(params[0]) * logs + np.r_[0.0, params[1:]], axis=1))
-
-    found = minimize(loss, np.zeros(proba.shape[1]), method="L-BFGS-B")
-    return float(np.exp(found.x[0])), np.r_[0.0, found.x[1:]]
+    found = minimize(lambda params: _log_loss(y, calibrate(proba, params)), np.zeros(proba.shape[1]),
+                     method="L-BFGS-B").x
+    return lambda p: calibrate(p, found)
 
 
 def _log_loss(y: np.ndarray, proba: np.ndarray) -> float:
