@@ -7,6 +7,8 @@ need it, so ``featx --help`` and the cache commands start fast.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -68,6 +70,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)
     logging.getLogger("featx").setLevel(level)
     ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+    atexit.register(gc.freeze)  # a process that loaded torch would spend ~1 s at exit collecting its objects
 
 
 @main.command()
@@ -112,7 +115,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
 @options.cluster
 @options.option("shard_rows", metavar="N", help="Rows per shard with --cluster (default: about a minute of one "
-                                                "worker's work).")
+                                                "worker's work, and 4 shards or more per worker thread, or per GPU; "
+                                                "a re-run keeps the size of the shards it finds).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
             fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from, max_pixels,

@@ -17,6 +17,7 @@ from featx.vocab import check
 
 log = logging.getLogger(__name__)
 ENV = "FEATX_CLUSTER"
+SATURATION = "distributed.scheduler.worker-saturation"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -30,13 +31,17 @@ def cluster_address(address: str | None) -> str | None:
 def connect(address: str):
     """A Dask ``Client`` for ``address``; a LocalCluster started here is closed on leaving."""
     try:
+        import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise ConfigError("--cluster needs Dask distributed: pip install 'featx[cluster]'") from None
+    # Dask's own INFO lines (workers starting, comms closing) are noise to a featx user; -vv shows them
+    logging.getLogger("distributed").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
     local = re.fullmatch(r"local(?::(\d+))?", address)
     if local:
         workers = int(local.group(1) or os.cpu_count() or 1)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with dask.config.set({SATURATION: 1.0}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                              dashboard_address=":0") as cluster:
             with Client(cluster) as client:
                 yield client
         return
@@ -48,9 +53,17 @@ def connect(address: str):
         yield client
 
 
+def shard_slots(client, gpu: bool = False) -> int:
+    """How many tasks the cluster runs at once: its worker threads, or its GPUs for tasks that each want one."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    if gpu:
+        return int(sum(w.get("resources", {}).get("GPU", 0) for w in workers))
+    return sum(w.get("nthreads", 0) for w in workers)
+
+
 def describe(client) -> str:
     """One line for the user: how many workers, and where the dashboard is."""
     workers = client.scheduler_info().get("workers", {})
-    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    threads = shard_slots(client)
     link = client.dashboard_link
     return f"Dask: {len(workers)} workers, {threads} threads" + (f"; dashboard {link}" if link else "")

@@ -10,21 +10,27 @@ its rows while the others finish. The workers must see the dataset and the cache
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
+import math
 import os
 import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from featx.cluster import connect, describe
+from featx.cluster import connect, describe, shard_slots
 from featx.errors import ConfigError, DataError, FeatxError
 from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
-from featx.store import CacheLock, check_intact, publish_shards, read_failures, rows_written
+from featx.store import CacheLock, check_intact, publish_shards, read_failures, read_meta, rows_written
 
 log = logging.getLogger(__name__)
 SHARD_SECONDS = 60  # a shard is about a minute of one worker's work: small enough to lose, large enough to pay off
 ASSUMED_SPEED = {"cpu": 50, "cuda": 2000}  # images per second of one worker, for sizing shards before measuring
 RETRIES = 2
+SHARDS_PER_SLOT = 4
+POLL_SECONDS = 0.5  # how often the client looks at the shards' progress; it shares the workers' cores
 
 
 def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
@@ -32,8 +38,27 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_rows, n_rows)) for start in range(0, n_rows, shard_rows)]
 
 
-def default_shard_rows(plan: Plan) -> int:
-    return SHARD_SECONDS * ASSUMED_SPEED["cuda" if plan.config.device.startswith("cuda") else "cpu"]
+def default_shard_rows(plan: Plan, slots: int) -> int:
+    """About a minute of one worker's work, and at most a quarter of each of ``slots`` shards-at-once's share.
+
+    Several shards per slot keep every worker busy to the end: a slot that runs slower than the others
+    (a shared core, a busier disk) then delays the finish by a fraction of its share, not by all of it.
+    """
+    minute = SHARD_SECONDS * ASSUMED_SPEED["cuda" if plan.config.device.startswith("cuda") else "cpu"]
+    return max(1, min(minute, math.ceil(plan.n_rows / (SHARDS_PER_SLOT * max(slots, 1)))))
+
+
+def _earlier_shard_rows(plan: Plan, folder: Path) -> int | None:
+    """The shard size an earlier run of this plan chose, so resuming on another number of workers keeps its shards."""
+    for first in (folder / "00000.h5", folder / "00000.h5.partial"):
+        try:
+            meta = read_meta(first)
+        except (DataError, OSError):
+            continue
+        if str(meta.get("cache_key", "")).startswith(f"{plan.key}["):
+            start, stop = meta["shard_rows"]
+            return stop - start
+    return None
 
 
 def shard_folder(path: Path) -> Path:
@@ -81,6 +106,7 @@ def run_shard(plan: Plan, index: int, path: Path) -> dict:
     began = time.perf_counter()
     if plan.key not in _MODELS:
         _allocate_for_tensors()
+        atexit.register(gc.freeze)  # the worker exits ~1 s sooner (and its cluster closes sooner) once torch is in it
         _MODELS.clear()
         _MODELS[plan.key] = load_model(plan)
     result = embed_rows(plan, start, stop, path, extra_attrs={"shard_rows": [start, stop],
@@ -118,11 +144,16 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
     if cached:
         return cached
     folder = shard_folder(plan.path)
-    ranges = shard_ranges(plan.n_rows, shard_rows or default_shard_rows(plan))
-    paths = [folder / f"{index:05d}.h5" for index in range(len(ranges))]
-    with CacheLock(plan.path):
+    with CacheLock(plan.path), ExitStack() as cluster:
         if force:
             plan.path.unlink(missing_ok=True)
+        client = None
+        rows = shard_rows or _earlier_shard_rows(plan, folder)
+        if not rows:
+            client = cluster.enter_context(connect(address))
+            rows = default_shard_rows(plan, shard_slots(client, gpu=plan.config.device.startswith("cuda")))
+        ranges = shard_ranges(plan.n_rows, rows)
+        paths = [folder / f"{index:05d}.h5" for index in range(len(ranges))]
         folder.mkdir(parents=True, exist_ok=True)
         for stale in set(folder.glob("*.h5*")) - set(paths) - {p.with_name(p.name + ".partial") for p in paths}:
             stale.unlink()  # shards of an earlier plan of this key (another --shard-rows)
@@ -134,15 +165,16 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
                  ranges[0][1] - ranges[0][0], len(summary), len(todo))
         failures, failed_images = [], [img for s in summary.values() for img in s.pop("failed_images")]
         if todo:
-            with connect(address) as client:
-                log.info(describe(client))
-                results = _submit(client, plan, ranges, paths, todo, progress, rows_before)
+            client = client or cluster.enter_context(connect(address))
+            log.info(describe(client))
+            results = _submit(client, plan, ranges, paths, todo, progress, rows_before)
             for index, outcome in results.items():
                 if isinstance(outcome, BaseException):
                     failures.append((index, outcome))
                 else:
                     failed_images += outcome.pop("failed")
                     summary[index] = outcome
+        cluster.close()  # the workers are let go before publishing, which needs none of them
         if failures:
             index, err = failures[0]
             start, stop = ranges[index]
@@ -187,9 +219,10 @@ def _submit(client, plan: Plan, ranges, paths, todo: list[int], progress: bool, 
                     outcomes[index] = future.result()
                 except Exception as err:  # a shard that kept failing: reported, the others go on
                     outcomes[index] = err
-            bar.n = rows_before + sum(_rows_written(paths[i], ranges[i]) for i in todo)
-            bar.refresh()
-            time.sleep(0.2 if len(outcomes) < len(futures) else 0)
+            if progress:
+                bar.n = rows_before + sum(_rows_written(paths[i], ranges[i]) for i in todo)
+                bar.refresh()
+            time.sleep(POLL_SECONDS if len(outcomes) < len(futures) else 0)
     return outcomes
 
 

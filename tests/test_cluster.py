@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ distributed = pytest.importorskip("distributed")  # the cluster extra; CI instal
 
 from featx.errors import DataError  # noqa: E402
 from featx.extraction import ExtractConfig, extract  # noqa: E402
-from featx.shards import extract_on_cluster, shard_folder  # noqa: E402
+from featx.shards import default_shard_rows, extract_on_cluster, shard_folder  # noqa: E402
 from featx.store import consolidate, load_embeddings, publish_shards  # noqa: E402
 from tests.conftest import make_class_folders  # noqa: E402
 
@@ -101,7 +102,7 @@ from featx.shards import extract_on_cluster
 config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=8, augment=1, aug="xray",
                        cache_dir=sys.argv[3])
 if __name__ == "__main__":
-    extract_on_cluster(sys.argv[1], config, sys.argv[2], shard_rows=25, progress=False)
+    extract_on_cluster(sys.argv[1], config, sys.argv[2], shard_rows=20, progress=False)
 """
 
 
@@ -123,12 +124,22 @@ def test_a_killed_client_is_resumed_by_doing_only_the_missing_shards(cluster, da
         client.unregister_worker_plugin("slow")
     time.sleep(1.5)  # shards the scheduler had already started may still land
     finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5")}
-    assert 2 <= len(finished) < 8
-    result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, shard_rows=25,
-                                progress=False)
+    assert 2 <= len(finished) < 10
+    # No --shard-rows: the default for 2 worker threads would be 25 rows, but the earlier run's 20 are kept
+    result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.h5") if p.name in finished} == finished
-    assert result.resumed_from >= 25 * (len(finished) - 1)
+    assert len(list(folder.glob("*.h5"))) == 10 and result.resumed_from >= 20 * (len(finished) - 1)
     same_rows(load_embeddings(result.path), sequential[1])
+
+
+def test_default_shards_give_every_worker_several_and_stay_near_a_minute():
+    def plan(rows, device="cpu"):
+        return SimpleNamespace(n_rows=rows, config=SimpleNamespace(device=device))
+
+    assert default_shard_rows(plan(2000), slots=2) == 250  # 4 shards per worker thread
+    assert default_shard_rows(plan(10**6), slots=2) == 3000  # a minute at 50 img/s on a CPU
+    assert default_shard_rows(plan(10**8, "cuda:0"), slots=64) == 120_000  # a minute at 2,000 img/s on a GPU
+    assert default_shard_rows(plan(3), slots=0) == 1  # a cluster whose workers have not joined yet
 
 
 def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(cluster, data, sequential, tmp_path):
