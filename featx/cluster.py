@@ -17,6 +17,8 @@ from featx.vocab import check
 
 log = logging.getLogger(__name__)
 ENV = "FEATX_CLUSTER"
+# 1.0: a worker is handed its next shard when it finishes one, so a faster worker takes more of them (Dask's
+# default 1.1 hands a single-threaded worker two at once, fixing the split early)
 SATURATION = "distributed.scheduler.worker-saturation"
 
 
