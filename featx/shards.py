@@ -105,8 +105,9 @@ def run_shard(plan: Plan, index: int, path: Path) -> dict:
     start, stop = plan.first_row, plan.n_rows
     began = time.perf_counter()
     if plan.key not in _MODELS:
-        _allocate_for_tensors()
-        atexit.register(gc.freeze)  # the worker exits ~1 s sooner (and its cluster closes sooner) once torch is in it
+        if not _MODELS:  # this worker's first model
+            _allocate_for_tensors()
+            atexit.register(gc.freeze)  # it exits ~1 s sooner (and its cluster closes sooner) once torch is in it
         _MODELS.clear()
         _MODELS[plan.key] = load_model(plan)
     result = embed_rows(plan, start, stop, path, extra_attrs={"shard_rows": [start, stop],
