@@ -478,7 +478,11 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
 @options.batch_size
 @click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
                                             "code it holds: only for folders whose source you trust.")
-def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust):
+@click.option("--adapt-to", "adapt_to", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="For a run extracted with --adapt-bn: unlabelled images (files or folders) of the new images' "
+                   "domain whose BatchNorm statistics the backbone takes; default: IMAGES themselves (at least "
+                   "32). Repeatable.")
+def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust, adapt_to):
     """Classify IMAGES (files or folders) with the best head of RUN_DIR (a `featx compare --out`
     folder, or its best/ subfolder): top-k classes with probabilities, or 'unknown' for inputs
     far from every known class. Unreadable files are reported per file."""
@@ -495,7 +499,7 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            predictor = Predictor(run_dir, score=score, trust=trust)
+            predictor = Predictor(run_dir, score=score, trust=trust, adapt_to=list(adapt_to))
     finally:  # however loading ended, the user hears what trusting the file meant
         for warning in caught:
             if issubclass(warning.category, UnsafeFileWarning):  # printed here: no warnings filter can hide it

@@ -23,11 +23,10 @@ from featx.errors import ConfigError
 from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu,
                                  resolve_device, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
-from featx.planning import ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
+from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
 from featx.store import AUGMENTED, CacheLock, EmbeddingWriter
 
 log = logging.getLogger(__name__)
-ADAPT_BN_BATCH = 64  # images per batch at least while BatchNorm statistics are re-estimated (--adapt-bn)
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 
 

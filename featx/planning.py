@@ -57,6 +57,8 @@ class ExtractConfig:
 
 # Images per split whose BatchNorm statistics replace the pretrained ones with --adapt-bn: a sample, seed 0.
 ADAPT_BN_IMAGES = 1000
+ADAPT_BN_BATCH = 64  # images per batch at least while BatchNorm statistics are re-estimated
+ADAPT_BN_MIN_IMAGES = 32  # fewer new images than this give statistics of those few images, not of their domain
 
 
 @dataclass

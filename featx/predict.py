@@ -15,12 +15,13 @@ import torch
 from featx.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
 from featx.checkpoints import backbone_source
 from featx.datasets import list_images
-from featx.errors import DataError
-from featx.feature_model import build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.errors import ConfigError, DataError
+from featx.feature_model import adapt_batchnorm, build_feature_model, embed, optimise_for_cpu, to_tensor
 from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image
 from featx.metrics import predict_labels
 from featx.openset import DEFAULT_SCORE, OpenSet
+from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ADAPT_BN_MIN_IMAGES
 from featx.runs import best_head
 from featx.vocab import check
 
@@ -45,9 +46,13 @@ class Predictor:
     """Loads a run's best head (``RUN/best``, or a folder holding ``head.skops``) and the backbone it was trained on.
 
     ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
+    A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
+    new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
+    images of the new domain) or else of the first ``predict`` call's images; kept for later calls.
     """
 
-    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False):
+    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
+                 adapt_to: list[str | Path] | None = None):
         check("Predictor", score=score)
         head_file = best_head(folder)
         self.folder, self.score = head_file.parent, score
@@ -56,14 +61,22 @@ class Predictor:
         if "parts" in self.meta:
             raise DataError(f"{self.folder}: this head uses the concatenated features of {self.meta['label']}; "
                             "predicting through several backbones at once is not supported yet")
+        self.adapts_bn = bool((self.meta.get("config") or {}).get("adapt_bn"))
+        if adapt_to and not self.adapts_bn:
+            raise ConfigError(f"{self.folder}: adapting BatchNorm statistics is for runs extracted with --adapt-bn; "
+                              "this run's features use the pretrained statistics")
+        self.adapt_to = list_images(adapt_to) if adapt_to else None
         self.classes = self.head["classes"]
         self.open_set = OpenSet.load(self.folder)
         self.preprocess = Preprocess.from_dict(self.meta)
         self._model = None
         self._seen: list[np.ndarray] = []
 
-    def model(self):
-        """The feature model exactly as at extraction; refuses weights whose hash differs from the recorded one."""
+    def model(self, new_images: list[Path] | None = None):
+        """The feature model exactly as at extraction; refuses weights whose hash differs from the recorded one.
+
+        An ``--adapt-bn`` run's model takes its BatchNorm statistics from ``adapt_to``, else from ``new_images``.
+        """
         if self._model is None:
             config = self.meta.get("config") or {}
             source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
@@ -72,8 +85,25 @@ class Predictor:
                                 f"{self.meta['weights_sha256'][:12]}…, but the weights found now hash to "
                                 f"{source.weights.sha256[:12]}…; re-extract and retrain")
             model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
+            if self.adapts_bn:
+                adapt_batchnorm(model, self._adaptation_batches(self.adapt_to or new_images or []))
             self._model = optimise_for_cpu(model, self.preprocess.size)
         return self._model
+
+    def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:
+        """Readable images of a seeded sample of ``files``, in batches, as the extraction sampled each split's."""
+        picked = np.random.default_rng(0).choice(len(files), min(ADAPT_BN_IMAGES, len(files)), replace=False)
+        pixels = []
+        for i in picked:
+            try:
+                pixels.append(load_image(files[i], self.preprocess))
+            except ImageError:
+                pass  # reported per file when it is classified
+        if len(pixels) < ADAPT_BN_MIN_IMAGES:
+            raise DataError(f"{self.folder}: its features were embedded with BatchNorm statistics of their own images "
+                            f"(--adapt-bn), and new images need theirs: at least {ADAPT_BN_MIN_IMAGES} readable ones, "
+                            f"{len(pixels)} given; classify more at once, or name a folder of them with --adapt-to")
+        return [to_tensor(np.stack(pixels[i:i + ADAPT_BN_BATCH])) for i in range(0, len(pixels), ADAPT_BN_BATCH)]
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -84,6 +114,7 @@ class Predictor:
     def predict(self, paths: list[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
         check("Predictor.predict", top_k=top_k, batch_size=batch_size)
         files = list_images(paths)
+        self.model(files)  # built (and adapted, for an --adapt-bn run) before the first batch
         results: list[Prediction] = []
         self._seen = []  # this call's features, for drift()
         for start in range(0, len(files), batch_size):

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from featx.runs import save_run
 from featx.extraction import extract
 from featx.openset import OpenSet
 from featx.predict import Predictor
+from featx.images import load_image
 from featx.store import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
@@ -169,3 +171,37 @@ def test_predict_checks_the_batch_for_drift_from_the_training_images(tiny_run, t
     assert predictor.drift().shifted
     result = CliRunner().invoke(main, ["predict", str(tiny_run.run), str(tmp_path)])
     assert result.exit_code == 0 and "differ from the ones the head was trained on" in result.output
+
+
+def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
+    from dataclasses import replace
+
+    from featx.errors import ConfigError, DataError
+    from featx.extraction import ExtractConfig
+
+    data = make_class_folders(tmp_path / "colours", per_class=12, splits=("train", "val", "test"))
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4, adapt_bn=True,
+                           cache_dir=str(tmp_path / "cache"))
+    adapted = load_embeddings(extract(data, config, progress=False).path)
+    save_run(compare([adapted], ["logreg"]), tmp_path / "run")
+    # The test folder's images give the test split's features: statistics estimated as the extraction did
+    predictor = Predictor(tmp_path / "run")
+    predicted = predictor.predict([data / "test"])
+    again = predictor.features(np.stack([load_image(data / p, predictor.preprocess) for p in adapted.paths_of("test")]))
+    np.testing.assert_allclose(again, adapted.features("test"), rtol=2e-3, atol=2e-3)
+    assert [r.prediction for r in predicted] != [None] * len(predicted)
+    # Three images cannot stand for a domain; a named folder of the same domain can
+    few = sorted((data / "test" / "red").glob("*.jpg"))[:3]
+    with pytest.raises(DataError, match="at least 32 readable ones, 3 given"):
+        Predictor(tmp_path / "run").predict(few)
+    named = Predictor(tmp_path / "run", adapt_to=[data / "test"])
+    assert [r.top_k for r in named.predict(few)] == [r.top_k for r in predicted if Path(r.path) in set(few)]
+    plain_run = tmp_path / "plain"
+    save_run(compare([extract(data, replace(config, adapt_bn=False), progress=False).path], ["logreg"]), plain_run)
+    with pytest.raises(ConfigError, match="for runs extracted with --adapt-bn"):
+        Predictor(plain_run, adapt_to=[data / "test"])
+    shown = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), *map(str, few), "--adapt-to",
+                                      str(data / "test")])
+    assert shown.exit_code == 0 and len(shown.output.splitlines()) == 4 and "red_02.jpg  red" in shown.output
+    refused = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), *map(str, few)])
+    assert refused.exit_code == 2 and "name a folder of them with --adapt-to" in refused.output
