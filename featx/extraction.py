@@ -23,7 +23,8 @@ from featx.errors import ConfigError
 from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu,
                                  resolve_device, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
-from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
+from featx.planning import (ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result,
+                            plan_extraction)
 from featx.store import AUGMENTED, CacheLock, EmbeddingWriter
 
 log = logging.getLogger(__name__)

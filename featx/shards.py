@@ -39,7 +39,8 @@ def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
 
 
 def default_shard_rows(plan: Plan, slots: int) -> int:
-    """About a minute of one worker's work, and at most a quarter of each of ``slots`` shards-at-once's share.
+    """About a minute of one worker's work, and small enough that each of ``slots`` (the tasks the cluster runs
+    at once) gets ``SHARDS_PER_SLOT`` shards or more.
 
     Several shards per slot keep every worker busy to the end: a slot that runs slower than the others
     (a shared core, a busier disk) then delays the finish by a fraction of its share, not by all of it.
