@@ -23,7 +23,7 @@ from featx.errors import ConfigError
 from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu,
                                  resolve_device, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
-from featx.planning import (ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ExtractConfig, ExtractResult, Plan, cached_result,
+from featx.planning import (ADAPT_BN_BATCH, ExtractConfig, ExtractResult, Plan, adaptation_sample, cached_result,
                             plan_extraction)
 from featx.store import AUGMENTED, CacheLock, EmbeddingWriter
 
@@ -169,12 +169,11 @@ class _ModelsBySplit:
 
 
 def _adaptation_images(plan: Plan, split: str) -> list[Path]:
-    """A seeded sample of up to ``ADAPT_BN_IMAGES`` of ``split``'s images, shuffled (never their labels)."""
+    """``split``'s images whose statistics its model takes (never their labels)."""
     own = [s for s in plan.dataset.samples if s.split == split]
     if not own:
         raise ConfigError(f"--adapt-bn: no images of split {split!r} to estimate its statistics from")
-    picked = np.random.default_rng(0).choice(len(own), min(ADAPT_BN_IMAGES, len(own)), replace=False)
-    return [plan.dataset.absolute_path(own[i]) for i in picked]  # in random order: batches mix the classes
+    return [plan.dataset.absolute_path(sample) for sample in adaptation_sample(own)]
 
 
 def _split_runs(plan: Plan, start: int, stop: int) -> list[tuple[str, int, int]]:

@@ -11,6 +11,8 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from featx.backbones import DEFAULT_BACKBONE
 from featx.checkpoints import BackboneSource, backbone_source
 from featx.datasets import ImageDataset, Sample, scan_dataset
@@ -59,6 +61,13 @@ class ExtractConfig:
 ADAPT_BN_IMAGES = 1000
 ADAPT_BN_BATCH = 64  # images per batch at least while BatchNorm statistics are re-estimated
 ADAPT_BN_MIN_IMAGES = 32  # fewer new images than this give statistics of those few images, not of their domain
+
+
+def adaptation_sample(files: list) -> list:
+    """The images whose BatchNorm statistics stand for their domain: up to ``ADAPT_BN_IMAGES``, seeded, in random
+    order (batches mix the classes). Extraction and prediction share it, so both pick the same from the same."""
+    picked = np.random.default_rng(0).choice(len(files), min(ADAPT_BN_IMAGES, len(files)), replace=False)
+    return [files[i] for i in picked]
 
 
 @dataclass

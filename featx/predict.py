@@ -21,7 +21,7 @@ from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image
 from featx.metrics import predict_labels
 from featx.openset import DEFAULT_SCORE, OpenSet
-from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_IMAGES, ADAPT_BN_MIN_IMAGES
+from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_MIN_IMAGES, adaptation_sample
 from featx.runs import best_head
 from featx.vocab import check
 
@@ -92,11 +92,10 @@ class Predictor:
 
     def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:
         """Readable images of a seeded sample of ``files``, in batches, as the extraction sampled each split's."""
-        picked = np.random.default_rng(0).choice(len(files), min(ADAPT_BN_IMAGES, len(files)), replace=False)
         pixels = []
-        for i in picked:
+        for path in adaptation_sample(files):
             try:
-                pixels.append(load_image(files[i], self.preprocess))
+                pixels.append(load_image(path, self.preprocess))
             except ImageError:
                 pass  # reported per file when it is classified
         if len(pixels) < ADAPT_BN_MIN_IMAGES:
