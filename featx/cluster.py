@@ -2,7 +2,8 @@
 
 ``local`` or ``local:N`` starts a LocalCluster of N single-threaded worker processes on this machine;
 ``tcp://host:8786`` joins a running scheduler (``dask scheduler`` / ``dask worker``, dask-jobqueue on
-SLURM, dask-kubernetes). ``FEATX_CLUSTER`` gives the address when no option does. No torch here.
+SLURM, dask-kubernetes). ``FEATX_CLUSTER`` gives the address when no option does. For GPU work a local
+cluster has one worker per GPU, each seeing only its own. No torch here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
+from pathlib import Path
 
 from featx.errors import ConfigError
 from featx.vocab import check
@@ -30,8 +32,9 @@ def cluster_address(address: str | None) -> str | None:
 
 
 @contextmanager
-def connect(address: str):
-    """A Dask ``Client`` for ``address``; a LocalCluster started here is closed on leaving."""
+def connect(address: str, gpu: bool = False):
+    """A Dask ``Client`` for ``address``; a LocalCluster started here is closed on leaving. ``gpu``: the tasks
+    each want a ``GPU`` resource, so a local cluster gets GPU workers and a remote one must have some."""
     try:
         import dask
         from distributed import Client, LocalCluster
@@ -41,9 +44,11 @@ def connect(address: str):
     logging.getLogger("distributed").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
     local = re.fullmatch(r"local(?::(\d+))?", address)
     if local:
-        workers = int(local.group(1) or os.cpu_count() or 1)
-        with dask.config.set({SATURATION: 1.0}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                              dashboard_address=":0") as cluster:
+        workers = int(local.group(1)) if local.group(1) else None
+        with dask.config.set({SATURATION: 1.0}), (
+                local_gpu_cluster(workers) if gpu else
+                LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                             dashboard_address=":0")) as cluster:
             with Client(cluster) as client:
                 yield client
         return
@@ -52,7 +57,38 @@ def connect(address: str):
     except OSError as err:
         raise ConfigError(f"no Dask scheduler answers at {address} ({err}); start one with `dask scheduler`") from None
     with client:
+        if gpu and not shard_slots(client, gpu=True):
+            # the tasks would wait for ever for a resource no worker offers
+            raise ConfigError(f"no worker of the Dask cluster at {address} offers a GPU; start one per GPU with "
+                              f"`CUDA_VISIBLE_DEVICES=N dask worker {address} --nthreads 1 --resources GPU=1`")
         yield client
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA device ids this process may use (``CUDA_VISIBLE_DEVICES`` where set), from the driver's own
+    listing so that the client need not import torch; [] without an NVIDIA driver."""
+    listing = Path("/proc/driver/nvidia/gpus")
+    count = sum(1 for _ in listing.iterdir()) if listing.is_dir() else len(list(Path("/dev").glob("nvidia[0-9]*")))
+    if not count:
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(count)]
+
+
+def local_gpu_cluster(workers: int | None):
+    """One single-threaded worker process per visible GPU (or ``workers`` of them, GPUs taken in turn), each
+    seeing only its own GPU and offering one ``GPU`` resource: what dask-cuda's LocalCUDACluster does."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    gpus = visible_gpus()
+    if not gpus:
+        raise ConfigError("--device cuda --cluster local needs a CUDA GPU on this machine, and none is visible")
+    spec = {index: {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                              "env": {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}}}
+            for index in range(workers or len(gpus))}
+    return SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
 def shard_slots(client, gpu: bool = False) -> int:

@@ -26,10 +26,12 @@ from featx.remote import is_url, read_bytes
 
 INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 BATCH_MODES = ("RGB", "L")  # JPEG colour modes the batch decoder turns into RGB as Pillow does
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def resize_and_crop(image: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """A uint8 CHW image to ``size`` × ``size``, on its own device, antialiased as Pillow resamples."""
+    """A uint8 CHW image (or NCHW images of one size) to ``size`` × ``size``, on its own device, antialiased as
+    Pillow resamples."""
     if preprocess.fit == "full":
         new_w, new_h, left, top = preprocess.size, preprocess.size, 0, 0
     else:
@@ -42,17 +44,32 @@ def _read(path: Path | str) -> bytes:
     return read_bytes(path) if is_url(path) else Path(path).read_bytes()
 
 
-def batchable(data: bytes, max_pixels: int) -> bool:
-    """True for a JPEG the batch decoder reads as Pillow would: 8-bit RGB or grey, within the pixel budget.
-    Only the header is parsed."""
+def batchable(data: bytes, max_pixels: int) -> int | None:
+    """The EXIF orientation (1 when upright) of a JPEG the batch decoder reads as Pillow would: 8-bit RGB or
+    grey, within the pixel budget; None for any other file. Only the header is parsed."""
     if not data.startswith(b"\xff\xd8"):
-        return False
+        return None
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            return img.format == "JPEG" and img.mode in BATCH_MODES and width * height <= max_pixels
+            if img.format != "JPEG" or img.mode not in BATCH_MODES or width * height > max_pixels:
+                return None
+            return int(img.getexif().get(ORIENTATION, 1))
     except Exception:  # anything unreadable is for the Pillow path to name
-        return False
+        return None
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A CHW image turned upright as its EXIF orientation says, as Pillow's ``exif_transpose`` does. nvJPEG
+    ignores the tag (torchvision applies it only on a CPU), so the batch decoder applies it itself."""
+    if orientation in (5, 7):  # transposed, then as 1 and 3
+        image, orientation = image.transpose(-2, -1), orientation - 4
+    turns = {3: 2, 6: -1, 8: 1}.get(orientation)
+    if turns:
+        return torch.rot90(image, turns, dims=(-2, -1))
+    if orientation in (2, 4):
+        return image.flip(-1 if orientation == 2 else -2)
+    return image
 
 
 class BatchDecoder:
@@ -68,26 +85,34 @@ class BatchDecoder:
     def __exit__(self, *exc) -> None:
         self.pool.shutdown()
 
-    def read(self, files: list) -> list[bytes | None]:
-        """The files' bytes, read in threads; None for one that cannot be read (the Pillow path then says why)."""
+    def read(self, files: list) -> list[tuple[bytes | None, int | None]]:
+        """Each file's bytes and, for a JPEG the batch decoder takes, its EXIF orientation (``batchable``), read
+        and parsed in threads; (None, None) for a file that cannot be read (the Pillow path then says why)."""
         def read_one(path):
             try:
-                return _read(path)
+                data = _read(path)
             except OSError:
-                return None
+                return None, None
+            return data, batchable(data, self.preprocess.max_pixels)
         return list(self.pool.map(read_one, files))
 
     def decode(self, files: list, contents: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``contents`` as ``read`` gives them. The decoded JPEGs are resized a group of equal sizes at a time:
+        one image at a time, resizing cost three times what nvJPEG's decoding does."""
         size = self.preprocess.size
         pixels = torch.zeros(len(files), 3, size, size, dtype=torch.uint8, device=self.device)
         ok, errors = [True] * len(files), [""] * len(files)
-        jpegs = [i for i, data in enumerate(contents)
-                 if isinstance(data, bytes) and batchable(data, self.preprocess.max_pixels)]
-        done = set()
-        for i, image in zip(jpegs, self._decode_jpegs([contents[i] for i in jpegs])):
+        jpegs = [i for i, (_, orientation) in enumerate(contents) if orientation]
+        decoded = self._decode_jpegs([contents[i][0] for i in jpegs])
+        same_size: dict[tuple, list] = {}
+        for i, image in zip(jpegs, decoded):
             if image is not None:
-                pixels[i] = resize_and_crop(image, self.preprocess)
-                done.add(i)
+                image = orient(image, contents[i][1])
+                same_size.setdefault(tuple(image.shape), []).append((i, image))
+        for group in same_size.values():
+            rows = [i for i, _ in group]
+            pixels[rows] = resize_and_crop(torch.stack([image for _, image in group]), self.preprocess)
+        done = {i for group in same_size.values() for i, _ in group}
         fallback = [i for i in range(len(files)) if i not in done]
         for i, outcome in zip(fallback, self.pool.map(self._pillow, [files[i] for i in fallback])):
             if isinstance(outcome, ImageError):
@@ -102,13 +127,13 @@ class BatchDecoder:
         if not buffers:
             return []
         try:
-            return decode_jpeg(buffers, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            return decode_jpeg(buffers, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return [self._decode_one(b) for b in buffers]
 
     def _decode_one(self, buffer: torch.Tensor) -> torch.Tensor | None:
         try:
-            return decode_jpeg(buffer, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            return decode_jpeg(buffer, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return None
 

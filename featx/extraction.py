@@ -8,6 +8,7 @@ What to run and where the file goes is planned, without torch, in ``featx.planni
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,8 @@ def load_model(plan: Plan, adapt_to: str | None = None) -> LoadedModel:
         readable = (images[ok].to(device) for images, ok, _ in batches if ok.any())
         seen = adapt_batchnorm(model, readable)
         log.info("BatchNorm statistics of %r re-estimated on %d of its images", adapt_to, seen)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has one shape: cuDNN's fastest kernels, found once
     dim = spec.dim if plan.layers == ("penultimate",) else _probe_dim(model, plan.preprocess, device)
     if device.type == "cpu" and plan.precision == "fp32":
         model = optimise_for_cpu(model, plan.preprocess.size)
@@ -204,8 +207,8 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress) -> Extract
     bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
     with torch.inference_mode(), autocast(device, plan.precision), bar:
-        batches = ((model, batch) for model, rows in segments for batch in (
-            _tensor_batches(rows, config, device) if plan.decoder == "tensor" else _batches(rows, config, device)))
+        batches = ((model, batch) for model, rows in segments
+                   for batch in decoded_batches(rows, config, device, plan.decoder))
         for model, (images, ok, errors) in batches:
             features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
             ok = ok.numpy()
@@ -230,18 +233,28 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress) -> Extract
                          seconds=seconds, failed=failed)
 
 
+def decoded_batches(rows: ImageRows, config: ExtractConfig, device: torch.device, decoder: str):
+    """``(uint8 pixels, ok, errors)`` batches of ``rows`` in order, decoded by ``decoder`` (``pillow``/``tensor``)."""
+    return _tensor_batches(rows, config, device) if decoder == "tensor" else _batches(rows, config, device)
+
+
 def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
     """Decoded batches in dataset order.
 
-    On a GPU, DataLoader worker processes decode while the GPU computes. On a CPU the model
-    already uses every core, and worker processes competing with its threads made the whole
-    pipeline 35 % slower than the bare forward on 2 cores; decoding each batch with a thread
-    pool between forwards (Pillow releases the GIL) keeps the cores busy with one thing at a time.
+    On a GPU, DataLoader worker processes decode while the GPU computes (threads in a Dask worker, which may
+    not start processes). On a CPU the model already uses every core, and worker processes competing with
+    its threads made the whole pipeline 35 % slower than the bare forward on 2 cores; decoding each batch
+    with a thread pool between forwards (Pillow releases the GIL) keeps the cores busy with one thing at a
+    time.
     ``--workers N`` forces N DataLoader workers on any device.
     """
     workers = config.workers
     if workers is None and device.type == "cuda":
         workers = min(8, os.cpu_count() or 1)
+    if workers and multiprocessing.current_process().daemon:
+        # a Dask worker process is daemonic and may not start DataLoader processes: threads decode instead
+        log.debug("decoding with threads: this process may not start worker processes")
+        workers = None
     if workers is not None:
         yield from torch.utils.data.DataLoader(rows, batch_size=config.batch_size, num_workers=workers,
                                                pin_memory=device.type == "cuda")

@@ -146,14 +146,15 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
     if cached:
         return cached
     folder = shard_folder(plan.path)
+    gpu = plan.config.device.startswith("cuda")
     with CacheLock(plan.path), ExitStack() as cluster:
         if force:
             plan.path.unlink(missing_ok=True)
         client = None
         rows = shard_rows or _earlier_shard_rows(plan, folder)
         if not rows:
-            client = cluster.enter_context(connect(address))
-            rows = default_shard_rows(plan, shard_slots(client, gpu=plan.config.device.startswith("cuda")))
+            client = cluster.enter_context(connect(address, gpu=gpu))
+            rows = default_shard_rows(plan, shard_slots(client, gpu=gpu))
         ranges = shard_ranges(plan.n_rows, rows)
         paths = [folder / f"{index:05d}.h5" for index in range(len(ranges))]
         folder.mkdir(parents=True, exist_ok=True)
@@ -167,7 +168,7 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
                  ranges[0][1] - ranges[0][0], len(summary), len(todo))
         failures, failed_images = [], [img for s in summary.values() for img in s.pop("failed_images")]
         if todo:
-            client = client or cluster.enter_context(connect(address))
+            client = client or cluster.enter_context(connect(address, gpu=gpu))
             log.info(describe(client))
             results = _submit(client, plan, ranges, paths, todo, progress, rows_before)
             for index, outcome in results.items():

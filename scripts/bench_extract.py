@@ -5,7 +5,7 @@ Prints images/s of
   (b) `featx extract` end to end (read, decode, resize, forward, HDF5 write), once per decoder:
       pillow (one image per CPU thread) and tensor (JPEG batches decoded on the device, featx.decoding),
   (c) a plain tutorial pipeline: torchvision ImageFolder + transforms + DataLoader, fp32 NCHW, no_grad,
-and the ratios b/a and b/c.
+and the ratios b/a and b/c; and (d) decoding alone, each decoder, no model: the ceiling that decoding puts on (b).
 
 Usage: python scripts/bench_extract.py [--device cpu|cuda] [--images N] [--image-px 2000]
                                        [--backbone efficientnet_lite0 --backbone resnet50] [--precision fp32 ...]
@@ -31,7 +31,7 @@ import torch
 
 from featx.backbones import RANDOM_INIT, get_backbone, resolve_weights
 from featx.errors import WeightsError
-from featx.extraction import extract
+from featx.extraction import ImageRows, decoded_batches, extract
 from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
 from featx.hardware import resolve_precision
 from featx.images import load_image
@@ -95,6 +95,16 @@ def time_featx(folder: Path, config: ExtractConfig) -> float:
         return n_images / (time.perf_counter() - began)
 
 
+def time_decoding(files: list[Path], spec, config: ExtractConfig, device) -> float:
+    """Images/s of featx's decoding alone, as ``featx extract`` feeds its model (batches on the device)."""
+    rows = ImageRows(files, spec.preprocess, 0, len(files), len(files))
+    began = time.perf_counter()
+    for pixels, _, _ in decoded_batches(rows, config, device, config.decode):
+        pixels.to(device, non_blocking=True)
+    synchronize(device)
+    return len(files) / (time.perf_counter() - began)
+
+
 def time_tutorial(folder: Path, model, spec, device, batch_size: int) -> float:
     """The pipeline of a typical transfer-learning tutorial, written the usual way."""
     import torchvision
@@ -134,7 +144,8 @@ def weights_for(spec):
 @click.option("--batch-size", default=None, type=int, help="Default: 32 on CPU, 256 on GPU.")
 @click.option("--precision", "precisions", multiple=True, default=["fp32", "bf16"], show_default=True)
 @click.option("--decode", "decoders", multiple=True, default=["pillow", "tensor"], show_default=True)
-def main(device, images, image_px, backbones, batch_size, precisions, decoders):
+@click.option("--workers", type=int, default=None, help="DataLoader workers of the Pillow path (default: featx's).")
+def main(device, images, image_px, backbones, batch_size, precisions, decoders, workers):
     torch.manual_seed(0)
     device = torch.device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
@@ -153,6 +164,10 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders):
             tutorial = time_tutorial(folder, eager, spec, device, batch_size)
             print(f"\n{backbone}{' (random weights: none installed)' if weights_arg else ''}")
             print(f"  (c) tutorial ImageFolder+DataLoader fp32 NCHW : {tutorial:8.1f} img/s")
+            for decode in decoders:
+                alone = time_decoding(files, spec, ExtractConfig(decode=decode, batch_size=batch_size, workers=workers),
+                                      device)
+                print(f"  (d) featx decoding alone, {decode:6s}         : {alone:8.1f} img/s")
             for precision in precisions:
                 used, reason = resolve_precision(precision, device.type, spec.architecture)
                 model = optimise_for_cpu(eager, spec.input_size) if device.type == "cpu" and used == "fp32" else eager
@@ -161,7 +176,7 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders):
                 print(f"  (a) bare model forward, pre-decoded on {device.type:4s} : {bare:8.1f} img/s")
                 for decode in decoders:
                     config = ExtractConfig(backbone=backbone, weights=weights_arg, precision=precision, decode=decode,
-                                           device=device.type, batch_size=batch_size)
+                                           device=device.type, batch_size=batch_size, workers=workers)
                     end_to_end = time_featx(folder, config)
                     print(f"  (b) featx extract, {decode:6s} decoding         : {end_to_end:8.1f} img/s   "
                           f"b/a = {end_to_end / bare:.2f}   b/c = {end_to_end / tutorial:.2f}")

@@ -15,7 +15,8 @@ import pytest
 
 distributed = pytest.importorskip("distributed")  # the cluster extra; CI installs it with the test extra
 
-from featx.errors import DataError  # noqa: E402
+from featx.cluster import connect  # noqa: E402
+from featx.errors import ConfigError, DataError  # noqa: E402
 from featx.extraction import ExtractConfig, extract  # noqa: E402
 from featx.shards import default_shard_rows, extract_on_cluster, shard_folder  # noqa: E402
 from featx.store import consolidate, load_embeddings, publish_shards  # noqa: E402
@@ -106,6 +107,15 @@ if __name__ == "__main__":
 """
 
 
+def test_a_shard_asked_for_decoding_processes_decodes_with_threads_in_a_daemonic_dask_worker(cluster, data,
+                                                                                           sequential, tmp_path):
+    # DataLoader workers (the GPU default) cannot start inside a Dask worker process: every shard failed on a GPU
+    address, _ = cluster
+    config = replace(sequential[0], workers=2, cache_dir=str(tmp_path))
+    result = extract_on_cluster(data, config, address, shard_rows=50, progress=False)
+    same_rows(load_embeddings(result.path), sequential[1])
+
+
 def test_a_killed_client_is_resumed_by_doing_only_the_missing_shards(cluster, data, sequential, tmp_path):
     address, client = cluster
     client.register_plugin(Sabotage(str(tmp_path / "unused"), delay=0.8), name="slow")  # slow shards: time to kill
@@ -140,6 +150,26 @@ def test_default_shards_give_every_worker_several_and_stay_near_a_minute():
     assert default_shard_rows(plan(10**6), slots=2) == 3000  # a minute at 50 img/s on a CPU
     assert default_shard_rows(plan(10**8, "cuda:0"), slots=64) == 120_000  # a minute at 2,000 img/s on a GPU
     assert default_shard_rows(plan(3), slots=0) == 1  # a cluster whose workers have not joined yet
+
+
+def test_gpu_shards_are_refused_where_no_worker_offers_a_gpu_instead_of_waiting_for_ever(cluster, data, sequential,
+                                                                                       tmp_path, monkeypatch):
+    address, _ = cluster
+    config = replace(sequential[0], device="cuda", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="offers a GPU"):
+        extract_on_cluster(data, config, address, shard_rows=50, progress=False)
+    monkeypatch.setattr("featx.cluster.visible_gpus", lambda: [])
+    with pytest.raises(ConfigError, match="none is visible"):
+        extract_on_cluster(data, config, "local:1", progress=False)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_a_local_gpu_cluster_pins_one_gpu_to_each_worker(monkeypatch):
+    monkeypatch.setattr("featx.cluster.visible_gpus", lambda: ["3", "5"])
+    with connect("local:3", gpu=True) as client:
+        pinned = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        offered = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+    assert sorted(pinned.values()) == ["3", "3", "5"] and offered == [{"GPU": 1}] * 3
 
 
 def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(cluster, data, sequential, tmp_path):

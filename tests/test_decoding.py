@@ -1,10 +1,11 @@
 """The tensor pipeline (featx.decoding): the same inputs as the Pillow path, and the Pillow path for what it refuses."""
 
 import numpy as np
+import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from featx.decoding import BatchDecoder, batchable
+from featx.decoding import BatchDecoder, batchable, orient
 from featx.extraction import extract
 from featx.images import Preprocess, load_image
 from featx.planning import ExtractConfig, plan_extraction
@@ -60,7 +61,7 @@ def test_what_the_batch_decoder_refuses_goes_through_pillow_exactly(tmp_path):
     preprocess = Preprocess(64, 72, "bilinear")
     files = [tmp_path / n for n in ("plain.png", "cmyk.jpg", "deep.png", "whole.jpg", "truncated.jpg", "garbage.jpg",
                                     "empty.jpg")]
-    assert [batchable(f.read_bytes(), preprocess.max_pixels) for f in files[:4]] == [False, False, False, True]
+    assert [batchable(f.read_bytes(), preprocess.max_pixels) for f in files[:4]] == [None, None, None, 1]
     with BatchDecoder(preprocess, torch.device("cpu"), threads=2) as decoder:
         pixels, ok, errors = decoder.decode(files, decoder.read(files))
     for i, path in enumerate(files):
@@ -82,3 +83,13 @@ def test_the_decoder_is_part_of_the_key_only_when_it_is_the_tensor_one(tmp_path)
     keys = {decode: plan_extraction(data, ExtractConfig(decode=decode, device="cpu")).key
             for decode in ("auto", "pillow", "tensor")}
     assert keys["auto"] == keys["pillow"] != keys["tensor"]  # on a CPU, auto is Pillow: the keys files always had
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_turned_upright_as_pillow_does(orientation):
+    # nvJPEG ignores the tag, so the batch decoder turns images itself, on every device
+    image = Image.fromarray(np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3))
+    image.getexif()[0x0112] = orientation
+    upright = np.asarray(ImageOps.exif_transpose(image))
+    turned = orient(torch.from_numpy(np.asarray(image).copy()).movedim(-1, 0), orientation)
+    np.testing.assert_array_equal(turned.movedim(0, -1).numpy(), upright)
