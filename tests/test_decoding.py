@@ -1,5 +1,7 @@
 """The tensor pipeline (featx.decoding): the same inputs as the Pillow path, and the Pillow path for what it refuses."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,22 @@ def test_every_exif_orientation_is_turned_upright_as_pillow_does(orientation):
     upright = np.asarray(ImageOps.exif_transpose(image))
     turned = orient(torch.from_numpy(np.asarray(image).copy()).movedim(-1, 0), orientation)
     np.testing.assert_array_equal(turned.movedim(0, -1).numpy(), upright)
+
+
+def test_the_header_reader_agrees_with_pillow_on_what_the_batch_decoder_may_take():
+    big_endian = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
+    variants = [({}, "RGB"), ({"progressive": True}, "RGB"), ({"subsampling": 0}, "RGB"), ({}, "L"), ({}, "CMYK"),
+                ({"exif": big_endian}, "RGB"), ({"comment": b"x" * 300, "icc_profile": b"\0" * 500}, "RGB")]
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        variants.append(({"exif": exif.tobytes()}, "RGB"))
+    for i, (options, mode) in enumerate(variants):
+        buffer = io.BytesIO()
+        photo((90 + i, 70), i).convert(mode).save(buffer, "JPEG", quality=85, **options)
+        data = buffer.getvalue()
+        with Image.open(io.BytesIO(data)) as image:
+            pillow = image.getexif().get(0x0112, 1) if image.mode in ("L", "RGB") else None
+        assert batchable(data, 10**8) == pillow, (options, mode)
+        assert batchable(data, (90 + i) * 70 - 1) is None  # over the pixel budget
+        assert batchable(data[:20], 10**8) is None  # cut before the frame header
