@@ -420,8 +420,8 @@ def compare_command(embeddings, heads, out, concat, **settings):
 @options.seed("Seed for the carved validation split, the head's initialisation and the batch order.")
 @options.device
 @options.precision
-@options.option("workers", default=0, show_default=True,
-                help="DataLoader worker processes for decoding and augmentation.")
+@options.option("workers", help="DataLoader worker processes for decoding and augmentation (default: 8 on a GPU, "
+                                "none on a CPU).")
 @options.run_folder("Run folder for best.pt, last.pt and the curves (default runs/finetune-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context

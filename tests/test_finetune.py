@@ -222,3 +222,9 @@ def test_fine_tuning_validates_on_the_images_the_heads_validate_on(tmp_path):
     path_of = {row.tobytes(): path for row, path in zip(emb.features("train"), emb.paths_of("train"))}
     assert len(X_val) == len(trainer.val_samples) == 5  # 15 % of 30, rounded up
     assert {path_of[row.tobytes()] for row in X_val} == {s.path for s in trainer.val_samples}
+
+
+def test_fine_tuning_decodes_in_process_on_a_cpu_unless_asked(colours, tmp_path):
+    on_cpu = replace(TINY, device="cpu")
+    assert Trainer(colours, on_cpu, tmp_path / "a").loader([], train=False).num_workers == 0
+    assert Trainer(colours, replace(on_cpu, workers=2), tmp_path / "b").loader([], train=False).num_workers == 2

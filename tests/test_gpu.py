@@ -1,5 +1,6 @@
 """GPU checks: deselected by default (`-m gpu` to run) and skipped where no CUDA device exists."""
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -52,3 +53,12 @@ def test_a_local_gpu_cluster_extracts_what_one_process_does(image_folder, tiny_c
     sharded = load_embeddings(sharded.path)
     assert sharded.paths.tolist() == one.paths.tolist() and sharded.meta["device"].startswith("cuda")
     np.testing.assert_allclose(sharded.features(), one.features(), rtol=1e-3, atol=1e-3)
+
+
+def test_fine_tuning_on_a_gpu_decodes_in_worker_processes_by_default(tmp_path):
+    from featx.finetuning import FinetuneConfig, Trainer
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "colours", per_class=4)
+    config = FinetuneConfig(backbone="resnet18", weights="none", image_size=32, epochs=1, device="cuda")
+    assert Trainer(data, config, tmp_path / "run").loader([], train=False).num_workers == min(8, os.cpu_count())
