@@ -21,8 +21,8 @@ import torch
 from featx.augment import augmentation, seeded
 from featx.datasets import ImageDataset
 from featx.errors import ConfigError
-from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu,
-                                 resolve_device, to_tensor)
+from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, gpu_decoding_workers,
+                                 optimise_for_cpu, resolve_device, to_tensor)
 from featx.images import ImageError, Preprocess, load_image
 from featx.planning import (ADAPT_BN_BATCH, ExtractConfig, ExtractResult, Plan, adaptation_sample, cached_result,
                             plan_extraction)
@@ -250,7 +250,7 @@ def _batches(rows: ImageRows, config: ExtractConfig, device: torch.device):
     """
     workers = config.workers
     if workers is None and device.type == "cuda":
-        workers = min(8, os.cpu_count() or 1)
+        workers = gpu_decoding_workers()
     if workers and multiprocessing.current_process().daemon:
         # a Dask worker process is daemonic and may not start DataLoader processes: threads decode instead
         log.debug("decoding with threads: this process may not start worker processes")

@@ -9,6 +9,7 @@ resolved here too, once for every caller.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -213,6 +214,12 @@ def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Te
 
     features = forward(images)
     return (features + forward(images.flip(3))) / 2 if tta else features
+
+
+def gpu_decoding_workers() -> int:
+    """DataLoader processes that decode for a GPU: 8, or every core of a smaller machine. On a 16-core H100
+    host 15 decoded faster but fed the GPU slower: they compete with the process that drives it."""
+    return min(8, os.cpu_count() or 1)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from featx.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
 from featx.checkpoints import load_resume_state, save_checkpoint, save_resume_state
 from featx.datasets import ImageDataset, carve_validation, scan_dataset
 from featx.errors import ConfigError, DataError
-from featx.feature_model import autocast, build_feature_model, resolve_device, to_tensor
+from featx.feature_model import autocast, build_feature_model, gpu_decoding_workers, resolve_device, to_tensor
 from featx.hardware import resolve_precision
 from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image, open_rgb
@@ -249,7 +248,7 @@ class Trainer:
         """Decoding processes: on a GPU, decoding in the training process would leave the GPU waiting."""
         if self.config.workers is not None:
             return self.config.workers
-        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        return gpu_decoding_workers() if self.device.type == "cuda" else 0
 
     def loader(self, samples, train: bool, epoch: int = 0):
         transform = augmentation(self.config.aug, self.preprocess.size) if train else None
