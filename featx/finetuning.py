@@ -66,7 +66,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    workers: int | None = None  # DataLoader workers; None: min(8, cores) on a GPU, as extraction, 0 on a CPU
+    workers: int | None = None  # DataLoader workers; None: as many as extraction uses on a GPU, 0 on a CPU
     init_head_from: str | None = None
 
     def __post_init__(self):

@@ -95,7 +95,8 @@ precision = option("precision", default="auto", show_default=True,
                         "is native (AMX, AVX-512 BF16) and the backbone is dense, else fp32.")
 decode = option("decode", default="auto", show_default=True,
                 help="How images are decoded: tensor (JPEGs in batches on the device: nvJPEG on a GPU), pillow "
-                     "(one by one on CPU threads or DataLoader workers), or auto (pillow: the faster of the two where measured).")
+                     "(one by one on CPU threads or DataLoader workers), or auto (pillow: the faster of the two "
+                     "where measured).")
 device = option("device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                 help="Where the backbone runs; auto is the GPU when there is one.")
 val_fraction = option("val_fraction", default=0.15, show_default=True,

@@ -169,7 +169,7 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     # auto is Pillow on every device: on an H100 with 16 cores, DataLoader workers with Pillow fed the model
     # faster than nvJPEG did, and nvJPEG's colour pixels differ from libjpeg's (README, Performance)
     decoder = "pillow" if config.decode == "auto" else config.decode
-    if decoder == "tensor":  # its pixels differ from Pillow's in the last bits (draft mode, resampler)
+    if decoder == "tensor":  # its pixels differ from Pillow's (draft mode, resampler; on a GPU, nvJPEG's chroma)
         recipe["decoder"] = decoder
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
