@@ -169,3 +169,19 @@ def test_perceptual_hash_confirms_copies_and_identical_files_are_found(tmp_path)
     assert summary["identical_files"] == {"groups": 1, "rows": 2, "across_splits": 1}
     assert summary["confirmed_by_perceptual_hash"] == len(found.pairs) >= 4
     assert run_audit(emb, duplicate_cosine=0.99, images=False).hash_bits == {}
+
+
+def test_the_permutation_tests_logistic_regressions_are_scikit_learns():
+    from sklearn.linear_model import LogisticRegression
+
+    from featx.audit import _fit_logistic
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(0, 1, (120, 5))
+    labellings = np.stack([(X[:, 0] + rng.normal(0, 1, 120) > 0), rng.permutation(np.arange(120) % 2)], axis=1)
+    used = rng.random((120, 2)) < 0.8  # each fit on its own rows, as each fold is
+    weights = _fit_logistic(np.c_[X, np.ones(120)], labellings.astype(float), used.astype(float))
+    for j in range(2):
+        reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10_000).fit(X[used[:, j]], labellings[used[:, j], j])
+        np.testing.assert_allclose(weights[:-1, j], reference.coef_[0], atol=1e-6)
+        np.testing.assert_allclose(weights[-1, j], reference.intercept_[0], atol=1e-6)
