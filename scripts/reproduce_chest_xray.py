@@ -92,6 +92,10 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         name = f"fine-tuned {Path(path).parent.name}"
         found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
         found.append(Lever(f"{name} + threshold on val", [cfg(checkpoint=path)], threshold="balanced_accuracy"))
+        found.append(Lever(f"{name} + AdaBN (--adapt-bn)", [cfg(checkpoint=path, adapt_bn=True)]))
+        found.append(Lever(f"{name} + AdaBN + threshold on val", [cfg(checkpoint=path, adapt_bn=True)],
+                           threshold="balanced_accuracy"))
+        found.append(Lever(f"{name} + --align standardize", [cfg(checkpoint=path)], remedy={"align": "standardize"}))
     return found
 
 
