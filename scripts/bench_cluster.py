@@ -7,6 +7,7 @@
    for 10 / 100 / 1,000 shards, with the figures per million rows.
 
 Usage: python scripts/bench_cluster.py [--images 2000] [--repeats 3] [--backbone efficientnet_lite0] [--skip-extraction]
+       [--no-standing]
 Uses ../shared/data/chest_xray when present (else synthetic 224 px JPEGs).
 """
 
@@ -16,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -71,7 +72,7 @@ def standing_cluster(folder: Path):
             process.wait(timeout=30)
 
 
-def extraction(images: int, backbone: str, root: Path, repeats: int) -> None:
+def extraction(images: int, backbone: str, root: Path, repeats: int, standing: bool = True) -> None:
     """As a user runs them: `featx extract` in a fresh process, wall clock, same images and 2 cores.
 
     The ways alternate, ``repeats`` times each, and the median ratio is reported: on this shared VM one
@@ -80,10 +81,11 @@ def extraction(images: int, backbone: str, root: Path, repeats: int) -> None:
     import subprocess
 
     data = make_images(root / "images", images)
-    with standing_cluster(root) as address:
+    with standing_cluster(root) if standing else nullcontext() as address:
         runs = {"sequential, 2 threads": [],
-                "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"],  # default shards: 4 per worker
-                "--cluster tcp:// (the same, standing)": ["--cluster", address]}
+                "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"]}  # default shards: 4 per worker
+        if standing:
+            runs["--cluster tcp:// (the same, standing)"] = ["--cluster", address]
         seconds = {name: [] for name in runs}
         for repeat in range(repeats):
             for name, extra in runs.items():
@@ -102,7 +104,8 @@ def extraction(images: int, backbone: str, root: Path, repeats: int) -> None:
     for name in clustered:
         ratios = [c / s for s, c in zip(seconds[sequential], seconds[name])]
         print(f"  {name.split(' (')[0]} / sequential, run by run = " + ", ".join(f"{r:.2f}" for r in ratios) +
-              f"; median {np.median(ratios):.2f}")
+              f"; median {np.median(ratios):.2f}; ratio of the median times "
+              f"{np.median(seconds[name]) / np.median(seconds[sequential]):.2f}")
 
 
 def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
@@ -155,14 +158,15 @@ def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Alternating runs of each way of extracting.")
 @click.option("--skip-extraction", is_flag=True)
-def main(images, backbone, repeats, skip_extraction):
+@click.option("--no-standing", is_flag=True, help="Leave out the standing cluster (shorter runs, more pairs).")
+def main(images, backbone, repeats, skip_extraction, no_standing):
     import os
     import platform
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         if not skip_extraction:
-            extraction(images, backbone, Path(tmp), repeats)
+            extraction(images, backbone, Path(tmp), repeats, standing=not no_standing)
         publishing(Path(tmp))
 
 
