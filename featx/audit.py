@@ -29,7 +29,6 @@ from scipy.special import expit
 from scipy.stats import rankdata
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -87,7 +86,7 @@ def two_sample_test(a: np.ndarray, b: np.ndarray, seed: int = 0, permutations: i
     for k, (_, test) in enumerate(StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(X, side)):
         fold[test] = k
     scores = _out_of_fold(X, side[:, None], fold[:, None])[:, 0]
-    observed = roc_auc_score(side, scores)
+    observed = _auc(side[:, None], scores[:, None])[0]
     least_alike = pick_b[np.argsort(-scores[n:])[:10]].tolist()
     if permute_above is not None and observed <= permute_above:
         return ShiftTest(float(observed), None, n, least_alike)

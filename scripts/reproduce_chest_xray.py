@@ -96,6 +96,11 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         found.append(Lever(f"{name} + AdaBN + threshold on val", [cfg(checkpoint=path, adapt_bn=True)],
                            threshold="balanced_accuracy"))
         found.append(Lever(f"{name} + --align standardize", [cfg(checkpoint=path)], remedy={"align": "standardize"}))
+        found.append(Lever(f"{name} + --align standardize + threshold on val", [cfg(checkpoint=path)],
+                           threshold="balanced_accuracy", remedy={"align": "standardize"}))
+    if len(checkpoints) > 1:
+        found.append(Lever("fine-tuned checkpoints concatenated + threshold on val",
+                           [cfg(checkpoint=path) for path in checkpoints], threshold="balanced_accuracy"))
     return found
 
 
