@@ -120,13 +120,13 @@ def _out_of_fold(X: np.ndarray, sides: np.ndarray, fold: np.ndarray) -> np.ndarr
     return np.take_along_axis(decision, fold[:, None, :], axis=1)[:, 0, :]
 
 
-def _fit_logistic(X: np.ndarray, y: np.ndarray, used: np.ndarray, inverse_c: float = 10.0) -> np.ndarray:
+def _fit_logistic(X: np.ndarray, y: np.ndarray, used: np.ndarray, C: float = 0.1) -> np.ndarray:
     """Weights of one L2 logistic regression per column of ``y``, fitted on that column's ``used`` rows, all at
     once by damped Newton steps; the last column of ``X`` is an unpenalised intercept. The minimum is
-    scikit-learn's ``LogisticRegression(C=1 / inverse_c)``'s; a permutation test needs a thousand such fits,
-    and one at a time through scikit-learn took 3 ms each, most of it spent checking its arguments."""
+    scikit-learn's ``LogisticRegression(C=C)``'s; a permutation test needs a thousand such fits, and one at a
+    time through scikit-learn took 3 ms each, most of it spent checking its arguments."""
     dim = X.shape[1]
-    penalty = np.full(dim, inverse_c)
+    penalty = np.full(dim, 1 / C)
     penalty[-1] = 0.0
     outer = (X[:, :, None] * X[:, None, :]).reshape(len(X), dim * dim)
 
