@@ -46,7 +46,7 @@ class ExtractConfig:
     batch_size: int = 32
     decode: str = "auto"  # "tensor": JPEGs decoded in batches on the device (featx.decoding); auto: Pillow
     adapt_bn: bool = False  # AdaBN: each split embedded with BatchNorm statistics of its own images (no labels)
-    workers: int | None = None  # DataLoader worker processes; None: 8 on GPU, a thread pool on CPU
+    workers: int | None = None  # DataLoader worker processes; None: gpu_decoding_workers() on a GPU, threads on a CPU
     device: str = "auto"
     cache_dir: str = "cache"
     out: str | None = None  # an explicit file instead of the cache layout
