@@ -22,6 +22,10 @@ ENV = "FEATX_CLUSTER"
 # 1.0: a worker is handed its next shard when it finishes one, so a faster worker takes more of them (Dask's
 # default 1.1 hands a single-threaded worker two at once, fixing the split early)
 SATURATION = "distributed.scheduler.worker-saturation"
+# Dask's sampling profiler looks at a busy worker's stack every 10 ms from its event loop: 5 % of each
+# single-threaded worker's core (measured on 2 cores, scripts/bench_cluster.py). Every 100 ms keeps the
+# dashboard's profile and costs a tenth; a value the user set is kept.
+PROFILE_INTERVAL, DASK_PROFILE_INTERVAL, FEATX_PROFILE_INTERVAL = "distributed.worker.profile.interval", "10ms", "100ms"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -45,7 +49,10 @@ def connect(address: str, gpu: bool = False):
     local = re.fullmatch(r"local(?::(\d+))?", address)
     if local:
         workers = int(local.group(1)) if local.group(1) else None
-        with dask.config.set({SATURATION: 1.0}), (
+        settings = {SATURATION: 1.0}
+        if dask.config.get(PROFILE_INTERVAL) == DASK_PROFILE_INTERVAL:
+            settings[PROFILE_INTERVAL] = FEATX_PROFILE_INTERVAL
+        with dask.config.set(settings), (
                 local_gpu_cluster(workers) if gpu else
                 LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
                              dashboard_address=":0")) as cluster:

@@ -172,6 +172,20 @@ def test_a_local_gpu_cluster_pins_one_gpu_to_each_worker(monkeypatch):
     assert sorted(pinned.values()) == ["3", "3", "5"] and offered == [{"GPU": 1}] * 3
 
 
+def test_a_local_cluster_samples_the_profile_every_100_ms_unless_the_user_chose_an_interval():
+    import dask
+
+    from featx.cluster import PROFILE_INTERVAL
+
+    def interval():
+        return dask.config.get(PROFILE_INTERVAL)
+
+    with connect("local:1") as client:
+        assert list(client.run(interval).values()) == ["100ms"]
+    with dask.config.set({PROFILE_INTERVAL: "20ms"}), connect("local:1") as client:
+        assert list(client.run(interval).values()) == ["20ms"]
+
+
 def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(cluster, data, sequential, tmp_path):
     address, _ = cluster
     result = extract_on_cluster(data, replace(sequential[0], cache_dir=str(tmp_path)), address, shard_rows=50,
