@@ -10,7 +10,7 @@
    for 10 / 100 / 1,000 shards, with the figures per million rows.
 
 Usage: python scripts/bench_cluster.py [--images 2000] [--repeats 3] [--backbone efficientnet_lite0] [--skip-extraction]
-       [--no-standing] [--skip-threads]
+       [--no-standing] [--skip-threads] [--shard-rows N ...]
 Uses ../shared/data/chest_xray when present (else synthetic 224 px JPEGs).
 """
 
@@ -75,11 +75,14 @@ def standing_cluster(folder: Path):
             process.wait(timeout=30)
 
 
-def extraction(images: int, backbone: str, root: Path, repeats: int, standing: bool = True) -> None:
+def extraction(images: int, backbone: str, root: Path, repeats: int, standing: bool = True,
+               shard_rows: tuple[int, ...] = ()) -> None:
     """As a user runs them: `featx extract` in a fresh process, wall clock, same images and 2 cores.
 
     The ways alternate, ``repeats`` times each, and the median ratio is reported: on this shared VM one
-    run's ratio wanders by ±0.2 (measured), more than the difference being looked for.
+    run's ratio wanders by ±0.2 (measured), more than the difference being looked for. For the cluster
+    runs the tail is reported too: how long one worker sat idle at the end, out of shards, while the
+    other finished its last (the difference of their summed shard times); smaller shards shorten it.
     """
     import subprocess
 
@@ -87,9 +90,12 @@ def extraction(images: int, backbone: str, root: Path, repeats: int, standing: b
     with standing_cluster(root) if standing else nullcontext() as address:
         runs = {"sequential, 2 threads": [],
                 "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"]}  # default shards: 4 per worker
+        for rows in shard_rows:
+            runs[f"--cluster local:2 --shard-rows {rows}"] = ["--cluster", "local:2", "--shard-rows", str(rows)]
         if standing:
             runs["--cluster tcp:// (the same, standing)"] = ["--cluster", address]
         seconds = {name: [] for name in runs}
+        tails = {name: [] for name in runs}
         for repeat in range(repeats):
             for name, extra in runs.items():
                 out = root / f"out{len(seconds[name])}-{list(runs).index(name)}"
@@ -97,18 +103,36 @@ def extraction(images: int, backbone: str, root: Path, repeats: int, standing: b
                 subprocess.run([shutil.which("featx") or "featx", "-q", "extract", str(data), "--backbone",
                                 backbone, "--out", str(out), *extra], check=True, capture_output=True)
                 seconds[name].append(time.perf_counter() - began)
+                if extra:
+                    tails[name].append(idle_tail(next(out.rglob("*.h5"))))
                 shutil.rmtree(out)
     print(f"extraction of {images} images, {backbone}, `featx extract` end to end in a fresh process, "
           f"{repeats} alternating runs each:")
     for name, values in seconds.items():
+        tail = f"; idle tail {', '.join(f'{t:.1f}' for t in tails[name])} s" if tails[name] else ""
         print(f"  {name:42s}: " + ", ".join(f"{v:5.1f}" for v in values) +
-              f" s  (median {images / np.median(values):5.1f} img/s)")
+              f" s  (median {images / np.median(values):5.1f} img/s){tail}")
     sequential, *clustered = seconds
     for name in clustered:
         ratios = [c / s for s, c in zip(seconds[sequential], seconds[name])]
         print(f"  {name.split(' (')[0]} / sequential, run by run = " + ", ".join(f"{r:.2f}" for r in ratios) +
               f"; median {np.median(ratios):.2f}; ratio of the median times "
               f"{np.median(seconds[name]) / np.median(seconds[sequential]):.2f}")
+
+
+def idle_tail(published: Path) -> float:
+    """Seconds the first worker out of shards waited for the last: the spread of the workers' summed shard times."""
+    import json
+    from collections import defaultdict
+
+    import h5py
+
+    with h5py.File(published, "r") as handle:
+        shards = json.loads(handle.attrs["shards"])
+    busy = defaultdict(float)
+    for shard in shards:
+        busy[shard["worker"]] += shard["seconds"]
+    return max(busy.values()) - min(busy.values()) if len(busy) > 1 else 0.0
 
 
 def thread_shares(images: int, backbone: str, root: Path, window: float = 8.0) -> None:
@@ -198,14 +222,16 @@ def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
 @click.option("--skip-extraction", is_flag=True)
 @click.option("--no-standing", is_flag=True, help="Leave out the standing cluster (shorter runs, more pairs).")
 @click.option("--skip-threads", is_flag=True, help="Leave out the CPU time per worker thread.")
-def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads):
+@click.option("--shard-rows", type=int, multiple=True, help="Also run local:2 with shards of this many rows "
+              "(repeatable), against its default size.")
+def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, shard_rows):
     import os
     import platform
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         if not skip_extraction:
-            extraction(images, backbone, Path(tmp), repeats, standing=not no_standing)
+            extraction(images, backbone, Path(tmp), repeats, standing=not no_standing, shard_rows=shard_rows)
         if not skip_threads:
             thread_shares(images, backbone, Path(tmp))
         publishing(Path(tmp))
