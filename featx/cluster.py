@@ -22,9 +22,9 @@ ENV = "FEATX_CLUSTER"
 # 1.0: a worker is handed its next shard when it finishes one, so a faster worker takes more of them (Dask's
 # default 1.1 hands a single-threaded worker two at once, fixing the split early)
 SATURATION = "distributed.scheduler.worker-saturation"
-# Dask's sampling profiler looks at a busy worker's stack every 10 ms from its event loop: 5 % of each
-# single-threaded worker's core (measured on 2 cores, scripts/bench_cluster.py). Every 100 ms keeps the
-# dashboard's profile and costs a tenth; a value the user set is kept.
+# Dask's sampling profiler looks at a busy worker's stack every 10 ms from its event loop, which then took
+# 5-6 % of each single-threaded worker's core, 2.5-2.7 % at every 100 ms (scripts/bench_cluster.py, 2 cores).
+# 100 ms keeps the dashboard's profile; an interval the user set is kept.
 PROFILE_INTERVAL, DASK_PROFILE_INTERVAL, FEATX_PROFILE_INTERVAL = "distributed.worker.profile.interval", "10ms", "100ms"
 
 

@@ -156,13 +156,17 @@ def thread_shares(images: int, backbone: str, root: Path, window: float = 8.0) -
             while not list(out.rglob("*.partial")) and client.poll() is None:
                 time.sleep(0.2)
             time.sleep(2.0)  # past the first batches
-            workers = [p for p in psutil.Process(client.pid).children(recursive=True) if "spawn_main" in " ".join(
-                p.cmdline())]
-            before = {w.pid: {t.id: t.user_time + t.system_time for t in w.threads()} for w in workers}
+            workers = [p for p in psutil.Process(client.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(p.cmdline())]
+
+            def cpu(worker) -> dict:
+                return {t.id: t.user_time + t.system_time for t in worker.threads()}
+
+            before = {worker.pid: cpu(worker) for worker in workers}
             time.sleep(window)
             for worker in workers:
-                spent = {t.id: t.user_time + t.system_time - before[worker.pid].get(t.id, 0.0) for t in worker.threads()}
-                loop = spent.pop(worker.pid, 0.0)
+                spent = {tid: now - before[worker.pid].get(tid, 0.0) for tid, now in cpu(worker).items()}
+                loop = spent.pop(worker.pid, 0.0)  # the main thread runs the event loop
                 print(f"  {name:32s} worker {worker.pid}: event loop {100 * loop / window:4.1f} % of a core, "
                       f"shard threads {100 * sum(spent.values()) / window:5.1f} %")
         finally:
