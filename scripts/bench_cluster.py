@@ -75,7 +75,7 @@ def standing_cluster(folder: Path):
             process.wait(timeout=30)
 
 
-def extraction(images: int, backbone: str, root: Path, repeats: int, standing: bool = True,
+def extraction(data: Path, images: int, backbone: str, root: Path, repeats: int, standing: bool = True,
                shard_rows: tuple[int, ...] = ()) -> None:
     """As a user runs them: `featx extract` in a fresh process, wall clock, same images and 2 cores.
 
@@ -86,7 +86,6 @@ def extraction(images: int, backbone: str, root: Path, repeats: int, standing: b
     """
     import subprocess
 
-    data = make_images(root / "images", images)
     with standing_cluster(root) if standing else nullcontext() as address:
         runs = {"sequential, 2 threads": [],
                 "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"]}  # default shards: 4 per worker
@@ -135,7 +134,7 @@ def idle_tail(published: Path) -> float:
     return max(busy.values()) - min(busy.values()) if len(busy) > 1 else 0.0
 
 
-def thread_shares(images: int, backbone: str, root: Path, window: float = 8.0) -> None:
+def thread_shares(data: Path, backbone: str, root: Path, window: float = 8.0) -> None:
     """CPU time per thread of each worker of a running `featx extract --cluster local:2`, over ``window`` seconds
     once its shards are being written: the event loop (the main thread) against the shard's threads."""
     import os
@@ -143,7 +142,6 @@ def thread_shares(images: int, backbone: str, root: Path, window: float = 8.0) -
 
     import psutil
 
-    data = make_images(root / "images", images) if not (root / "images").exists() else root / "images"
     print(f"CPU per worker while embedding, {window:g}-s window, `featx extract --cluster local:2`:")
     # "0.01s" is Dask's 10 ms spelled as a user would, which featx keeps (it replaces only Dask's own default)
     for name, interval in (("Dask's profile interval, 10 ms", "0.01s"), ("featx's, 100 ms", None)):
@@ -234,10 +232,11 @@ def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, 
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
+        data = make_images(Path(tmp) / "images", images) if not (skip_extraction and skip_threads) else None
         if not skip_extraction:
-            extraction(images, backbone, Path(tmp), repeats, standing=not no_standing, shard_rows=shard_rows)
+            extraction(data, images, backbone, Path(tmp), repeats, standing=not no_standing, shard_rows=shard_rows)
         if not skip_threads:
-            thread_shares(images, backbone, Path(tmp))
+            thread_shares(data, backbone, Path(tmp))
         publishing(Path(tmp))
 
 
