@@ -248,6 +248,8 @@ def audit(file, source, target, duplicate_cosine, out, images, seed):
         echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p ≤ {SHIFT_P}): figures measured "
              f"on validation carved from {source} are likely optimistic for {target}", err=True)
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
+        echo("  remedies that read no test label: compare --threshold mixture --smooth-test 10, --align standardize, "
+             "extract --adapt-bn (README: Remedies)")
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
     if found.hash_bits:
@@ -319,7 +321,9 @@ def _head_options(command):
         options.seed("Seed for the carved validation split, CV folds and the heads."),
         options.option("threshold", metavar="OBJECTIVE",
                        help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, f1 "
-                            "or sensitivity=0.95."),
+                            "or sensitivity=0.95; or (mixture) cut the test images' own scores where they part into "
+                            "two groups (no test labels read), where the same rule on validation costs at most 0.02 "
+                            "of balanced accuracy, else validation's balanced_accuracy threshold."),
         options.val_fraction,
         options.option("sort_by", default="balanced_accuracy", show_default=True,
                        help="Validation metric that ranks the leaderboard."),
@@ -342,6 +346,10 @@ def _head_options(command):
                        help="The test images' class balance by EM on each head's probabilities: report it "
                             "(estimate), or also re-weight to it where a simulated change on validation helps "
                             "(auto)."),
+        options.option("smooth_test", metavar="K", default=0, show_default=True,
+                       help="Spread each scored split's probabilities over its K nearest images of the same split "
+                            "(cosine; label spreading, no labels read): alike images get alike scores. Val is "
+                            "smoothed too, so the threshold is chosen on scores like the test ones. 0: off."),
     ]):
         command = option(command)
     return command

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from featx.adapt import fit_alignment, prior_shift as estimate_prior_shift, unexplained_shift
+from featx.adapt import (fit_alignment, prior_shift as estimate_prior_shift, smooth_over_neighbours, target_threshold,
+                          unexplained_shift)
 from featx.audit import DUPLICATE_COSINE, SHIFT_AUC, SHIFT_P, has_near_duplicate, shift_between, two_sample_test
 from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
@@ -223,17 +224,30 @@ def subsample_train(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(kept)
 
 
-def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params, threshold):
-    """One head on one file: tune and fit, then the validation and test probabilities (a task on a cluster)."""
+def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params, threshold, smooth=0):
+    """One head on one file: tune and fit, then the validation and test probabilities (a task on a cluster).
+
+    ``smooth`` spreads each split's probabilities over its own images' neighbours before anything is chosen
+    on them; ``threshold="mixture"`` chooses validation's threshold for balanced accuracy and the test images'
+    own (``adapt.target_threshold``), returned last.
+    """
     fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed, params=params)
     p_val = fitted.pipeline.predict_proba(X_val)
-    chosen = choose_threshold(y_val, p_val[:, 1], threshold) if threshold and p_val.shape[1] == 2 else None
     p_test, predict_s = None, None
     if X_test is not None:
         began = time.perf_counter()
         p_test = fitted.pipeline.predict_proba(X_test)
         predict_s = round(time.perf_counter() - began, 3)
-    return fitted, p_val, chosen, p_test, predict_s
+    if smooth:
+        p_val = smooth_over_neighbours(X_val, p_val, smooth)
+        p_test = smooth_over_neighbours(X_test, p_test, smooth) if p_test is not None else None
+    binary = threshold and p_val.shape[1] == 2
+    objective = "balanced_accuracy" if threshold == "mixture" else threshold
+    chosen = choose_threshold(y_val, p_val[:, 1], objective) if binary else None
+    test_cut = None
+    if binary and threshold == "mixture" and p_test is not None:
+        test_cut = target_threshold(p_val, y_val, chosen, p_test)
+    return fitted, p_val, chosen, p_test, predict_s, test_cut
 
 
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
@@ -241,7 +255,7 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
             max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False,
             exclude_leaked: bool = False, duplicate_cosine: float | None = None, align: str = "none",
-            prior_shift: str = "off") -> Leaderboard:
+            prior_shift: str = "off", smooth_test: int = 0) -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
@@ -257,18 +271,25 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     (cosine ≥ ``duplicate_cosine``) among the labelled ones, and reports the figures with them too; ``align``
     maps train and val features towards the test images (``featx.adapt``); ``prior_shift`` estimates the test
     images' class balance (``estimate``) and re-weights the probabilities to it where validation shows it helps
-    (``auto``).
+    (``auto``); ``smooth_test`` spreads each scored split's probabilities over its ``smooth_test`` nearest images
+    of the same split (validation's too, so that its choices are made on scores like the test ones); a
+    ``threshold`` of ``mixture`` cuts the test images' scores where they part into two groups, where validation
+    shows the rule holds (``featx.adapt.target_threshold``).
     """
     check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by,
-          max_train_rows=max_train_rows, align=align, prior_shift=prior_shift, duplicate_cosine=duplicate_cosine)
+          max_train_rows=max_train_rows, align=align, prior_shift=prior_shift, duplicate_cosine=duplicate_cosine,
+          smooth_test=smooth_test)
     names = resolve_heads(heads)
     files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e, lazy=out_of_core)
                              for e in embeddings])
     settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
                 "sort_by": sort_by}
-    adapting = exclude_leaked or align != "none" or prior_shift != "off"
+    adapting = exclude_leaked or align != "none" or prior_shift != "off" or smooth_test or threshold == "mixture"
     if out_of_core and adapting:
-        raise ConfigError("--exclude-leaked, --align and --prior-shift work in memory; leave out --out-of-core")
+        raise ConfigError("--exclude-leaked, --align, --prior-shift, --smooth-test and --threshold mixture work in "
+                          "memory; leave out --out-of-core")
+    if smooth_test:  # recorded only when used, so earlier run folders' configs read the same
+        settings["smooth_test"] = smooth_test
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
@@ -305,7 +326,7 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             jobs.append((emb, name))
     outcomes = _run_jobs([(name, *splits[emb.path.name][0], *splits[emb.path.name][1], splits[emb.path.name][2][0])
                           for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {},
-                         threshold=threshold, cluster=cluster)
+                         threshold=threshold, smooth=smooth_test, cluster=cluster)
     results = [_head_result(emb, name, splits[emb.path.name], outcome, seed, test_extra.get(emb.path.name))
                for (emb, name), outcome in zip(jobs, outcomes)]
     if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
@@ -337,8 +358,8 @@ def _adapt(emb: Embeddings, train: tuple, val: tuple, test: tuple, *, align: str
     and what scoring test needs to know (its leaked rows, the prior-shift mode), recorded in ``settings``."""
     (X_train, y_train), (X_val, y_val), (X_test, _) = train, val, test
     if X_test is None:
-        raise ConfigError(f"{emb.path}: --exclude-leaked, --align and --prior-shift need a test split (the images "
-                          "whose figures they correct)")
+        raise ConfigError(f"{emb.path}: --exclude-leaked, --align, --prior-shift, --smooth-test and --threshold "
+                          "mixture need a test split (the images whose figures they correct)")
     extra = {"prior_shift": prior_shift, "leaked": None, "train": (X_train, y_train), "test": X_test}
     if exclude_leaked:
         extra["leaked"] = has_near_duplicate(X_test, np.concatenate([X_train, X_val]), duplicate_cosine)
@@ -361,31 +382,40 @@ def _adapt(emb: Embeddings, train: tuple, val: tuple, test: tuple, *, align: str
 def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int,
                  adapt: dict | None = None) -> HeadResult:
     """The leaderboard row and the scores of one head fitted on one file (with ``_adapt``'s corrections)."""
-    fitted, p_val, chosen, p_test, predict_s = outcome
+    fitted, p_val, chosen, p_test, predict_s, test_cut = outcome
     (_, _), (_, y_val), (_, y_test), val_source = split
     row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
            "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
            "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
+    if test_cut:
+        row["test_threshold"] = test_cut
+    on_test = test_threshold(row)
     result = HeadResult(row, emb.classes, fitted, emb,
                         classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
     if p_test is not None:
         row["predict_s"] = predict_s
         test_paths = emb.paths[labelled_rows(emb, "test")]
         if adapt and adapt["leaked"] is not None:
-            with_leaked = classification_metrics(y_test, p_test, emb.classes, threshold=chosen)
+            with_leaked = classification_metrics(y_test, p_test, emb.classes, threshold=on_test)
             row.update(test_leaked_rows=int(adapt["leaked"].sum()), test_with_leaked_accuracy=with_leaked["accuracy"],
                        test_with_leaked_roc_auc=with_leaked["roc_auc"])
             kept = ~adapt["leaked"]
             p_test, y_test, test_paths = p_test[kept], y_test[kept], test_paths[kept]
         if adapt and adapt["prior_shift"] != "off":
             p_test = _prior_shift(row, adapt, p_val, y_val, p_test, emb.classes, chosen, seed)
-        result.test = classification_metrics(y_test, p_test, emb.classes, threshold=chosen, with_ci=True, seed=seed)
+        result.test = classification_metrics(y_test, p_test, emb.classes, threshold=on_test, with_ci=True, seed=seed)
         result.test_truth, result.test_proba, result.test_paths = y_test, p_test, test_paths
     for split_name, scores in (("val", result.val), ("test", result.test)):
         for metric in REPORTED_METRICS:
             if scores is not None and metric in scores:
                 row[f"{split_name}_{metric}"] = scores[metric]
     return result
+
+
+def test_threshold(row: dict) -> float | None:
+    """The decision threshold a row applies to test (and saves with its head): validation's, or the test images'
+    own where ``--threshold mixture`` found and kept one."""
+    return (row.get("test_threshold") or {}).get("value", row["threshold"])
 
 
 def _prior_shift(row: dict, adapt: dict, p_val, y_val, p_test, classes: list[str], threshold, seed: int):
@@ -436,17 +466,17 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: di
             sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, seed)]
             splits[emb.path.name] = ((emb._features[sample].astype(np.float32), labels[sample]), (X_val, y_val),
                                      (X_test, labels[test] if test is not None else None), val_source)
-            outcome = fitted, p_val, chosen, p_test, round(time.perf_counter() - began, 3)
+            outcome = fitted, p_val, chosen, p_test, round(time.perf_counter() - began, 3), None
             results.append(_head_result(emb, "lightgbm", splits[emb.path.name], outcome, seed))
     settings["out_of_core"] = True
     sort_by = settings["sort_by"]
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
 
 
-def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, threshold, cluster) -> list[tuple]:
+def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, threshold, smooth, cluster) -> list[tuple]:
     """``_fit_and_score`` for every (head, arrays) job: here one by one, or as parallel tasks on a Dask cluster
     through joblib's Dask backend. Either way the outcomes come back in the jobs' order."""
-    score = functools.partial(_fit_and_score, cv=cv, seed=seed, threshold=threshold)
+    score = functools.partial(_fit_and_score, cv=cv, seed=seed, threshold=threshold, smooth=smooth)
     address = cluster_address(cluster)
     if not address:
         return [score(name, *arrays, params=head_params.get(name)) for name, *arrays in jobs]

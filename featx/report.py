@@ -45,7 +45,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 
 <h2 id="audit">Can these figures be trusted?</h2>
 {% for item in audit.files %}<h3>{{ item.file }}</h3>
-{% if item.shift %}<p>{% if item.shift.shifted %}<strong>The test images differ from the training ones</strong> (a classifier tells them apart): validation figures are likely optimistic for test; <code>--align</code>, <code>--prior-shift auto</code> and fine-tuning are the remedies to try.{% else %}No shift found between the training and test images: validation figures should carry over to test.{% endif %}</p>
+{% if item.shift %}<p>{% if item.shift.shifted %}<strong>The test images differ from the training ones</strong> (a classifier tells them apart): validation figures are likely optimistic for test; <code>--align</code>, <code>--smooth-test</code>, <code>--threshold mixture</code>, <code>--prior-shift auto</code> and fine-tuning are the remedies to try.{% else %}No shift found between the training and test images: validation figures should carry over to test.{% endif %}</p>
 <table><tr><th class="text">train → test</th><th>AUC (0.5 = alike)</th><th>p</th><th>rows a side</th></tr>
 {% for name, t in item.shift.tests.items() %}<tr><td class="text">{{ name }}</td><td>{{ fmt(t.auc) }}</td><td>{{ fmt(t.p_value) }}</td><td>{{ t.rows }}</td></tr>{% endfor %}</table>
 {% if item.least_alike %}<p class="muted">Test images least like the training ones:</p><div class="grid">{% for t in item.least_alike %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
@@ -67,7 +67,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 
 <h2 id="heads">Per head</h2>
 {% for head in heads %}<h3>{{ head.backbone }} + {{ head.head }}</h3>
-<p class="muted">{{ head.note }} · params {{ head.params }} · tuned on {{ head.tuned_on }} · validation: {{ head.val_source }}{% if head.threshold is not none %} · decision threshold {{ fmt(head.threshold) }}{% endif %}</p>
+<p class="muted">{{ head.note }} · params {{ head.params }} · tuned on {{ head.tuned_on }} · validation: {{ head.val_source }}{% if head.threshold is not none %} · decision threshold {{ fmt(head.threshold) }}{% endif %}{% if head.test_threshold %} · test threshold {% if head.test_threshold.applied %}{{ fmt(head.test_threshold.value) }}, where the test images' own scores part into two groups{% else %}validation's ({{ head.test_threshold.refused }}){% endif %}{% endif %}</p>
 {% for split in head.splits %}<h4>{{ split.name }} (n={{ split.n }})</h4>
 <table><tr><th class="text">class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
 {% for cls, m in split.per_class.items() %}<tr><td class="text">{{ cls }}</td><td>{{ fmt(m.precision) }}</td><td>{{ fmt(m.recall) }}</td><td>{{ fmt(m.f1) }}</td><td>{{ m.support }}</td></tr>{% endfor %}

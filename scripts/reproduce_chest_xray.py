@@ -87,6 +87,13 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 full + prior shift by EM (--prior-shift auto)", [full], remedy={"prior_shift": "auto"}),
         Lever("lite0 full + AdaBN (--adapt-bn)", [cfg(fit="full", adapt_bn=True)]),
         Lever("lite0 full + AdaBN + CORAL", [cfg(fit="full", adapt_bn=True)], remedy={"align": "coral"}),
+        Lever("lite0 full + test's own threshold (--threshold mixture)", [full], threshold="mixture"),
+        Lever("lite0 full + spread over 10 neighbours (--smooth-test 10)", [full], remedy={"smooth_test": 10}),
+        Lever("lite0 full + --smooth-test 10 + --threshold mixture", [full], threshold="mixture",
+              remedy={"smooth_test": 10}),
+        Lever("lite0 full + copies + --threshold mixture", [cfg(**COPIES)], threshold="mixture"),
+        Lever("lite0 full + copies + --smooth-test 10 + --threshold mixture", [cfg(**COPIES)], threshold="mixture",
+              remedy={"smooth_test": 10}),
     ]
     for path in checkpoints:
         name = f"fine-tuned {Path(path).parent.name}"
@@ -98,6 +105,9 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         found.append(Lever(f"{name} + --align standardize", [cfg(checkpoint=path)], remedy={"align": "standardize"}))
         found.append(Lever(f"{name} + --align standardize + threshold on val", [cfg(checkpoint=path)],
                            threshold="balanced_accuracy", remedy={"align": "standardize"}))
+        found.append(Lever(f"{name} + --threshold mixture", [cfg(checkpoint=path)], threshold="mixture"))
+        found.append(Lever(f"{name} + --smooth-test 10 + --threshold mixture", [cfg(checkpoint=path)],
+                           threshold="mixture", remedy={"smooth_test": 10}))
     if len(checkpoints) > 1:
         found.append(Lever("fine-tuned checkpoints concatenated + threshold on val",
                            [cfg(checkpoint=path) for path in checkpoints], threshold="balanced_accuracy"))
@@ -120,7 +130,8 @@ def run_lever(lever: Lever, data: Path, seed: int = 0):
     rows = board.rows
     for row in rows:  # nothing was chosen on test: tuning and thresholds come from train/val only
         assert row["tuned_on"] in ("validation split",) and "test" not in row["val_source"]
-    if lever.remedy:  # and the remedies read no test label: with the test labels shuffled, every choice is the same
+    if lever.remedy or lever.threshold == "mixture":
+        # and the remedies read no test label: with the test labels shuffled, every choice is the same
         blind = compare([replace(emb, _labels=shuffled_test_labels(emb, seed)) for emb in inputs_of(lever)], HEADS,
                         seed=seed, threshold=lever.threshold, head_params=lever.head_params, **lever.remedy)
         assert choices(blind) == choices(board), f"{lever.name}: a choice depended on the test labels"
@@ -135,8 +146,10 @@ def shuffled_test_labels(emb, seed: int):
 
 
 def choices(board) -> dict:
-    """Everything compare chose: hyper-parameters, thresholds, prior-shift decisions, alignment, leaked rows."""
-    picked = {(r["file"], r["head"]): (r["params"], r["threshold"], (r.get("prior_shift") or {}).get("applied"),
+    """Everything compare chose: hyper-parameters, thresholds (validation's and test's own), prior-shift decisions,
+    alignment, leaked rows."""
+    picked = {(r["file"], r["head"]): (r["params"], r["threshold"], r.get("test_threshold"),
+                                       (r.get("prior_shift") or {}).get("applied"),
                                        (r.get("prior_shift") or {}).get("target"), r.get("test_leaked_rows"))
               for r in board.rows}
     return {"rows": picked, "align": board.settings.get("align"), "leaked": board.settings.get("exclude_leaked")}
@@ -209,7 +222,8 @@ def main(data, cache, checkpoints, flowers, out, only, no_chest):
                       Lever("lite0 + --align standardize", [lite0], remedy={"align": "standardize"}),
                       Lever("lite0 + --align coral", [lite0], remedy={"align": "coral"}),
                       Lever("lite0 + --prior-shift auto", [lite0], remedy={"prior_shift": "auto"}),
-                      Lever("lite0 + AdaBN (--adapt-bn)", [ExtractConfig(cache_dir=cache, adapt_bn=True)])]:
+                      Lever("lite0 + AdaBN (--adapt-bn)", [ExtractConfig(cache_dir=cache, adapt_bn=True)]),
+                      Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10})]:
             if only and not re.search(only, lever.name):
                 continue
             rows, board = run_lever(lever, flowers)

@@ -1,4 +1,5 @@
-"""Adapting to shift without test labels: feature alignment, prior shift, and compare's leak exclusion."""
+"""Adapting to shift without test labels: feature alignment, prior shift, transductive scoring (spreading over
+neighbours, the mixture threshold), and compare's leak exclusion."""
 
 import inspect
 import json
@@ -6,9 +7,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy.special import expit
+from sklearn.metrics import roc_auc_score
 
-from featx.adapt import em_priors, fit_alignment, prior_shift, reweight
+from featx.adapt import (em_priors, fit_alignment, mixture_threshold, prior_shift, reweight, smooth_over_neighbours,
+                         target_threshold)
 from featx.errors import DataError
+from featx.metrics import choose_threshold
 
 
 def correlated(rng, n, dim=16, scale=1.0, offset=0.0):
@@ -144,3 +149,86 @@ def test_compare_estimates_the_test_images_class_balance_and_reweights_only_when
     refused = compare([other], ["logreg"], prior_shift="auto").rows[0]
     assert not refused["prior_shift"]["applied"]  # EM assumes the images of a class did not change
     assert refused["prior_shift"]["shift_after_reweighting_train"]["auc"] > 0.6
+
+
+def test_spreading_over_neighbours_mends_noisy_scores_of_clustered_images():
+    rng = np.random.default_rng(6)
+    X, y = blobs(rng, 400)  # two clusters of images
+    p_b = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.3, 400), 0.01, 0.99)  # a head that is often wrong
+    proba = np.c_[1 - p_b, p_b]
+    spread = smooth_over_neighbours(X, proba, 10)
+    assert np.allclose(spread.sum(1), 1.0)
+    assert roc_auc_score(y, spread[:, 1]) > roc_auc_score(y, p_b) + 0.1
+    assert np.array_equal(smooth_over_neighbours(X[:1], proba[:1], 10), proba[:1])  # no neighbours: as it was
+
+
+def logit_scores(rng, n, shift=0.0, positives=0.7):
+    """Probabilities of a head whose logits part into two groups (±3, unit spread), moved by ``shift``."""
+    y = (rng.random(n) < positives).astype(int)
+    p = expit(rng.normal(np.where(y == 1, 3.0, -3.0) + shift, 1.0))
+    return np.c_[1 - p, p], y
+
+
+def test_the_mixture_threshold_follows_target_scores_that_moved_and_is_kept_only_where_validation_agrees():
+    rng = np.random.default_rng(5)
+    p_val, y_val = logit_scores(rng, 600)
+    p_target, y_target = logit_scores(rng, 600, shift=2.5)  # every target image reads more positive
+    val_threshold = choose_threshold(y_val, p_val[:, 1], "balanced_accuracy")
+    assert "y_target" not in inspect.signature(target_threshold).parameters  # the decision never sees test labels
+    found = target_threshold(p_val, y_val, val_threshold, p_target)
+    assert found["applied"] and found["validation_cost"] <= 0.02
+    accuracy = {t: ((p_target[:, 1] >= t) == y_target).mean() for t in (val_threshold, found["value"])}
+    assert accuracy[found["value"]] > accuracy[val_threshold] + 0.05
+    assert abs(found["target_positive_share"] - y_target.mean()) < 0.03
+
+    # A head whose positive scores form two groups of their own: the mixture would cut between those.
+    y_peaky = (rng.random(600) < 0.85).astype(int)
+    logits = np.where(y_peaky == 1, np.where(rng.random(600) < 0.5, 2.0, 7.0), -2.0) + rng.normal(0, 0.7, 600)
+    p_peaky = np.c_[1 - expit(logits), expit(logits)]
+    peaky_threshold = choose_threshold(y_peaky, p_peaky[:, 1], "balanced_accuracy")
+    refused = target_threshold(p_peaky, y_peaky, peaky_threshold, p_target)
+    assert not refused["applied"] and refused["value"] == peaky_threshold and refused["validation_cost"] > 0.1
+    assert mixture_threshold(p_val[:5, 1]) is None  # too few images to say where they part
+
+
+def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_reads_test_labels(tmp_path):
+    from dataclasses import replace
+
+    from featx.cli import main
+    from featx.evaluate import compare
+    from featx.heads import load_head
+    from featx.store import load_embeddings
+
+    rng = np.random.default_rng(8)
+    X_train, y_train = blobs(rng, 2000, separation=0.35)
+    X_test, y_test = blobs(rng, 200, separation=0.35)
+    centres = np.random.default_rng(7).normal(0, 1, (2, 32)) * 0.35
+    X_test += 0.8 * (centres[1] - centres[0])  # the test images all look more like b
+    file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 2000 + ["test"] * 200)
+    board = compare([file], ["logreg"], threshold="balanced_accuracy")
+    plain = board.rows[0]
+    mixture = compare([file], ["logreg"], threshold="mixture").rows[0]
+    assert mixture["test_threshold"]["applied"] and mixture["threshold"] == plain["threshold"]
+    assert mixture["test_accuracy"] > plain["test_accuracy"] + 0.2
+    assert mixture["val_balanced_accuracy"] == plain["val_balanced_accuracy"]  # validation keeps its own threshold
+    spread = compare([file], ["logreg"], smooth_test=10)
+    assert spread.settings["smooth_test"] == 10
+    X_scored = load_embeddings(file).features("test")
+    assert np.allclose(spread.results[0].test_proba, smooth_over_neighbours(X_scored, board.results[0].test_proba, 10))
+
+    emb = load_embeddings(file)
+    shuffled = emb._labels.copy()
+    shuffled[emb.rows("test")] = rng.permutation(shuffled[emb.rows("test")])
+    blind = compare([replace(emb, _labels=shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
+    seen = compare([file], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
+    assert blind["test_threshold"] == seen["test_threshold"] and blind["threshold"] == seen["threshold"]
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["compare", str(file), "--heads", "logreg", "--threshold", "mixture",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "run.json").read_text())["results"][0]
+    assert row["test_threshold"]["applied"]
+    assert load_head(out / row["model"], trust=True)["threshold"] == row["test_threshold"]["value"]
+    refused = CliRunner().invoke(main, ["compare", str(file), "--smooth-test", "-1"])
+    assert refused.exit_code == 2 and "smooth-test" in refused.output
