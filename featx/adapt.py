@@ -220,7 +220,8 @@ def smooth_over_neighbours(X: np.ndarray, proba: np.ndarray, k: int) -> np.ndarr
 def mixture_threshold(p_positive: np.ndarray) -> float | None:
     """The probability at which a two-component Gaussian mixture over the logits of ``p_positive`` changes from
     its lower component to its higher one: where one set of images' scores part into two groups, whatever the
-    head learnt its threshold from. None where they do not part (fewer than 10 rows, or one group)."""
+    head learnt its threshold from. None with fewer than 10 rows, or where the two components coincide; whether
+    the cut is a good one is for ``target_threshold``'s check on validation to say."""
     if len(p_positive) < MIN_TARGET_ROWS:
         return None
     scores = logit(np.clip(p_positive, 1e-6, 1 - 1e-6))[:, None]

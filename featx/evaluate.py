@@ -389,7 +389,7 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
            "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
     if test_cut:
         row["test_threshold"] = test_cut
-    on_test = test_threshold(row)
+    on_test = threshold_on_test(row)
     result = HeadResult(row, emb.classes, fitted, emb,
                         classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
     if p_test is not None:
@@ -412,7 +412,7 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
     return result
 
 
-def test_threshold(row: dict) -> float | None:
+def threshold_on_test(row: dict) -> float | None:
     """The decision threshold a row applies to test (and saves with its head): validation's, or the test images'
     own where ``--threshold mixture`` found and kept one."""
     return (row.get("test_threshold") or {}).get("value", row["threshold"])
