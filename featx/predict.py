@@ -6,12 +6,14 @@ provenance saved with the head, and the weights' hash is checked before anything
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from featx.adapt import smooth_over_neighbours
 from featx.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
 from featx.checkpoints import backbone_source
 from featx.datasets import list_images
@@ -25,6 +27,7 @@ from featx.planning import ADAPT_BN_BATCH, ADAPT_BN_MIN_IMAGES, adaptation_sampl
 from featx.runs import best_head
 from featx.vocab import check
 
+log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
@@ -48,7 +51,9 @@ class Predictor:
     ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
     A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
     new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
-    images of the new domain) or else of the first ``predict`` call's images; kept for later calls.
+    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. A run
+    compared with ``--smooth-test K`` spreads each ``predict`` call's probabilities over that call's own images,
+    as its test images' were (at least K + 1 of them; fewer are classified each alone, with a warning).
     """
 
     def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
@@ -115,18 +120,20 @@ class Predictor:
         files = list_images(paths)
         self.model(files)  # built (and adapted, for an --adapt-bn run) before the first batch
         results: list[Prediction] = []
-        self._seen = []  # this call's features, for drift()
+        self._seen = []  # this call's features, for drift() and the spreading
+        readable = []
         for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            pixels, readable = [], []
-            for path in chunk:
+            pixels = []
+            for path in files[start:start + batch_size]:
                 try:
                     pixels.append(load_image(path, self.preprocess))
                     readable.append(path)
                 except ImageError as err:
                     results.append(Prediction(str(path), None, [], error=str(err)))
-            if readable:
-                results += self._predict_pixels(readable, np.stack(pixels), top_k)
+            if pixels:
+                self._seen.append(self.features(np.stack(pixels)))
+        if readable:
+            results += self._classify(readable, np.concatenate(self._seen), top_k)
         order = {str(p): i for i, p in enumerate(files)}
         return sorted(results, key=lambda r: order[r.path])
 
@@ -140,10 +147,14 @@ class Predictor:
         unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
         return two_sample_test(self.open_set.reference, unit, permute_above=SHIFT_AUC)  # permutations only if it matters
 
-    def _predict_pixels(self, paths, pixels, top_k) -> list[Prediction]:
-        features = self.features(pixels)
-        self._seen.append(features)
+    def _classify(self, paths, features, top_k) -> list[Prediction]:
         proba = self.head["pipeline"].predict_proba(features)
+        neighbours = self.head.get("smooth_test") or 0
+        if neighbours and len(features) > neighbours:
+            proba = smooth_over_neighbours(features, proba, neighbours)
+        elif neighbours:
+            log.warning("%s: the run spread its test scores over %d neighbours (--smooth-test), and %d images have "
+                        "too few to spread over: each is classified alone", self.folder, neighbours, len(features))
         chosen = predict_labels(proba, self.head.get("threshold"))
         unknown = self.open_set.scores(features, proba)[self.score] if self.open_set else None
         out = []

@@ -127,7 +127,7 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
     for result in board.results:
         row = result.row
         saved = save_head(head_path(out, row["file"], row["head"]), result.fitted, result.embeddings,
-                          threshold_on_test(row))
+                          threshold_on_test(row), board.settings.get("smooth_test", 0))
         row["model"] = str(saved.relative_to(out))
     (out / "leaderboard.csv").write_text(board.to_csv())
     (out / "leaderboard.md").write_text(board.to_markdown() + "\n")

@@ -205,3 +205,24 @@ def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
     assert shown.exit_code == 0 and len(shown.output.splitlines()) == 4 and "red_02.jpg  red" in shown.output
     refused = CliRunner().invoke(main, ["predict", str(tmp_path / "run"), *map(str, few)])
     assert refused.exit_code == 2 and "name a folder of them with --adapt-to" in refused.output
+
+
+def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_its_own_images(tiny_run, tmp_path,
+                                                                                              caplog):
+    from featx.adapt import smooth_over_neighbours
+
+    save_run(compare([tiny_run.embeddings], ["logreg"], smooth_test=5), tmp_path / "run")
+    predictor = Predictor(tmp_path / "run")
+    predicted = predictor.predict([tiny_run.data / "test"], top_k=3)
+    features = np.concatenate(predictor._seen)
+    raw = predictor.head["pipeline"].predict_proba(features)
+    given = np.array([[dict(r.top_k)[c] for c in predictor.classes] for r in predicted])
+    np.testing.assert_allclose(given, smooth_over_neighbours(features, raw, 5), rtol=1e-6)
+    assert not np.allclose(given, raw)
+    few = sorted((tiny_run.data / "test" / "red").glob("*.jpg"))[:3]
+    with caplog.at_level("WARNING", logger="featx"):
+        alone = predictor.predict(few, top_k=3)
+    assert "3 images have too few to spread over" in caplog.text
+    features = np.concatenate(predictor._seen)
+    np.testing.assert_allclose([[dict(r.top_k)[c] for c in predictor.classes] for r in alone],
+                               predictor.head["pipeline"].predict_proba(features), rtol=1e-6)
