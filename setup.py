@@ -22,6 +22,9 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
         "scikit-learn>=1.3",
+        # featx.audit and featx.adapt call scipy themselves (expit, logit, rankdata, minimize); scikit-learn
+        # brings it too, but a direct import deserves a declared floor.
+        "scipy>=1.10",
         "lightgbm>=4.7",  # eval_X/eval_y in the scikit-learn API
         "joblib>=1.3",
         "click>=8.1",
