@@ -211,16 +211,16 @@ def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_
     assert mixture["test_threshold"]["applied"] and mixture["threshold"] == plain["threshold"]
     assert mixture["test_accuracy"] > plain["test_accuracy"] + 0.2
     assert mixture["val_balanced_accuracy"] == plain["val_balanced_accuracy"]  # validation keeps its own threshold
-    spread = compare([file], ["logreg"], smooth_test=10)
+    spread = compare([file], ["logreg"], threshold="mixture", smooth_test=10)
     assert spread.settings["smooth_test"] == 10
-    X_scored = load_embeddings(file).features("test")
-    assert np.allclose(spread.results[0].test_proba, smooth_over_neighbours(X_scored, board.results[0].test_proba, 10))
-
     emb = load_embeddings(file)
+    assert np.allclose(spread.results[0].test_proba,
+                       smooth_over_neighbours(emb.features("test"), board.results[0].test_proba, 10))
+
     shuffled = emb._labels.copy()
     shuffled[emb.rows("test")] = rng.permutation(shuffled[emb.rows("test")])
     blind = compare([replace(emb, _labels=shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
-    seen = compare([file], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
+    seen = spread.rows[0]
     assert blind["test_threshold"] == seen["test_threshold"] and blind["threshold"] == seen["threshold"]
 
     out = tmp_path / "run"
