@@ -242,8 +242,7 @@ def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, see
         p_val = smooth_over_neighbours(X_val, p_val, smooth)
         p_test = smooth_over_neighbours(X_test, p_test, smooth) if p_test is not None else None
     binary = threshold and p_val.shape[1] == 2
-    objective = "balanced_accuracy" if threshold == "mixture" else threshold
-    chosen = choose_threshold(y_val, p_val[:, 1], objective) if binary else None
+    chosen = choose_threshold(y_val, p_val[:, 1], threshold) if binary else None
     test_cut = None
     if binary and threshold == "mixture" and p_test is not None:
         test_cut = target_threshold(p_val, y_val, chosen, p_test)

@@ -116,8 +116,14 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[str],
 
 
 def choose_threshold(y: np.ndarray, p_positive: np.ndarray, objective: str) -> float:
-    """A decision threshold on validation rows: ``balanced_accuracy``, ``f1`` or ``sensitivity=0.95``."""
+    """A decision threshold on validation rows: ``balanced_accuracy``, ``f1`` or ``sensitivity=0.95``.
+
+    ``mixture`` gives validation the balanced-accuracy one; the test images' own threshold comes from their
+    scores (``featx.adapt.target_threshold``).
+    """
     check("choose_threshold", threshold=objective)
+    if objective == "mixture":
+        objective = "balanced_accuracy"
     candidates = np.unique(np.r_[p_positive, 0.5])
     if objective.startswith("sensitivity="):
         target = float(objective.split("=", 1)[1])

@@ -174,6 +174,7 @@ def test_the_mixture_threshold_follows_target_scores_that_moved_and_is_kept_only
     p_val, y_val = logit_scores(rng, 600)
     p_target, y_target = logit_scores(rng, 600, shift=2.5)  # every target image reads more positive
     val_threshold = choose_threshold(y_val, p_val[:, 1], "balanced_accuracy")
+    assert choose_threshold(y_val, p_val[:, 1], "mixture") == val_threshold  # validation's part of the rule
     assert "y_target" not in inspect.signature(target_threshold).parameters  # the decision never sees test labels
     found = target_threshold(p_val, y_val, val_threshold, p_target)
     assert found["applied"] and found["validation_cost"] <= 0.02
