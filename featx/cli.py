@@ -114,9 +114,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--allow-outside-root", is_flag=True, help="Accept CSV paths that resolve outside the CSV's folder.")
 @click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
 @options.cluster
-@options.option("shard_rows", metavar="N", help="Rows per shard with --cluster (default: about a minute of one "
-                                                "worker's work, and 4 shards or more per worker thread, or per GPU; "
-                                                "a re-run keeps the size of the shards it finds).")
+@options.option("shard_rows", metavar="N", help="Rows per shard with --cluster (default: shards of up to a minute "
+                                                "of one worker's work that shrink to a few seconds' towards the end; "
+                                                "a re-run keeps the shards the first run planned).")
 @click.pass_context
 def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
             fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from, max_pixels,

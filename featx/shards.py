@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import logging
 import math
 import os
@@ -23,43 +24,65 @@ from pathlib import Path
 from featx.cluster import connect, describe, shard_slots
 from featx.errors import ConfigError, DataError, FeatxError
 from featx.planning import ExtractConfig, ExtractResult, Plan, cached_result, plan_extraction
-from featx.store import CacheLock, check_intact, publish_shards, read_failures, read_meta, rows_written
+from featx.store import SHARD_PLAN, CacheLock, check_intact, publish_shards, read_failures, rows_written
 
 log = logging.getLogger(__name__)
-SHARD_SECONDS = 60  # a shard is about a minute of one worker's work: small enough to lose, large enough to pay off
+SHARD_SECONDS = 60  # the largest shard is about a minute of one worker's work: small enough to lose
+SMALLEST_SHARD_SECONDS = 2  # the last, smallest shards: still well above a task's own cost (~0.2 s)
 ASSUMED_SPEED = {"cpu": 50, "cuda": 2000}  # images per second of one worker, for sizing shards before measuring
 RETRIES = 2
-SHARDS_PER_SLOT = 4
 POLL_SECONDS = 0.5  # how often the client looks at the shards' progress; it shares the workers' cores
 
 
 def shard_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges tiling ``0..n_rows``: each row in exactly one shard."""
+    """Consecutive row ranges of ``shard_rows`` tiling ``0..n_rows``: each row in exactly one shard."""
     return [(start, min(start + shard_rows, n_rows)) for start in range(0, n_rows, shard_rows)]
 
 
-def default_shard_rows(plan: Plan, slots: int) -> int:
-    """About a minute of one worker's work, and small enough that each of ``slots`` (the tasks the cluster runs
-    at once) gets ``SHARDS_PER_SLOT`` shards or more.
+def tapered_ranges(n_rows: int, slots: int, largest: int, smallest: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges tiling ``0..n_rows`` that shrink towards the end (factoring, Hummel et al. 1992).
 
-    Several shards per slot keep every worker busy to the end: a slot that runs slower than the others
-    (a shared core, a busier disk) then delays the finish by a fraction of its share, not by all of it.
+    Each round gives every one of ``slots`` (the tasks the cluster runs at once) a shard of half the remaining
+    rows' share, capped at ``largest`` and at least ``smallest``. Workers that run at different speeds (a shared
+    core, a busier disk) then finish within about one small shard of each other, while the few large shards
+    keep the per-task cost low.
     """
-    minute = SHARD_SECONDS * ASSUMED_SPEED["cuda" if plan.config.device.startswith("cuda") else "cpu"]
-    return max(1, min(minute, math.ceil(plan.n_rows / (SHARDS_PER_SLOT * max(slots, 1)))))
+    ranges, start, slots = [], 0, max(slots, 1)
+    while start < n_rows:
+        size = max(smallest, min(largest, math.ceil((n_rows - start) / (2 * slots))))
+        for _ in range(slots):
+            stop = min(start + size, n_rows)
+            if stop > start:  # the very last may be smaller than ``smallest``: the last shards should be the smallest
+                ranges.append((start, stop))
+            start = stop
+    return ranges
 
 
-def _earlier_shard_rows(plan: Plan, folder: Path) -> int | None:
-    """The shard size an earlier run of this plan chose, so resuming on another number of workers keeps its shards."""
-    for first in (folder / "00000.h5", folder / "00000.h5.partial"):
-        try:
-            meta = read_meta(first)
-        except (DataError, OSError):
-            continue
-        if str(meta.get("cache_key", "")).startswith(f"{plan.key}["):
-            start, stop = meta["shard_rows"]
-            return stop - start
-    return None
+def default_ranges(plan: Plan, slots: int) -> list[tuple[int, int]]:
+    """Shards of at most about a minute of one worker's work, tapering to a few seconds' at the end."""
+    speed = ASSUMED_SPEED["cuda" if plan.config.device.startswith("cuda") else "cpu"]
+    return tapered_ranges(plan.n_rows, slots, largest=SHARD_SECONDS * speed, smallest=SMALLEST_SHARD_SECONDS * speed)
+
+
+def recorded_ranges(plan: Plan, folder: Path, shard_rows: int | None) -> list[tuple[int, int]] | None:
+    """The ranges an earlier run of this plan chose (when ``shard_rows`` asks for no other size), so resuming on
+    another number of workers keeps its shards; None where there is no such record."""
+    try:
+        record = json.loads((folder / SHARD_PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("cache_key") != plan.key or (shard_rows and record.get("shard_rows") != shard_rows):
+        return None
+    ranges = [tuple(r) for r in record.get("ranges", [])]
+    return ranges if ranges and ranges[-1][1] == plan.n_rows else None
+
+
+def record_ranges(plan: Plan, folder: Path, ranges: list[tuple[int, int]], shard_rows: int | None) -> None:
+    """Written before any shard, by a rename: a re-run finds the whole plan or none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / (SHARD_PLAN + ".partial")
+    temporary.write_text(json.dumps({"cache_key": plan.key, "shard_rows": shard_rows, "ranges": ranges}))
+    os.replace(temporary, folder / SHARD_PLAN)
 
 
 def shard_folder(path: Path) -> Path:
@@ -151,21 +174,23 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
         if force:
             plan.path.unlink(missing_ok=True)
         client = None
-        rows = shard_rows or _earlier_shard_rows(plan, folder)
-        if not rows:
-            client = cluster.enter_context(connect(address, gpu=gpu))
-            rows = default_shard_rows(plan, shard_slots(client, gpu=gpu))
-        ranges = shard_ranges(plan.n_rows, rows)
+        ranges = recorded_ranges(plan, folder, shard_rows)
+        if not ranges:
+            if shard_rows:
+                ranges = shard_ranges(plan.n_rows, shard_rows)
+            else:
+                client = cluster.enter_context(connect(address, gpu=gpu))
+                ranges = default_ranges(plan, shard_slots(client, gpu=gpu))
+            record_ranges(plan, folder, ranges, shard_rows)
         paths = [folder / f"{index:05d}.h5" for index in range(len(ranges))]
-        folder.mkdir(parents=True, exist_ok=True)
         for stale in set(folder.glob("*.h5*")) - set(paths) - {p.with_name(p.name + ".partial") for p in paths}:
             stale.unlink()  # shards of an earlier plan of this key (another --shard-rows)
         done = {index: _finished(path, shard_key(plan, *ranges[index])) for index, path in enumerate(paths)}
         summary = {index: _summary_of(plan, index, paths[index], meta) for index, meta in done.items() if meta}
         todo = [index for index in range(len(ranges)) if not done[index]]
         rows_before = sum(ranges[i][1] - ranges[i][0] for i in summary)
-        log.info("%s: %d shards of up to %d rows; %d finished already, %d to do", plan.path.name, len(ranges),
-                 ranges[0][1] - ranges[0][0], len(summary), len(todo))
+        log.info("%s: %d shards of %d to %d rows; %d finished already, %d to do", plan.path.name, len(ranges),
+                 min(b - a for a, b in ranges), max(b - a for a, b in ranges), len(summary), len(todo))
         failures, failed_images = [], [img for s in summary.values() for img in s.pop("failed_images")]
         if todo:
             client = client or cluster.enter_context(connect(address, gpu=gpu))

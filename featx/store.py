@@ -34,6 +34,7 @@ PARTIAL_SUFFIX = ".partial"
 AUGMENTED = "augmented"
 CHUNK_ROWS = 256  # rows per HDF5 chunk of every checksummed column: the unit of damage and of roll-back
 SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors")  # SHA-256 each in the "checksums" attribute
+SHARD_PLAN = "plan.json"  # in a shards folder: the row ranges its extraction chose (featx.shards)
 SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond the data: HDF5 metadata and chunk rewrites
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
@@ -671,7 +672,9 @@ def consolidate(path: str | Path) -> Path:
     for shard in shard_files:
         Path(shard).unlink(missing_ok=True)
     folder = Path(next(iter(shard_files))).parent if shard_files else None
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+    if folder is not None and folder.is_dir():
+        (folder / SHARD_PLAN).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
     log.info("consolidated %s (%d rows from %d shards)", path, meta["n_rows"], len(shard_files))
     return path

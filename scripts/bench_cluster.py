@@ -82,7 +82,7 @@ def extraction(data: Path, images: int, backbone: str, root: Path, repeats: int,
     The ways alternate, ``repeats`` times each, and the median ratio is reported: on this shared VM one
     run's ratio wanders by ±0.2 (measured), more than the difference being looked for. For the cluster
     runs the tail is reported too: how long one worker sat idle at the end, out of shards, while the
-    other finished its last (the difference of their summed shard times); smaller shards shorten it.
+    other finished its last; shards that shrink towards the end shorten it.
     """
     import subprocess
 
@@ -120,18 +120,19 @@ def extraction(data: Path, images: int, backbone: str, root: Path, repeats: int,
 
 
 def idle_tail(published: Path) -> float:
-    """Seconds the first worker out of shards waited for the last: the spread of the workers' summed shard times."""
+    """Seconds between the first worker finishing its last shard and the last worker finishing: how long one
+    worker sat idle at the end, from the finished shards' modification times (each lands by an atomic rename)."""
     import json
-    from collections import defaultdict
 
     import h5py
 
     with h5py.File(published, "r") as handle:
         shards = json.loads(handle.attrs["shards"])
-    busy = defaultdict(float)
+    folder = published.with_name(published.name.removesuffix(".h5") + ".shards")
+    last = {}
     for shard in shards:
-        busy[shard["worker"]] += shard["seconds"]
-    return max(busy.values()) - min(busy.values()) if len(busy) > 1 else 0.0
+        last[shard["worker"]] = max(last.get(shard["worker"], 0.0), (folder / shard["file"]).stat().st_mtime)
+    return max(last.values()) - min(last.values()) if len(last) > 1 else 0.0
 
 
 def thread_shares(data: Path, backbone: str, root: Path, window: float = 8.0) -> None:

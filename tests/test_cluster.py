@@ -18,7 +18,7 @@ distributed = pytest.importorskip("distributed")  # the cluster extra; CI instal
 from featx.cluster import connect  # noqa: E402
 from featx.errors import ConfigError, DataError  # noqa: E402
 from featx.extraction import ExtractConfig, extract  # noqa: E402
-from featx.shards import default_shard_rows, extract_on_cluster, shard_folder  # noqa: E402
+from featx.shards import default_ranges, extract_on_cluster, shard_folder  # noqa: E402
 from featx.store import consolidate, load_embeddings, publish_shards  # noqa: E402
 from tests.conftest import make_class_folders  # noqa: E402
 
@@ -142,14 +142,20 @@ def test_a_killed_client_is_resumed_by_doing_only_the_missing_shards(cluster, da
     same_rows(load_embeddings(result.path), sequential[1])
 
 
-def test_default_shards_give_every_worker_several_and_stay_near_a_minute():
+def test_default_shards_tile_the_rows_stay_under_a_minute_and_shrink_towards_the_end():
     def plan(rows, device="cpu"):
         return SimpleNamespace(n_rows=rows, config=SimpleNamespace(device=device))
 
-    assert default_shard_rows(plan(2000), slots=2) == 250  # 4 shards per worker thread
-    assert default_shard_rows(plan(10**6), slots=2) == 3000  # a minute at 50 img/s on a CPU
-    assert default_shard_rows(plan(10**8, "cuda:0"), slots=64) == 120_000  # a minute at 2,000 img/s on a GPU
-    assert default_shard_rows(plan(3), slots=0) == 1  # a cluster whose workers have not joined yet
+    def sizes(ranges):
+        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]]  # consecutive: no gap, no overlap
+        return [b - a for a, b in ranges]
+
+    assert sizes(default_ranges(plan(2000), slots=2)) == [500, 500, 250, 250, 125, 125, 100, 100, 50]
+    many = sizes(default_ranges(plan(10**6), slots=2))
+    assert sum(many) == 10**6 and max(many) == 3000 and many[-3:] == [100, 100, 12]  # a minute / 2 s at 50 img/s
+    gpus = sizes(default_ranges(plan(10**8, "cuda:0"), slots=64))
+    assert sum(gpus) == 10**8 and max(gpus) == 120_000 and min(gpus[:-1]) == 4000  # at 2,000 img/s on a GPU
+    assert sizes(default_ranges(plan(3), slots=0)) == [3]  # a cluster whose workers have not joined yet
 
 
 def test_gpu_shards_are_refused_where_no_worker_offers_a_gpu_instead_of_waiting_for_ever(cluster, data, sequential,
