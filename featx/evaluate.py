@@ -388,7 +388,7 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
            "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
     if test_cut:
         row["test_threshold"] = test_cut
-    on_test = threshold_on_test(row)
+    on_test = decision_threshold(row, "test")
     result = HeadResult(row, emb.classes, fitted, emb,
                         classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
     if p_test is not None:
@@ -411,9 +411,11 @@ def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed:
     return result
 
 
-def threshold_on_test(row: dict) -> float | None:
-    """The decision threshold a row applies to test (and saves with its head): validation's, or the test images'
-    own where ``--threshold mixture`` found and kept one."""
+def decision_threshold(row: dict, split: str) -> float | None:
+    """The decision threshold a row applies to ``split``: validation's; on test (and in the head saved for new
+    images) the test images' own where ``--threshold mixture`` found and kept one."""
+    if split == "val":
+        return row["threshold"]
     return (row.get("test_threshold") or {}).get("value", row["threshold"])
 
 

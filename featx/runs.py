@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
-from featx.evaluate import Leaderboard, threshold_on_test
+from featx.evaluate import Leaderboard, decision_threshold
 from featx.heads import save_head
 from featx.metrics import predict_labels
 from featx.openset import OpenSet
@@ -127,7 +127,7 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
     for result in board.results:
         row = result.row
         saved = save_head(head_path(out, row["file"], row["head"]), result.fitted, result.embeddings,
-                          threshold_on_test(row), board.settings.get("smooth_test", 0))
+                          decision_threshold(row, "test"), board.settings.get("smooth_test", 0))
         row["model"] = str(saved.relative_to(out))
     (out / "leaderboard.csv").write_text(board.to_csv())
     (out / "leaderboard.md").write_text(board.to_markdown() + "\n")
@@ -159,7 +159,7 @@ def _save_predictions(out: Path, board: Leaderboard) -> None:
         proba, truth = (result.test_proba, result.test_truth) if split == "test" else (result.val_proba,
                                                                                         result.val_truth)
         paths = result.test_paths if split == "test" else None
-        predicted = predict_labels(proba, row["threshold"] if split == "val" else threshold_on_test(row))
+        predicted = predict_labels(proba, decision_threshold(row, split))
         with open(predictions_path(out, row["file"], row["head"], split), "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "truth", "predicted"] + [f"p_{c}" for c in classes])
@@ -196,8 +196,7 @@ def _save_plots(out: Path, board: Leaderboard) -> list[str]:
                 continue
             title = f"{row['backbone']} + {row['head']} ({split}, n={len(truth)})"
             written.append(plot_confusion(plot_path(out, "confusion", row["file"], row["head"], split), truth,
-                                          predict_labels(proba, row["threshold"] if split == "val"
-                                                         else threshold_on_test(row)), classes, title))
+                                          predict_labels(proba, decision_threshold(row, split)), classes, title))
             if split == "test" or result.test_truth is None:
                 written.append(plot_roc(plot_path(out, "roc", row["file"], row["head"], split), truth, proba,
                                         classes, title))

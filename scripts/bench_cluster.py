@@ -88,7 +88,7 @@ def extraction(data: Path, images: int, backbone: str, root: Path, repeats: int,
 
     with standing_cluster(root) if standing else nullcontext() as address:
         runs = {"sequential, 2 threads": [],
-                "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"]}  # default shards: 4 per worker
+                "--cluster local:2 (2 workers × 1 thread)": ["--cluster", "local:2"]}  # default shards: shrinking
         for rows in shard_rows:
             runs[f"--cluster local:2 --shard-rows {rows}"] = ["--cluster", "local:2", "--shard-rows", str(rows)]
         if standing:
@@ -126,9 +126,11 @@ def idle_tail(published: Path) -> float:
 
     import h5py
 
+    from featx.shards import shard_folder
+
     with h5py.File(published, "r") as handle:
         shards = json.loads(handle.attrs["shards"])
-    folder = published.with_name(published.name.removesuffix(".h5") + ".shards")
+    folder = shard_folder(published)
     last = {}
     for shard in shards:
         last[shard["worker"]] = max(last.get(shard["worker"], 0.0), (folder / shard["file"]).stat().st_mtime)
