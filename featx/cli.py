@@ -355,13 +355,13 @@ def _head_options(command):
     return command
 
 
-def _run_compare(files, heads, out, concat=False, **settings):
+def _run_compare(files, heads, out, concat=False, ensemble=False, **settings):
     from featx.evaluate import compare
     from featx.runs import prepare_out, save_run
 
     if out:
         prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
-    board = compare(list(files), heads, concat=concat, **settings)
+    board = compare(list(files), heads, concat=concat, ensemble=ensemble, **settings)
     if out:
         save_run(board, out)
     echo(board.to_markdown())
@@ -392,10 +392,13 @@ def train(embeddings, heads, out, **settings):
 @_head_options
 @click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
                                              "of the same images) as one more input.")
-def compare_command(embeddings, heads, out, concat, **settings):
+@click.option("--ensemble", is_flag=True, help="Also average each head over the files (several backbones of the "
+                                               "same images): each file's head, averaged in logit space, as one "
+                                               "more row per head; spread and cut like the others.")
+def compare_command(embeddings, heads, out, concat, ensemble, **settings):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
-    _run_compare(embeddings, heads, out, concat, **settings)
+    _run_compare(embeddings, heads, out, concat, ensemble, **settings)
 
 
 @main.command()

@@ -25,7 +25,7 @@ from featx.audit import DUPLICATE_COSINE, SHIFT_AUC, SHIFT_P, has_near_duplicate
 from featx.cluster import cluster_address, connect, describe
 from featx.datasets import carve_validation
 from featx.errors import ConfigError, DataError
-from featx.heads import FittedHead, fit_head, resolve_heads
+from featx.heads import AveragedHeads, FittedHead, average_in_logit_space, fit_head, resolve_heads
 from featx.metrics import choose_threshold, classification_metrics
 from featx.store import Embeddings, concat_embeddings, load_embeddings
 from featx.vocab import check
@@ -224,13 +224,8 @@ def subsample_train(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(kept)
 
 
-def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params, threshold, smooth=0):
-    """One head on one file: tune and fit, then the validation and test probabilities (a task on a cluster).
-
-    ``smooth`` spreads each split's probabilities over its own images' neighbours before anything is chosen
-    on them; ``threshold="mixture"`` chooses validation's threshold for balanced accuracy and the test images'
-    own (``adapt.target_threshold``), returned last.
-    """
+def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params):
+    """One head on one file: tune and fit, then its validation and test probabilities (a task on a cluster)."""
     fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed, params=params)
     p_val = fitted.pipeline.predict_proba(X_val)
     p_test, predict_s = None, None
@@ -238,6 +233,18 @@ def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, see
         began = time.perf_counter()
         p_test = fitted.pipeline.predict_proba(X_test)
         predict_s = round(time.perf_counter() - began, 3)
+    return fitted, p_val, p_test, predict_s
+
+
+def _decided(outcome: tuple, split: tuple, *, threshold, smooth=0) -> tuple:
+    """What is chosen on a fitted head's scores, as ``_head_result`` takes them.
+
+    ``smooth`` spreads each split's probabilities over its own images' neighbours before anything is chosen
+    on them; ``threshold="mixture"`` chooses validation's threshold for balanced accuracy and the test images'
+    own (``adapt.target_threshold``), returned last.
+    """
+    fitted, p_val, p_test, predict_s = outcome
+    (_, _), (X_val, y_val), (X_test, _), _ = split
     if smooth:
         p_val = smooth_over_neighbours(X_val, p_val, smooth)
         p_test = smooth_over_neighbours(X_test, p_test, smooth) if p_test is not None else None
@@ -249,17 +256,51 @@ def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, see
     return fitted, p_val, chosen, p_test, predict_s, test_cut
 
 
+def averaged_input(parts: list[Embeddings]) -> Embeddings:
+    """The files' features side by side under a name of their own: the rows of ``--ensemble`` (each head
+    averaged over the files) are saved under it, and spread over neighbours and calibrated for open-set
+    scores in all the files' features at once. Augmented copies are left out: each member trains on its own."""
+    joined = concat_embeddings([part.without_copies() for part in parts])
+    return replace(joined, path=joined.path.with_suffix(".averaged.h5"),
+                   meta={**joined.meta, "label": f"{joined.label} averaged"})
+
+
+def _averaged(name: str, averaged: Embeddings, members: list[Embeddings], outcomes: list[tuple],
+              splits: dict) -> tuple:
+    """One head fitted on each member file, as one head: their probabilities averaged in logit space
+    (``heads.AveragedHeads``). Every file must have scored the same rows: the images readable in all of them."""
+    (_, _), (_, y_val), (_, y_test), _ = splits[averaged.path.name]
+    for member in members:
+        (_, _), (_, their_val), (_, their_test), _ = splits[member.path.name]
+        if len(their_val) != len(y_val) or (y_test is not None and len(their_test) != len(y_test)):
+            raise DataError(f"{member.path}: some of its validation or test images are unreadable in another "
+                            "file; --ensemble needs the same images readable in every file")
+    ends = np.cumsum([m._features.shape[1] for m in members]).tolist()
+    fitted = [outcome[0] for outcome in outcomes]
+    head = FittedHead(
+        name=name, pipeline=AveragedHeads([f.pipeline for f in fitted], list(zip([0] + ends[:-1], ends))),
+        best_params={m.label: f.best_params for m, f in zip(members, fitted)},
+        tuning_score=float(np.mean([f.tuning_score for f in fitted])), tuned_on=fitted[0].tuned_on,
+        note=f"the {name} head of each of {len(members)} files, averaged in logit space",
+        fit_seconds=sum(f.fit_seconds for f in fitted))
+    p_val = average_in_logit_space([outcome[1] for outcome in outcomes])
+    p_test = average_in_logit_space([outcome[2] for outcome in outcomes]) if y_test is not None else None
+    predict_s = sum(outcome[3] for outcome in outcomes) if y_test is not None else None
+    return head, p_val, p_test, predict_s
+
+
 def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
             cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
             sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
             max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False,
             exclude_leaked: bool = False, duplicate_cosine: float | None = None, align: str = "none",
-            prior_shift: str = "off", smooth_test: int = 0) -> Leaderboard:
+            prior_shift: str = "off", smooth_test: int = 0, ensemble: bool = False) -> Leaderboard:
     """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
 
     Choices (hyper-parameters, decision threshold) use train and val only; the test split is
     scored once per head, at the end. ``concat`` adds the files' features side by side as one
-    more input (several backbones of the same images). ``head_params`` maps a head name to
+    more input (several backbones of the same images); ``ensemble`` adds, for each head, that head fitted on
+    each file and averaged in logit space (``heads.AveragedHeads``). ``head_params`` maps a head name to
     pipeline parameters fixed instead of tuned (``{"logreg": {"clf__class_weight": None}}``).
     ``max_train_rows`` trains on a stratified, seeded sample of the training rows. ``cluster`` (a
     Dask address) fits the file × head grid as parallel tasks; the leaderboard is the same.
@@ -284,19 +325,26 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
                 "sort_by": sort_by}
     adapting = exclude_leaked or align != "none" or prior_shift != "off" or smooth_test or threshold == "mixture"
-    if out_of_core and adapting:
-        raise ConfigError("--exclude-leaked, --align, --prior-shift, --smooth-test and --threshold mixture work in "
-                          "memory; leave out --out-of-core")
-    if smooth_test:  # recorded only when used, so earlier run folders' configs read the same
-        settings["smooth_test"] = smooth_test
+    if out_of_core and (adapting or ensemble):
+        raise ConfigError("--exclude-leaked, --align, --prior-shift, --smooth-test, --threshold mixture and "
+                          "--ensemble work in memory; leave out --out-of-core")
+    for used, value in (("smooth_test", smooth_test), ("ensemble", ensemble)):
+        if value:  # recorded only when used, so earlier run folders' configs read the same
+            settings[used] = value
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
         raise ConfigError("compare needs at least one embedding file")
+    members, averaged = list(files), None
     if concat:
         if len(files) < 2:
             raise ConfigError("--concat needs at least two embedding files")
         files.append(concat_embeddings(files))
+    if ensemble:
+        if len(members) < 2:
+            raise ConfigError("--ensemble needs at least two embedding files")
+        averaged = averaged_input(members)
+        files.append(averaged)
     splits, jobs, test_extra = {}, [], {}
     for emb in files:
         if cv and emb.n_copies:
@@ -308,26 +356,33 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
             log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept),
                      len(y_train), seed)
             X_train, y_train = X_train[kept], y_train[kept]
-        shift = check_shift(emb, seed)
+        shift = check_shift(emb, seed) if emb is not averaged else None  # its members' are checked
         if shift:  # recorded only when there was a test split to check
             settings.setdefault("shift", {})[emb.path.name] = shift
         if adapting:
             (X_train, y_train), val, test_extra[emb.path.name] = _adapt(
-                emb, (X_train, y_train), val, test, align=align, exclude_leaked=exclude_leaked,
+                emb, (X_train, y_train), val, test, align=align if emb is not averaged else "none",  # members aligned
+                exclude_leaked=exclude_leaked,
                 duplicate_cosine=duplicate_cosine or DUPLICATE_COSINE, prior_shift=prior_shift, seed=seed,
                 settings=settings)
         splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
         if threshold and len(emb.classes) != 2:
             log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
                         len(emb.classes))
-        for name in names:
+        for name in names if emb is not averaged else ():
             log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
             jobs.append((emb, name))
     outcomes = _run_jobs([(name, *splits[emb.path.name][0], *splits[emb.path.name][1], splits[emb.path.name][2][0])
-                          for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {},
-                         threshold=threshold, smooth=smooth_test, cluster=cluster)
-    results = [_head_result(emb, name, splits[emb.path.name], outcome, seed, test_extra.get(emb.path.name))
-               for (emb, name), outcome in zip(jobs, outcomes)]
+                          for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {}, cluster=cluster)
+    scored = list(zip(jobs, outcomes))
+    if averaged:
+        of = {(emb.path.name, name): outcome for (emb, name), outcome in scored}
+        scored += [((averaged, name), _averaged(name, averaged, members, [of[m.path.name, name] for m in members],
+                                                splits)) for name in names]
+    results = [_head_result(emb, name, splits[emb.path.name],
+                            _decided(outcome, splits[emb.path.name], threshold=threshold, smooth=smooth_test), seed,
+                            test_extra.get(emb.path.name))
+               for (emb, name), outcome in scored]
     if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
         settings["max_train_rows"] = max_train_rows
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
@@ -461,23 +516,23 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: di
             X_test = emb._features[test].astype(np.float32) if test is not None else None
             fitted = fit_lightgbm(client, emb, train, X_val, y_val, seed)
             p_val = fitted.pipeline.predict_proba(X_val)
-            chosen = choose_threshold(y_val, p_val[:, 1], threshold) if threshold and p_val.shape[1] == 2 else None
             began = time.perf_counter()
             p_test = fitted.pipeline.predict_proba(X_test) if X_test is not None else None
             sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, seed)]
             splits[emb.path.name] = ((emb._features[sample].astype(np.float32), labels[sample]), (X_val, y_val),
                                      (X_test, labels[test] if test is not None else None), val_source)
-            outcome = fitted, p_val, chosen, p_test, round(time.perf_counter() - began, 3), None
-            results.append(_head_result(emb, "lightgbm", splits[emb.path.name], outcome, seed))
+            outcome = fitted, p_val, p_test, round(time.perf_counter() - began, 3)
+            results.append(_head_result(emb, "lightgbm", splits[emb.path.name],
+                                        _decided(outcome, splits[emb.path.name], threshold=threshold), seed))
     settings["out_of_core"] = True
     sort_by = settings["sort_by"]
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
 
 
-def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, threshold, smooth, cluster) -> list[tuple]:
+def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, cluster) -> list[tuple]:
     """``_fit_and_score`` for every (head, arrays) job: here one by one, or as parallel tasks on a Dask cluster
     through joblib's Dask backend. Either way the outcomes come back in the jobs' order."""
-    score = functools.partial(_fit_and_score, cv=cv, seed=seed, threshold=threshold, smooth=smooth)
+    score = functools.partial(_fit_and_score, cv=cv, seed=seed)
     address = cluster_address(cluster)
     if not address:
         return [score(name, *arrays, params=head_params.get(name)) for name, *arrays in jobs]

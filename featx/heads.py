@@ -258,6 +258,39 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
         return self.classes_[proba.argmax(1)]
 
 
+def average_in_logit_space(probas: list[np.ndarray]) -> np.ndarray:
+    """Heads' class probabilities averaged as log-probabilities and renormalised (for two classes: their
+    logits averaged). Where one head is sure and another unsure, the sure one counts for more than in a plain
+    mean of probabilities, and no head's probabilities are too flat or too sharp to be outvoted."""
+    logs = np.mean([np.log(np.clip(p, 1e-7, None)) for p in probas], axis=0)
+    logs -= logs.max(axis=1, keepdims=True)
+    return np.exp(logs) / np.exp(logs).sum(axis=1, keepdims=True)
+
+
+class AveragedHeads(ClassifierMixin, BaseEstimator):
+    """Several fitted heads, each on its own block of columns (one backbone's features in several backbones'
+    side by side), averaged in logit space. Made by ``compare --ensemble`` from heads it has already fitted."""
+
+    def __init__(self, members: list | None = None, blocks: list[tuple[int, int]] | None = None):
+        self.members = members
+        self.blocks = blocks
+
+    def predict_proba(self, X):
+        X = np.asarray(X)
+        if X.shape[1] != self.blocks[-1][1]:
+            raise DataError(f"these features have {X.shape[1]} columns; the averaged heads expect "
+                            f"{self.blocks[-1][1]} (their backbones' features side by side)")
+        return average_in_logit_space([m.predict_proba(X[:, start:stop])
+                                       for m, (start, stop) in zip(self.members, self.blocks)])
+
+    @property
+    def classes_(self):
+        return self.members[0].classes_
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
 @dataclass
 class FittedHead:
     """A tuned and fitted head with what is needed to trust it later."""

@@ -64,8 +64,8 @@ class Predictor:
         self.head = load_head(head_file, trust=trust)
         self.meta = self.head["embeddings_meta"]
         if "parts" in self.meta:
-            raise DataError(f"{self.folder}: this head uses the concatenated features of {self.meta['label']}; "
-                            "predicting through several backbones at once is not supported yet")
+            raise DataError(f"{self.folder}: this head uses the features of several backbones "
+                            f"({self.meta['label']}); predicting through several backbones at once is not supported yet")
         self.adapts_bn = bool((self.meta.get("config") or {}).get("adapt_bn"))
         if adapt_to and not self.adapts_bn:
             raise ConfigError(f"{self.folder}: adapting BatchNorm statistics is for runs extracted with --adapt-bn; "

@@ -25,6 +25,7 @@ import numpy as np
 from featx.errors import DataError
 
 ALLOWED = frozenset({
+    "featx.heads.AveragedHeads",
     "featx.heads.EarlyStoppedLightGBM",
     "featx.heads.HingeSGD",
     "lightgbm.basic.Booster",

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -388,6 +388,15 @@ class Embeddings:
         rows = self.rows(AUGMENTED) if self.n_copies else np.zeros(0, dtype=int)
         rows = rows[np.isin(self.paths[rows], np.asarray(of_paths))]
         return self._features[rows].astype(np.float32), self._labels[rows]
+
+    def without_copies(self) -> "Embeddings":
+        """The rows of the images themselves: files of the same images with and without augmented copies (or
+        with copies made another way) then match row for row."""
+        if not self.n_copies:
+            return self
+        kept = self.splits != AUGMENTED
+        return replace(self, paths=self.paths[kept], splits=self.splits[kept], ok=self.ok[kept],
+                       errors=self.errors[kept], _features=self._features[kept], _labels=self._labels[kept])
 
     @property
     def backbone(self) -> str:

@@ -43,6 +43,7 @@ class Lever:
     threshold: str | None = None
     head_params: dict | None = None  # heads' settings fixed instead of tuned
     remedy: dict = field(default_factory=dict)  # compare's options against shift and leakage (no test labels)
+    ensemble: bool = False  # each head fitted on every file and averaged (compare --ensemble): only that row shown
     extract_seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
 
@@ -94,6 +95,9 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 full + copies + --threshold mixture", [cfg(**COPIES)], threshold="mixture"),
         Lever("lite0 full + copies + --smooth-test 10 + --threshold mixture", [cfg(**COPIES)], threshold="mixture",
               remedy={"smooth_test": 10}),
+        Lever("lite0+1+2 full + copies averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
+              [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="mixture",
+              remedy={"smooth_test": 10}, ensemble=True),
     ]
     for path in checkpoints:
         name = f"fine-tuned {Path(path).parent.name}"
@@ -108,6 +112,10 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         found.append(Lever(f"{name} + --threshold mixture", [cfg(checkpoint=path)], threshold="mixture"))
         found.append(Lever(f"{name} + --smooth-test 10 + --threshold mixture", [cfg(checkpoint=path)],
                            threshold="mixture", remedy={"smooth_test": 10}))
+        found.append(Lever(f"lite0+1+2 full + copies and {name} averaged (--ensemble) + --smooth-test 10 + "
+                           "--threshold mixture", [*(cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)),
+                                                   cfg(checkpoint=path)],
+                           threshold="mixture", remedy={"smooth_test": 10}, ensemble=True))
     if len(checkpoints) > 1:
         found.append(Lever("fine-tuned checkpoints concatenated + threshold on val",
                            [cfg(checkpoint=path) for path in checkpoints], threshold="balanced_accuracy"))
@@ -115,9 +123,16 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
 
 
 def inputs_of(lever: Lever) -> list:
-    """The lever's embeddings: one file, or several backbones' files side by side."""
+    """The lever's embeddings: one file, several backbones' files side by side, or each (to be averaged)."""
     embeddings = [load_embeddings(f) for f in lever.files]
-    return [concat_embeddings(embeddings)] if len(embeddings) > 1 else embeddings
+    return [concat_embeddings(embeddings)] if len(embeddings) > 1 and not lever.ensemble else embeddings
+
+
+def compared(lever: Lever, embeddings: list, heads: list[str], seed: int):
+    """compare as the lever says, and the rows it shows: every row, or for an ensemble the averaged ones."""
+    board = compare(embeddings, heads, seed=seed, threshold=lever.threshold, head_params=lever.head_params,
+                    ensemble=lever.ensemble, **lever.remedy)
+    return [r for r in board.rows if not lever.ensemble or r["backbone"].endswith(" averaged")], board
 
 
 def run_lever(lever: Lever, data: Path, seed: int = 0):
@@ -125,15 +140,13 @@ def run_lever(lever: Lever, data: Path, seed: int = 0):
         result = extract(data, config, progress=False)
         lever.files.append(result.path)
         lever.extract_seconds += load_embeddings(result.path).meta.get("extract_seconds", 0.0)
-    board = compare(inputs_of(lever), HEADS, seed=seed, threshold=lever.threshold, head_params=lever.head_params,
-                    **lever.remedy)
-    rows = board.rows
+    rows, board = compared(lever, inputs_of(lever), HEADS, seed)
     for row in rows:  # nothing was chosen on test: tuning and thresholds come from train/val only
         assert row["tuned_on"] in ("validation split",) and "test" not in row["val_source"]
     if lever.remedy or lever.threshold == "mixture":
         # and the remedies read no test label: with the test labels shuffled, every choice is the same
-        blind = compare([replace(emb, _labels=shuffled_test_labels(emb, seed)) for emb in inputs_of(lever)], HEADS,
-                        seed=seed, threshold=lever.threshold, head_params=lever.head_params, **lever.remedy)
+        _, blind = compared(lever, [replace(emb, _labels=shuffled_test_labels(emb, seed)) for emb in inputs_of(lever)],
+                            HEADS, seed)
         assert choices(blind) == choices(board), f"{lever.name}: a choice depended on the test labels"
     return rows, board
 
@@ -240,8 +253,7 @@ def chest_tables(results) -> list[str]:
     lever, row = max(((lv, r) for lv, rows, _ in results for r in rows), key=lambda t: t[1]["val_balanced_accuracy"])
     seeds = []
     for seed in (0, 1, 2):
-        picked = compare(inputs_of(lever), [row["head"]], seed=seed, threshold=lever.threshold,
-                         head_params=lever.head_params, **lever.remedy).rows[0]
+        picked = compared(lever, inputs_of(lever), [row["head"]], seed)[0][0]
         seeds.append((picked["test_accuracy"], picked["test_roc_auc"], picked["test_f1_macro"]))
     acc, auc, f1 = zip(*seeds)
     summary = (f"Best configuration by validation balanced accuracy: **{lever.name} + {row['head']}**; over seeds 0, 1, 2 "

@@ -132,6 +132,82 @@ def test_concatenated_backbones_are_one_more_row(tmp_path):
         concat_embeddings([emb, other])
 
 
+def noisy_copy(tmp_path, label: str, key: str, noise: float = 1.5) -> Path:
+    """A second file of the fixture's images whose features tell the classes apart less well (another backbone)."""
+    import h5py
+
+    path = copy_as(tmp_path, label, key)
+    with h5py.File(path, "r+") as handle:
+        features = handle["features"][...].astype(np.float32)
+        noisy = features + np.random.default_rng(0).normal(0, noise * features.std(), features.shape)
+        handle["features"][...] = noisy.astype(handle["features"].dtype)
+    return path
+
+
+def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
+    from featx.errors import DataError
+    from featx.heads import load_head, save_head
+    from featx.predict import Predictor
+    from featx.store import concat_embeddings
+
+    other = noisy_copy(tmp_path, "noisy", "0123456789")
+    board = compare([FIXTURE, other], ["logreg", "knn"], ensemble=True)
+    assert len(board.rows) == 6
+    averaged = {r["head"]: board.result_of(r) for r in board.rows
+                if r["backbone"] == "efficientnet_lite0+noisy averaged"}
+    assert set(averaged) == {"logreg", "knn"}
+    for head, result in averaged.items():
+        members = [board.result_of(r) for r in board.rows if r["head"] == head and r is not result.row]
+        assert sorted(m.row["backbone"] for m in members) == ["efficientnet_lite0", "noisy"]
+        for split in ("val", "test"):
+            logits = [np.log(p[:, 1] / p[:, 0]) for p in (np.clip(getattr(m, f"{split}_proba"), 1e-7, None)
+                                                           for m in members)]  # knn says 0 and 1: kept finite
+            expected = 1 / (1 + np.exp(-np.mean(logits, axis=0)))
+            assert np.allclose(getattr(result, f"{split}_proba")[:, 1], expected, atol=1e-6)
+            assert not np.allclose(getattr(result, f"{split}_proba"), getattr(members[0], f"{split}_proba"), atol=1e-3)
+        assert set(result.row["params"]) == {"efficientnet_lite0", "noisy"}
+
+    assert board.settings["ensemble"] is True
+    result = averaged["logreg"]  # saved as a run's best head is: it reads back and scores the same
+    save_head(tmp_path / "alone" / "head.json", result.fitted, result.embeddings, result.row["threshold"])
+    saved = load_head(tmp_path / "alone" / "head.json")
+    both = concat_embeddings([load_embeddings(FIXTURE), load_embeddings(other)])
+    test = both.rows("test")
+    assert np.allclose(saved["pipeline"].predict_proba(both._features[test].astype(np.float32)), result.test_proba,
+                       atol=1e-5)
+    with pytest.raises(DataError, match="features of several backbones"):  # predict cannot run two backbones yet
+        Predictor(tmp_path / "alone")
+
+    with pytest.raises(ConfigError, match="--ensemble needs at least two"):
+        compare([FIXTURE], ["logreg"], ensemble=True)
+    shown = CliRunner().invoke(main, ["compare", str(FIXTURE), str(other), "--heads", "logreg", "--ensemble",
+                                      "--smooth-test", "5"])
+    assert shown.exit_code == 0, shown.output
+    assert "efficientnet_lite0+noisy averaged | logreg" in shown.output
+
+
+def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
+    from dataclasses import replace
+
+    from featx.errors import DataError
+    from featx.store import AUGMENTED
+
+    plain = load_embeddings(noisy_copy(tmp_path, "noisy", "0123456789"))
+    train = plain.rows("train")[:20]
+    copies = replace(plain, paths=np.concatenate([plain.paths, plain.paths[train]]),
+                     splits=np.concatenate([plain.splits, np.full(len(train), AUGMENTED, dtype=plain.splits.dtype)]),
+                     ok=np.concatenate([plain.ok, plain.ok[train]]),
+                     errors=np.concatenate([plain.errors, plain.errors[train]]),
+                     _features=np.concatenate([plain._features, plain._features[train] + 0.1]),
+                     _labels=np.concatenate([plain._labels, plain._labels[train]]))
+    board = compare([FIXTURE, copies], ["logreg"], ensemble=True)
+    averaged = next(r for r in board.rows if r["backbone"].endswith("averaged"))
+    assert board.splits[averaged["file"]][0][0].shape == (170, 2560)  # the images, without either file's copies
+    other = replace(plain, paths=plain.paths[::-1].copy())
+    with pytest.raises(DataError, match="rows differ"):
+        compare([FIXTURE, other], ["logreg"], ensemble=True)
+
+
 def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(tmp_path, tiny_config):
     from dataclasses import replace
 
