@@ -189,9 +189,13 @@ def table(results, title: str) -> str:
 
 
 def shift_score(board, row) -> str:
-    """The train → test two-sample AUC of the row's file (0.5: alike), and after alignment where it was aligned."""
+    """The train → test two-sample AUC of the row's file (0.5: alike), and after alignment where it was aligned;
+    for heads averaged over files (``--ensemble``), the largest of the files'."""
     config = board.settings
-    before = (config.get("shift") or {}).get(row["file"], {}).get("tests", {}).get("overall", {}).get("auc")
+    shifts = config.get("shift") or {}
+    overall = [s.get("tests", {}).get("overall", {}).get("auc") for f, s in shifts.items()
+               if f == row["file"] or row["backbone"].endswith(" averaged")]
+    before = max((auc for auc in overall if auc is not None), default=None)
     after = (config.get("align") or {}).get(row["file"], {}).get("shift_auc_after")
     if before is None:
         return ""
