@@ -45,43 +45,20 @@ class Prediction:
                 "unknown_score": self.unknown_score, "error": self.error}
 
 
-class Predictor:
-    """Loads a run's best head (``RUN/best``, or a folder holding ``head.skops``) and the backbone it was trained on.
+class Backbone:
+    """One backbone a head's features come from: its model, built exactly as at extraction, and its preprocessing.
 
-    ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
-    A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
-    new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
-    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. A run
-    compared with ``--smooth-test K`` spreads each ``predict`` call's probabilities over that call's own images,
-    as its test images' were (at least K + 1 of them; fewer are classified each alone, with a warning).
+    An ``--adapt-bn`` one takes its BatchNorm statistics from new images (see ``Predictor``).
     """
 
-    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
-                 adapt_to: list[str | Path] | None = None):
-        check("Predictor", score=score)
-        head_file = best_head(folder)
-        self.folder, self.score = head_file.parent, score
-        self.head = load_head(head_file, trust=trust)
-        self.meta = self.head["embeddings_meta"]
-        if "parts" in self.meta:
-            raise DataError(f"{self.folder}: this head uses the features of several backbones "
-                            f"({self.meta['label']}); predicting through several backbones at once is not supported yet")
-        self.adapts_bn = bool((self.meta.get("config") or {}).get("adapt_bn"))
-        if adapt_to and not self.adapts_bn:
-            raise ConfigError(f"{self.folder}: adapting BatchNorm statistics is for runs extracted with --adapt-bn; "
-                              "this run's features use the pretrained statistics")
-        self.adapt_to = list_images(adapt_to) if adapt_to else None
-        self.classes = self.head["classes"]
-        self.open_set = OpenSet.load(self.folder)
-        self.preprocess = Preprocess.from_dict(self.meta)
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = folder, meta
+        self.preprocess = Preprocess.from_dict(meta)
+        self.adapts_bn = bool((meta.get("config") or {}).get("adapt_bn"))
         self._model = None
-        self._seen: list[np.ndarray] = []
 
-    def model(self, new_images: list[Path] | None = None):
-        """The feature model exactly as at extraction; refuses weights whose hash differs from the recorded one.
-
-        An ``--adapt-bn`` run's model takes its BatchNorm statistics from ``adapt_to``, else from ``new_images``.
-        """
+    def model(self, adapt_to: list[Path]):
+        """The feature model; refuses weights whose hash differs from the recorded one."""
         if self._model is None:
             config = self.meta.get("config") or {}
             source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
@@ -91,7 +68,7 @@ class Predictor:
                                 f"{source.weights.sha256[:12]}…; re-extract and retrain")
             model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
             if self.adapts_bn:
-                adapt_batchnorm(model, self._adaptation_batches(self.adapt_to or new_images or []))
+                adapt_batchnorm(model, self._adaptation_batches(adapt_to))
             self._model = optimise_for_cpu(model, self.preprocess.size)
         return self._model
 
@@ -111,27 +88,75 @@ class Predictor:
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = embed(self.model(), to_tensor(pixels), tta=bool(self.meta.get("tta")))
+            out = embed(self.model([]), to_tensor(pixels), tta=bool(self.meta.get("tta")))
         # Round as the cache stored them, so the head sees the numbers it was trained on.
         return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
+
+
+class Predictor:
+    """Loads a run's best head (``RUN/best``, or a folder holding ``head.json``) and the backbones it was trained on.
+
+    ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
+    A head on several backbones' features (``compare --concat`` or ``--ensemble``) embeds each image with each
+    backbone, as its files were made, and joins the features side by side.
+    A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
+    new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
+    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. A run
+    compared with ``--smooth-test K`` spreads each ``predict`` call's probabilities over that call's own images,
+    as its test images' were (at least K + 1 of them; fewer are classified each alone, with a warning).
+    """
+
+    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
+                 adapt_to: list[str | Path] | None = None):
+        check("Predictor", score=score)
+        head_file = best_head(folder)
+        self.folder, self.score = head_file.parent, score
+        self.head = load_head(head_file, trust=trust)
+        self.meta = self.head["embeddings_meta"]
+        if "parts" in self.meta and "part_meta" not in self.meta:
+            raise DataError(f"{self.folder}: this head uses the features of several backbones "
+                            f"({self.meta['label']}) and was saved by an older featx that did not record how each "
+                            "was made; run `featx compare` again")
+        self.backbones = [Backbone(self.folder, meta) for meta in self.meta.get("part_meta") or [self.meta]]
+        if adapt_to and not any(b.adapts_bn for b in self.backbones):
+            raise ConfigError(f"{self.folder}: adapting BatchNorm statistics is for runs extracted with --adapt-bn; "
+                              "this run's features use the pretrained statistics")
+        self.adapt_to = list_images(adapt_to) if adapt_to else None
+        self.classes = self.head["classes"]
+        self.open_set = OpenSet.load(self.folder)
+        self._seen: list[np.ndarray] = []
+
+    def features(self, paths: list[Path]) -> tuple[list[Path], np.ndarray | None, list[Prediction]]:
+        """The readable images among ``paths``, their features (every backbone's, side by side), and a
+        ``Prediction`` with the error for each unreadable one."""
+        readable, failed, pixels = [], [], [[] for _ in self.backbones]
+        for path in paths:
+            try:
+                loaded = [load_image(path, b.preprocess) for b in self.backbones]
+            except ImageError as err:
+                failed.append(Prediction(str(path), None, [], error=str(err)))
+                continue
+            readable.append(path)
+            for kept, image in zip(pixels, loaded):
+                kept.append(image)
+        if not readable:
+            return readable, None, failed
+        return readable, np.hstack([b.features(np.stack(p)) for b, p in zip(self.backbones, pixels)]), failed
 
     def predict(self, paths: list[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
         check("Predictor.predict", top_k=top_k, batch_size=batch_size)
         files = list_images(paths)
-        self.model(files)  # built (and adapted, for an --adapt-bn run) before the first batch
+        for backbone in self.backbones:  # built (and adapted, for an --adapt-bn run) before the first batch
+            backbone.model(self.adapt_to or files)
         results: list[Prediction] = []
         self._seen = []  # this call's features, for drift() and the spreading
         readable = []
         for start in range(0, len(files), batch_size):
-            pixels = []
-            for path in files[start:start + batch_size]:
-                try:
-                    pixels.append(load_image(path, self.preprocess))
-                    readable.append(path)
-                except ImageError as err:
-                    results.append(Prediction(str(path), None, [], error=str(err)))
-            if pixels:
-                self._seen.append(self.features(np.stack(pixels)))
+            read, features, failed = self.features(files[start:start + batch_size])
+            results += failed
+            readable += read
+            if read:
+                self._seen.append(features)
         if readable:
             results += self._classify(readable, np.concatenate(self._seen), top_k)
         order = {str(p): i for i, p in enumerate(files)}

@@ -546,7 +546,9 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
             raise DataError(f"{other.path}: classes {other.classes} differ from {first.classes}")
     label = "+".join(p.label for p in parts)
     meta = {**first.meta, "backbone": label, "label": label, "cache_key": "+".join(p.cache_key for p in parts),
-            "parts": [str(p.path) for p in parts]}
+            "parts": [str(p.path) for p in parts],
+            # how each part was made, so a head on the joined features can embed new images the same ways
+            "part_meta": [{k: v for k, v in p.meta.items() if k not in ("shards", "part_meta")} for p in parts]}
     return Embeddings(
         path=Path("+".join(p.path.stem for p in parts) + ".h5"), meta=meta, classes=first.classes,
         paths=first.paths, splits=first.splits, ok=np.logical_and.reduce([p.ok for p in parts]),

@@ -145,9 +145,7 @@ def noisy_copy(tmp_path, label: str, key: str, noise: float = 1.5) -> Path:
 
 
 def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
-    from featx.errors import DataError
     from featx.heads import load_head, save_head
-    from featx.predict import Predictor
     from featx.store import concat_embeddings
 
     other = noisy_copy(tmp_path, "noisy", "0123456789")
@@ -175,8 +173,8 @@ def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
     test = both.rows("test")
     assert np.allclose(saved["pipeline"].predict_proba(both._features[test].astype(np.float32)), result.test_proba,
                        atol=1e-5)
-    with pytest.raises(DataError, match="features of several backbones"):  # predict cannot run two backbones yet
-        Predictor(tmp_path / "alone")
+    assert [m["cache_key"] for m in saved["embeddings_meta"]["part_meta"]] == [
+        load_embeddings(FIXTURE).cache_key, "0123456789"]  # how each backbone made its part, for predict
 
     with pytest.raises(ConfigError, match="--ensemble needs at least two"):
         compare([FIXTURE], ["logreg"], ensemble=True)

@@ -14,7 +14,6 @@ from featx.runs import save_run
 from featx.extraction import extract
 from featx.openset import OpenSet
 from featx.predict import Predictor
-from featx.images import load_image
 from featx.store import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
@@ -98,7 +97,7 @@ def test_predictor_preprocesses_as_the_embeddings_were_made(tmp_path, tiny_confi
     emb = load_embeddings(extract(data, replace(tiny_config, fit="full"), progress=False).path)
     save_run(compare([emb], ["logreg"]), tmp_path / "run")
     predictor = Predictor(tmp_path / "run")
-    assert predictor.preprocess.fit == "full" and predictor.preprocess.size == 64
+    assert [(b.preprocess.fit, b.preprocess.size) for b in predictor.backbones] == [("full", 64)]
 
 
 def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch):
@@ -187,7 +186,7 @@ def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
     # The test folder's images give the test split's features: statistics estimated as the extraction did
     predictor = Predictor(tmp_path / "run")
     predicted = predictor.predict([data / "test"])
-    again = predictor.features(np.stack([load_image(data / p, predictor.preprocess) for p in adapted.paths_of("test")]))
+    _, again, _ = predictor.features([data / p for p in adapted.paths_of("test")])
     np.testing.assert_allclose(again, adapted.features("test"), rtol=2e-3, atol=2e-3)
     assert [r.prediction for r in predicted] != [None] * len(predicted)
     # Three images cannot stand for a domain; a named folder of the same domain can
@@ -226,3 +225,26 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
     features = np.concatenate(predictor._seen)
     np.testing.assert_allclose([[dict(r.top_k)[c] for c in predictor.classes] for r in alone],
                                predictor.head["pipeline"].predict_proba(features), rtol=1e-6)
+
+
+def test_a_head_on_several_backbones_embeds_new_images_with_each(tiny_run, tmp_path):
+    from dataclasses import replace
+
+    from featx.evaluate import Leaderboard
+    from featx.store import concat_embeddings
+
+    smaller = extract(tiny_run.data, replace(tiny_run.config, image_size=48, fit="full"), progress=False).path
+    board = compare([tiny_run.embeddings, smaller], ["logreg"], ensemble=True)
+    averaged = next(r for r in board.rows if r["backbone"].endswith(" averaged"))
+    alone = Leaderboard([averaged], board.sort_by, [board.result_of(averaged)], board.inputs, board.splits,
+                        board.settings)  # the averaged head as the run's best
+    save_run(alone, tmp_path / "run")
+    predictor = Predictor(tmp_path / "run")
+    assert [b.preprocess.size for b in predictor.backbones] == [64, 48]
+    predicted = predictor.predict([tiny_run.data / "test"], top_k=3)
+    both = concat_embeddings([load_embeddings(tiny_run.embeddings), load_embeddings(smaller)])
+    row_of = {str(tiny_run.data / p): i for i, p in enumerate(both.paths_of("test"))}
+    cached = both.features("test")[[row_of[r.path] for r in predicted]]  # every image read, in the order given
+    np.testing.assert_allclose(np.concatenate(predictor._seen), cached, rtol=2e-3, atol=2e-3)
+    given = np.array([[dict(r.top_k)[c] for c in predictor.classes] for r in predicted])
+    np.testing.assert_allclose(given, predictor.head["pipeline"].predict_proba(cached), atol=1e-3)
