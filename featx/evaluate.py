@@ -261,6 +261,10 @@ def averaged_input(parts: list[Embeddings]) -> Embeddings:
     averaged over the files) are saved under it, and spread over neighbours and calibrated for open-set
     scores in all the files' features at once. Augmented copies are left out: each member trains on its own."""
     joined = concat_embeddings([part.without_copies() for part in parts])
+    for part in parts:  # each head must score the same images, so that their scores can be averaged row by row
+        if not np.array_equal(part.without_copies().ok, joined.ok):
+            raise DataError(f"{part.path}: some images readable here are unreadable in another file; --ensemble "
+                            "needs the same images readable in every file")
     return replace(joined, path=joined.path.with_suffix(".averaged.h5"),
                    meta={**joined.meta, "label": f"{joined.label} averaged"})
 
@@ -268,13 +272,8 @@ def averaged_input(parts: list[Embeddings]) -> Embeddings:
 def _averaged(name: str, averaged: Embeddings, members: list[Embeddings], outcomes: list[tuple],
               splits: dict) -> tuple:
     """One head fitted on each member file, as one head: their probabilities averaged in logit space
-    (``heads.AveragedHeads``). Every file must have scored the same rows: the images readable in all of them."""
-    (_, _), (_, y_val), (_, y_test), _ = splits[averaged.path.name]
-    for member in members:
-        (_, _), (_, their_val), (_, their_test), _ = splits[member.path.name]
-        if len(their_val) != len(y_val) or (y_test is not None and len(their_test) != len(y_test)):
-            raise DataError(f"{member.path}: some of its validation or test images are unreadable in another "
-                            "file; --ensemble needs the same images readable in every file")
+    (``heads.AveragedHeads``); every file scored the same images (``averaged_input`` checked)."""
+    y_test = splits[averaged.path.name][2][1]
     ends = np.cumsum([m._features.shape[1] for m in members]).tolist()
     fitted = [outcome[0] for outcome in outcomes]
     head = FittedHead(
@@ -362,9 +361,13 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         if adapting:
             (X_train, y_train), val, test_extra[emb.path.name] = _adapt(
                 emb, (X_train, y_train), val, test, align=align if emb is not averaged else "none",  # members aligned
-                exclude_leaked=exclude_leaked,
+                exclude_leaked=exclude_leaked and emb is not averaged,
                 duplicate_cosine=duplicate_cosine or DUPLICATE_COSINE, prior_shift=prior_shift, seed=seed,
                 settings=settings)
+            if exclude_leaked and emb is averaged:  # a test image leaked in any member's features: not scored
+                leaked = np.logical_or.reduce([test_extra[m.path.name]["leaked"] for m in members])
+                test_extra[emb.path.name]["leaked"] = leaked
+                settings["exclude_leaked"][emb.path.name] = {"of_members": True, "test_rows": int(leaked.sum())}
         splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
         if threshold and len(emb.classes) != 2:
             log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,

@@ -204,6 +204,13 @@ def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
     other = replace(plain, paths=plain.paths[::-1].copy())
     with pytest.raises(DataError, match="rows differ"):
         compare([FIXTURE, other], ["logreg"], ensemble=True)
+    unreadable = replace(plain, ok=plain.ok.copy())
+    unreadable.ok[plain.rows("test")[0]] = False  # averaged row by row, every head must score the same images
+    with pytest.raises(DataError, match="unreadable in another file"):
+        compare([FIXTURE, unreadable], ["logreg"], ensemble=True)
+    leaks = compare([FIXTURE, plain], ["logreg"], ensemble=True, exclude_leaked=True, duplicate_cosine=0.9).rows
+    counts = {r["backbone"]: r["test_leaked_rows"] for r in leaks}
+    assert counts["efficientnet_lite0+noisy averaged"] >= max(counts["efficientnet_lite0"], counts["noisy"]) > 0
 
 
 def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(tmp_path, tiny_config):
