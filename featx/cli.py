@@ -393,8 +393,8 @@ def train(embeddings, heads, out, **settings):
 @click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
                                              "of the same images) as one more input.")
 @click.option("--ensemble", is_flag=True, help="Also average each head over the files (several backbones of the "
-                                               "same images): each file's head, averaged in logit space, as one "
-                                               "more row per head; spread and cut like the others.")
+                                               "same images) in logit space, as one more row per head; "
+                                               "--smooth-test finds its neighbours in all the files' features.")
 def compare_command(embeddings, heads, out, concat, ensemble, **settings):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""

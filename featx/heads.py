@@ -259,9 +259,8 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
 
 
 def average_in_logit_space(probas: list[np.ndarray]) -> np.ndarray:
-    """Heads' class probabilities averaged as log-probabilities and renormalised (for two classes: their
-    logits averaged). Where one head is sure and another unsure, the sure one counts for more than in a plain
-    mean of probabilities, and no head's probabilities are too flat or too sharp to be outvoted."""
+    """Heads' class probabilities averaged as log-probabilities and renormalised (for two classes: the mean of
+    their logits; a normalised geometric mean): a head that is sure counts for more than in a plain mean."""
     logs = np.mean([np.log(np.clip(p, 1e-7, None)) for p in probas], axis=0)
     logs -= logs.max(axis=1, keepdims=True)
     return np.exp(logs) / np.exp(logs).sum(axis=1, keepdims=True)
