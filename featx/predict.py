@@ -57,8 +57,9 @@ class Backbone:
         self.adapts_bn = bool((meta.get("config") or {}).get("adapt_bn"))
         self._model = None
 
-    def model(self, adapt_to: list[Path]):
-        """The feature model; refuses weights whose hash differs from the recorded one."""
+    def model(self, adapt_to: list[Path] = ()):
+        """The feature model, built the first time (an ``--adapt-bn`` one with the statistics of ``adapt_to``);
+        refuses weights whose hash differs from the recorded one."""
         if self._model is None:
             config = self.meta.get("config") or {}
             source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
@@ -68,7 +69,7 @@ class Backbone:
                                 f"{source.weights.sha256[:12]}…; re-extract and retrain")
             model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
             if self.adapts_bn:
-                adapt_batchnorm(model, self._adaptation_batches(adapt_to))
+                adapt_batchnorm(model, self._adaptation_batches(list(adapt_to)))
             self._model = optimise_for_cpu(model, self.preprocess.size)
         return self._model
 
@@ -88,7 +89,7 @@ class Backbone:
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = embed(self.model([]), to_tensor(pixels), tta=bool(self.meta.get("tta")))
+            out = embed(self.model(), to_tensor(pixels), tta=bool(self.meta.get("tta")))
         # Round as the cache stored them, so the head sees the numbers it was trained on.
         return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
 
