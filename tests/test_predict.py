@@ -213,7 +213,7 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
     save_run(compare([tiny_run.embeddings], ["logreg"], smooth_test=5), tmp_path / "run")
     predictor = Predictor(tmp_path / "run")
     predicted = predictor.predict([tiny_run.data / "test"], top_k=3)
-    features = np.concatenate(predictor._seen)
+    _, features, _ = predictor.features([Path(r.path) for r in predicted])
     raw = predictor.head["pipeline"].predict_proba(features)
     given = np.array([[dict(r.top_k)[c] for c in predictor.classes] for r in predicted])
     np.testing.assert_allclose(given, smooth_over_neighbours(features, raw, 5), rtol=1e-6)
@@ -222,7 +222,7 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
     with caplog.at_level("WARNING", logger="featx"):
         alone = predictor.predict(few, top_k=3)
     assert "3 images have too few to spread over" in caplog.text
-    features = np.concatenate(predictor._seen)
+    _, features, _ = predictor.features(few)
     np.testing.assert_allclose([[dict(r.top_k)[c] for c in predictor.classes] for r in alone],
                                predictor.head["pipeline"].predict_proba(features), rtol=1e-6)
 
@@ -245,6 +245,7 @@ def test_a_head_on_several_backbones_embeds_new_images_with_each(tiny_run, tmp_p
     both = concat_embeddings([load_embeddings(tiny_run.embeddings), load_embeddings(smaller)])
     row_of = {str(tiny_run.data / p): i for i, p in enumerate(both.paths_of("test"))}
     cached = both.features("test")[[row_of[r.path] for r in predicted]]  # every image read, in the order given
-    np.testing.assert_allclose(np.concatenate(predictor._seen), cached, rtol=2e-3, atol=2e-3)
+    _, features, _ = predictor.features([Path(r.path) for r in predicted])
+    np.testing.assert_allclose(features, cached, rtol=2e-3, atol=2e-3)
     given = np.array([[dict(r.top_k)[c] for c in predictor.classes] for r in predicted])
     np.testing.assert_allclose(given, predictor.head["pipeline"].predict_proba(cached), atol=1e-3)
