@@ -129,7 +129,8 @@ class Predictor:
 
     def features(self, paths: list[Path]) -> tuple[list[Path], np.ndarray | None, list[Prediction]]:
         """The readable images among ``paths``, their features (every backbone's, side by side), and a
-        ``Prediction`` with the error for each unreadable one."""
+        ``Prediction`` with the error for each unreadable one. Each backbone decodes the file itself: JPEG draft
+        decoding depends on the size it resizes to, and each must see the pixels its extraction saw."""
         readable, failed, pixels = [], [], [[] for _ in self.backbones]
         for path in paths:
             try:
