@@ -10,12 +10,13 @@
    for 10 / 100 / 1,000 shards, with the figures per million rows.
 
 Usage: python scripts/bench_cluster.py [--images 2000] [--repeats 3] [--backbone efficientnet_lite0] [--skip-extraction]
-       [--no-standing] [--skip-threads] [--shard-rows N ...]
+       [--no-standing] [--skip-threads] [--skip-publishing] [--shard-rows N ...]
 Uses ../shared/data/chest_xray when present (else synthetic 224 px JPEGs).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -140,7 +141,6 @@ def idle_tail(published: Path) -> float:
 def thread_shares(data: Path, backbone: str, root: Path, window: float = 8.0) -> None:
     """CPU time per thread of each worker of a running `featx extract --cluster local:2`, over ``window`` seconds
     once its shards are being written: the event loop (the main thread) against the shard's threads."""
-    import os
     import subprocess
 
     import psutil
@@ -227,10 +227,10 @@ def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
 @click.option("--skip-extraction", is_flag=True)
 @click.option("--no-standing", is_flag=True, help="Leave out the standing cluster (shorter runs, more pairs).")
 @click.option("--skip-threads", is_flag=True, help="Leave out the CPU time per worker thread.")
+@click.option("--skip-publishing", is_flag=True)
 @click.option("--shard-rows", type=int, multiple=True, help="Also run local:2 with shards of this many rows "
               "(repeatable), against its default size.")
-def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, shard_rows):
-    import os
+def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, skip_publishing, shard_rows):
     import platform
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -240,7 +240,8 @@ def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, 
             extraction(data, images, backbone, Path(tmp), repeats, standing=not no_standing, shard_rows=shard_rows)
         if not skip_threads:
             thread_shares(data, backbone, Path(tmp))
-        publishing(Path(tmp))
+        if not skip_publishing:
+            publishing(Path(tmp))
 
 
 if __name__ == "__main__":
