@@ -260,9 +260,10 @@ def averaged_input(parts: list[Embeddings]) -> Embeddings:
     """The files' features side by side under a name of their own: the rows of ``--ensemble`` (each head
     averaged over the files) are saved under it, and spread over neighbours and calibrated for open-set
     scores in all the files' features at once. Augmented copies are left out: each member trains on its own."""
-    joined = concat_embeddings([part.without_copies() for part in parts])
+    parts = [part.without_copies() for part in parts]
+    joined = concat_embeddings(parts)
     for part in parts:  # each head must score the same images, so that their scores can be averaged row by row
-        if not np.array_equal(part.without_copies().ok, joined.ok):
+        if not np.array_equal(part.ok, joined.ok):
             raise DataError(f"{part.path}: some images readable here are unreadable in another file; --ensemble "
                             "needs the same images readable in every file")
     return replace(joined, path=joined.path.with_suffix(".averaged.h5"),
