@@ -427,6 +427,11 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
               help="Weight the loss by inverse class frequency.")
 @click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A featx train/compare run whose logreg head (same backbone) starts the new head.")
+@click.option("--pseudo-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Self-training: also train on DATA_DIR's images outside train and val (test, or unlabelled), "
+                   "each labelled by a featx run's prediction: a CSV with path and predicted columns, such as "
+                   "compare's RUN/predictions/<file>__<head>_test.csv (its truth column is never read). Test "
+                   "figures of the result are then transductive.")
 @options.val_fraction
 @options.seed("Seed for the carved validation split, the head's initialisation and the batch order.")
 @options.device
@@ -437,8 +442,8 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, val_fraction, seed, device,
-             precision, workers, out, resume):
+             bn, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, pseudo_labels, val_fraction,
+             seed, device, precision, workers, out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
@@ -454,6 +459,7 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
         lr_min=lr_min, weight_decay=weight_decay, bn=bn, batch_size=batch_size, image_size=image_size, fit=fit,
         aug=aug, class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
         precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
+        pseudo_labels=str(pseudo_labels) if pseudo_labels else None,
     )
     out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
     progress = ctx.obj["progress"]

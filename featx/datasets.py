@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +249,42 @@ def carve_validation(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     from sklearn.model_selection import train_test_split
 
     return train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
+
+
+def pseudo_labelled(dataset: ImageDataset, source: str | Path) -> list[Sample]:
+    """Images of ``dataset`` outside its train and val splits, each labelled by a featx run's prediction, to train
+    on: self-training on unlabelled target images (the test split, or images listed without a label).
+
+    ``source`` is a CSV with ``path`` and ``predicted`` columns, as ``compare --out RUN`` writes in
+    ``RUN/predictions/``. Its other columns (``truth`` there) are ignored and each image's own label is replaced,
+    so no label of these images is read; train and val images are refused, so a pseudo-label neither overrides
+    a given label nor enters validation.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"{source}: no such file (pseudo-labels: a CSV with path and predicted columns)")
+    by_path = {s.path: s for s in dataset.samples}
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    found, first_line = [], {}
+    for line, row in _read_table(source, {"path", "predicted"}):
+        path, predicted = row["path"], row["predicted"]
+        sample = by_path.get(path)
+        if sample is None:
+            raise DataError(f"{source}:{line}: {path} is not an image of {dataset.root}; list the images by their "
+                            "path relative to the dataset's folder, as compare's predictions do")
+        if sample.split in ("train", "val"):
+            raise DataError(f"{source}:{line}: {path} is a {sample.split} image with a label of its own; "
+                            "pseudo-labels are for the images outside train and val")
+        if predicted not in index:
+            raise DataError(f"{source}:{line}: unknown class {predicted!r}; the dataset's classes are "
+                            f"{', '.join(dataset.classes)}")
+        if path in first_line:
+            raise DataError(f"{source}:{line}: {path} is listed again (first on line {first_line[path]})")
+        first_line[path] = line
+        found.append(replace(sample, label=index[predicted]))
+    if not found:
+        raise DataError(f"{source}: no pseudo-labelled images listed")
+    return found
 
 
 def _read_folders(root: Path, skipped: list[tuple[str, str]]):

@@ -14,10 +14,12 @@ A run folder holds ``best.pt`` / ``last.pt`` (``featx.checkpoints``), ``history.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,7 +31,7 @@ from torch import nn
 from featx.augment import augmentation
 from featx.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
 from featx.checkpoints import load_resume_state, save_checkpoint, save_resume_state
-from featx.datasets import ImageDataset, carve_validation, scan_dataset
+from featx.datasets import ImageDataset, carve_validation, pseudo_labelled, scan_dataset
 from featx.errors import ConfigError, DataError
 from featx.feature_model import autocast, build_feature_model, gpu_decoding_workers, resolve_device, to_tensor
 from featx.hardware import resolve_precision
@@ -68,6 +70,7 @@ class FinetuneConfig:
     precision: str = "auto"
     workers: int | None = None  # DataLoader workers; None: as many as extraction uses on a GPU, 0 on a CPU
     init_head_from: str | None = None
+    pseudo_labels: str | None = None  # CSV of path,predicted: images outside train/val to train on (self-training)
 
     def __post_init__(self):
         check_fields(self, "finetune")
@@ -231,7 +234,10 @@ class Trainer:
         self.precision, _ = resolve_precision(config.precision, self.device.type, self.spec.architecture)
         self.weights = resolve_weights(self.spec, config.weights)
         train, val = train_val_samples(self.dataset, config.val_fraction, config.seed)
-        self.train_samples, self.val_samples = _readable(self.dataset, train), _readable(self.dataset, val)
+        # pseudo-labelled images train only: validation keeps to given labels, so early stopping trusts no guess
+        self.pseudo = pseudo_labelled(self.dataset, config.pseudo_labels) if config.pseudo_labels else []
+        self.train_samples = _readable(self.dataset, train + self.pseudo)
+        self.val_samples = _readable(self.dataset, val)
         self.classes = self.dataset.classes
         torch.manual_seed(config.seed)
         features = build_feature_model(self.spec, self.weights)
@@ -273,7 +279,16 @@ class Trainer:
             "config": asdict(self.config), "dataset_root": str(self.dataset.root),
             "dataset_fingerprint": self.dataset.fingerprint(),
             "train_rows": len(self.train_samples), "val_rows": len(self.val_samples),
+            **({"pseudo_labels": self.pseudo_record()} if self.pseudo else {}),
         }
+
+    def pseudo_record(self) -> dict:
+        """Which guessed labels the weights learnt from: a model that trained on its test images (without their
+        labels) gives transductive test figures, and its checkpoint says so."""
+        source = Path(self.config.pseudo_labels)
+        return {"file": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                "rows": len(self.pseudo), "splits": dict(Counter(s.split for s in self.pseudo)),
+                "classes": dict(Counter(self.classes[s.label] for s in self.pseudo))}
 
     def phases(self) -> list[tuple[str, int]]:
         """(unfreeze, epochs) per phase: head alone first, then the asked stages."""

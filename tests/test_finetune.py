@@ -185,6 +185,52 @@ def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
     np.testing.assert_allclose(proba, head["pipeline"].predict_proba(features), atol=1e-4)
 
 
+def test_pseudo_labels_from_a_compare_run_train_and_never_validate_and_their_truth_is_never_read(tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from featx.evaluate import compare
+    from featx.runs import predictions_path, save_run
+
+    data = make_class_folders(tmp_path / "colours", per_class=4, splits=("train", "val", "test"))
+    emb = load_embeddings(extract(data, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
+                                                      cache_dir=str(tmp_path / "cache")), progress=False).path)
+    save_run(compare([emb], ["logreg"]), tmp_path / "teacher")
+    written = predictions_path(tmp_path / "teacher", emb.path.name, "logreg", "test")
+    rows = list(csv.DictReader(written.open()))
+    assert {"path", "truth", "predicted"} <= set(rows[0]) and len(rows) == 12
+    # every guess "blue" and every truth unreadable: the students learn the guesses, and a read truth would fail
+    guesses = tmp_path / "guesses.csv"
+    with guesses.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "predicted": "blue", "truth": "no such class"} for row in rows)
+    trainer = Trainer(data, replace(TINY, pseudo_labels=str(guesses)), tmp_path / "ft")
+    test_paths = {row["path"] for row in rows}
+    pseudo = [s for s in trainer.train_samples if s.path in test_paths]
+    assert len(pseudo) == 12 and {s.label for s in pseudo} == {trainer.classes.index("blue")}
+    assert not test_paths & {s.path for s in trainer.val_samples}
+    assert len(trainer.train_samples) == 12 + 12
+
+    result = CliRunner().invoke(main, ["finetune", str(data), "--backbone", "resnet18", "--weights", "none",
+                                       "--image-size", "32", "--batch-size", "8", "--head-epochs", "0", "--epochs",
+                                       "1", "--aug", "none", "--pseudo-labels", str(written), "--out",
+                                       str(tmp_path / "student")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "student" / "best.json").read_text())["pseudo_labels"]
+    assert record["rows"] == 12 and record["splits"] == {"test": 12} and sum(record["classes"].values()) == 12
+
+    for text, problem in (("path,predicted\ntrain/red/red_00.jpg,red\n", "train/red/red_00.jpg is a train image"),
+                          ("path,predicted\ntest/red/red_00.jpg,purple\n", "unknown class 'purple'"),
+                          ("path,predicted\ntest/red/red_99.jpg,red\n", "is not an image of"),
+                          ("path,label\ntest/red/red_00.jpg,red\n", "must name the columns path, predicted")):
+        guesses.write_text(text)
+        with pytest.raises(DataError, match=f"{guesses.name}(:2)?: .*{problem}"):
+            Trainer(data, replace(TINY, pseudo_labels=str(guesses)), tmp_path / "ft")
+
+
 def test_bad_settings_are_refused(colours, tmp_path):
     with pytest.raises(ConfigError, match="The 'unfreeze' parameter"):
         Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
