@@ -131,6 +131,7 @@ class BackboneSource:
     weights: ResolvedWeights  # for a checkpoint: the checkpoint file and its hash
     preprocess: Preprocess  # the backbone's own, or the one the checkpoint was trained with
     checkpoint: Path | None = None  # the fine-tuned checkpoint, read only when the model is built
+    pseudo_labels: dict | None = None  # the guessed labels the checkpoint trained on (finetune --pseudo-labels)
 
     @property
     def label(self) -> str:
@@ -153,4 +154,5 @@ def backbone_source(backbone: str = DEFAULT_BACKBONE, weights: str | None = None
     if backbone not in (DEFAULT_BACKBONE, spec.name):
         raise ConfigError(f"{checkpoint} is a {spec.name} checkpoint; drop --backbone {backbone}")
     weights = ResolvedWeights(f"checkpoint:{Path(checkpoint).name}", Path(checkpoint), remembered_sha256(checkpoint))
-    return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), Path(checkpoint))
+    return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), Path(checkpoint),
+                          sidecar.get("pseudo_labels"))

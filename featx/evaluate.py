@@ -331,6 +331,10 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     for used, value in (("smooth_test", smooth_test), ("ensemble", ensemble)):
         if value:  # recorded only when used, so earlier run folders' configs read the same
             settings[used] = value
+    for emb in files:
+        guessed = guessed_test_images(emb)
+        if guessed:
+            settings.setdefault("transductive", {})[emb.path.name] = {"test_images_trained_on": guessed}
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
@@ -390,6 +394,17 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
         settings["max_train_rows"] = max_train_rows
     return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
+
+
+def guessed_test_images(emb: Embeddings) -> int:
+    """How many test images the file's fine-tuned backbone trained on with guessed labels (``finetune
+    --pseudo-labels``); its test figures are then transductive, not a held-out estimate, and compare says so."""
+    guessed = ((emb.meta.get("backbone_pseudo_labels") or {}).get("splits") or {}).get("test", 0)
+    if guessed:
+        log.warning("%s: its backbone trained on %d test images with guessed labels (featx finetune "
+                    "--pseudo-labels): its test figures are transductive, not a held-out estimate", emb.path.name,
+                    guessed)
+    return guessed
 
 
 def check_shift(emb: Embeddings, seed: int) -> dict | None:

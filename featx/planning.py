@@ -131,6 +131,7 @@ class Plan:
             "scan_skipped": dataset.skipped, "cache_key": self.key, "recipe": self.recipe,
             "torch_version": package_version("torch"), "torchvision_version": package_version("torchvision"),
             "timm_version": package_version("timm"), "device": str(device), "config": asdict(self.config),
+            **({"backbone_pseudo_labels": self.source.pseudo_labels} if self.source.pseudo_labels else {}),
         }
 
 

@@ -45,6 +45,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 
 <h2 id="audit">Can these figures be trusted?</h2>
 {% for item in audit.files %}<h3>{{ item.file }}</h3>
+{% if item.transductive %}<p><strong>Transductive test figures:</strong> this file's fine-tuned backbone trained on {{ item.transductive.test_images_trained_on }} test images with guessed labels (<code>featx finetune --pseudo-labels</code>), so its test figures are not a held-out estimate.</p>{% endif %}
 {% if item.shift %}<p>{% if item.shift.shifted %}<strong>The test images differ from the training ones</strong> (a classifier tells them apart): validation figures are likely optimistic for test; <code>--align</code>, <code>--smooth-test</code>, <code>--threshold mixture</code>, <code>--prior-shift auto</code> and fine-tuning are the remedies to try.{% else %}No shift found between the training and test images: validation figures should carry over to test.{% endif %}</p>
 <table><tr><th class="text">train → test</th><th>AUC (0.5 = alike)</th><th>p</th><th>rows a side</th></tr>
 {% for name, t in item.shift.tests.items() %}<tr><td class="text">{{ name }}</td><td>{{ fmt(t.auc) }}</td><td>{{ fmt(t.p_value) }}</td><td>{{ t.rows }}</td></tr>{% endfor %}</table>
@@ -175,7 +176,8 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
                  if root and (data := _thumbnail(root / rel))]
         files.append({"file": name, "shift": shift, "least_alike": least,
                       "leaked": (config.get("exclude_leaked") or {}).get(name),
-                      "align": (config.get("align") or {}).get(name)})
+                      "align": (config.get("align") or {}).get(name),
+                      "transductive": (config.get("transductive") or {}).get(name)})
     priors = [{"label": f"{r['backbone']} + {r['head']}", **r["prior_shift"]} for r in run["results"]
               if r.get("prior_shift")]
     section = {"files": files, "priors": priors, "classes": list(priors[0]["source"]) if priors else [],

@@ -185,7 +185,7 @@ def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
     np.testing.assert_allclose(proba, head["pipeline"].predict_proba(features), atol=1e-4)
 
 
-def test_pseudo_labels_from_a_compare_run_train_and_never_validate_and_their_truth_is_never_read(tmp_path):
+def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_test_figures(tmp_path, caplog):
     import csv
 
     from click.testing import CliRunner
@@ -221,6 +221,18 @@ def test_pseudo_labels_from_a_compare_run_train_and_never_validate_and_their_tru
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "student" / "best.json").read_text())["pseudo_labels"]
     assert record["rows"] == 12 and record["splits"] == {"test": 12} and sum(record["classes"].values()) == 12
+    # its embeddings carry that on, and compare and the report say the test figures are transductive
+    student = load_embeddings(extract(data, ExtractConfig(checkpoint=str(tmp_path / "student" / "best.pt"),
+                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
+    assert student.meta["backbone_pseudo_labels"] == record
+    with caplog.at_level("WARNING", logger="featx.evaluate"):
+        board = compare([student, emb], ["logreg"])
+    assert "trained on 12 test images with guessed labels" in caplog.text and caplog.text.count("guessed") == 1
+    assert board.settings["transductive"] == {student.path.name: {"test_images_trained_on": 12}}
+    from featx.report import write_report
+
+    save_run(board, tmp_path / "judged")
+    assert "Transductive test figures" in write_report(tmp_path / "judged").read_text()
 
     for text, problem in (("path,predicted\ntrain/red/red_00.jpg,red\n", "train/red/red_00.jpg is a train image"),
                           ("path,predicted\ntest/red/red_00.jpg,purple\n", "unknown class 'purple'"),
