@@ -108,6 +108,9 @@ def check_checkpoint(sidecar: dict, backbone: str, classes: list[str] | None, pa
         raise DataError(f"{path}: made for backbone {sidecar['backbone']!r}, not {backbone!r}")
     if classes is not None and sidecar["classes"] != list(classes):
         raise DataError(f"{path}: made for classes {sidecar['classes']}, not {list(classes)}")
+    pseudo = sidecar.get("pseudo_labels")
+    if pseudo is not None and not (isinstance(pseudo, dict) and isinstance(pseudo.get("sha256"), str)):
+        raise DataError(f"{path}: its sidecar's pseudo_labels is not the record featx finetune writes")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:

@@ -167,6 +167,8 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
     if config.adapt_bn:
         recipe["adapt_bn"] = {"images_per_split": ADAPT_BN_IMAGES}
+    if source.pseudo_labels:  # the same weights trained another way must not pass for a file that says so
+        recipe["backbone_pseudo_labels"] = source.pseudo_labels["sha256"]
     # auto is Pillow on every device: on an H100 with 16 cores, DataLoader workers with Pillow fed the model
     # faster than nvJPEG did, and nvJPEG's colour pixels differ from libjpeg's (README, Performance)
     decoder = "pillow" if config.decode == "auto" else config.decode

@@ -225,6 +225,16 @@ def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_te
     student = load_embeddings(extract(data, ExtractConfig(checkpoint=str(tmp_path / "student" / "best.pt"),
                                                           cache_dir=str(tmp_path / "cache")), progress=False).path)
     assert student.meta["backbone_pseudo_labels"] == record
+    from featx.planning import plan_extraction
+
+    unmarked = tmp_path / "unmarked"  # the same weights without the record must not reuse the marked file
+    shutil.copytree(tmp_path / "student", unmarked)
+    sidecar = json.loads((unmarked / "best.json").read_text())
+    (unmarked / "best.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "pseudo_labels"}))
+    assert plan_extraction(data, ExtractConfig(checkpoint=str(unmarked / "best.pt"))).key != student.cache_key
+    (unmarked / "best.json").write_text(json.dumps({**sidecar, "pseudo_labels": "many"}))
+    with pytest.raises(DataError, match="pseudo_labels is not the record featx finetune writes"):
+        plan_extraction(data, ExtractConfig(checkpoint=str(unmarked / "best.pt")))
     with caplog.at_level("WARNING", logger="featx.evaluate"):
         board = compare([student, emb], ["logreg"])
     assert "trained on 12 test images with guessed labels" in caplog.text and caplog.text.count("guessed") == 1
