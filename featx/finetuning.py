@@ -128,6 +128,13 @@ def _readable(dataset: ImageDataset, samples) -> list:
     return kept
 
 
+def _pseudo_record(source: str, pseudo: list, classes: list[str]) -> dict:
+    """Which guessed labels the weights learn from, read once at the start: a model that trained on its test
+    images (without their labels) gives transductive test figures, and its checkpoint says so."""
+    return {"file": source, "sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest(), "rows": len(pseudo),
+            "splits": dict(Counter(s.split for s in pseudo)), "classes": dict(Counter(classes[s.label] for s in pseudo))}
+
+
 def train_val_samples(dataset: ImageDataset, val_fraction: float, seed: int):
     """Train and validation samples; validation is carved from train (stratified, seeded) when absent."""
     train = [s for s in dataset.samples if s.split == "train" and s.label >= 0]
@@ -235,10 +242,11 @@ class Trainer:
         self.weights = resolve_weights(self.spec, config.weights)
         train, val = train_val_samples(self.dataset, config.val_fraction, config.seed)
         # pseudo-labelled images train only: validation keeps to given labels, so early stopping trusts no guess
-        self.pseudo = pseudo_labelled(self.dataset, config.pseudo_labels) if config.pseudo_labels else []
-        self.train_samples = _readable(self.dataset, train + self.pseudo)
+        pseudo = pseudo_labelled(self.dataset, config.pseudo_labels) if config.pseudo_labels else []
+        self.train_samples = _readable(self.dataset, train + pseudo)
         self.val_samples = _readable(self.dataset, val)
         self.classes = self.dataset.classes
+        self.pseudo_record = _pseudo_record(config.pseudo_labels, pseudo, self.classes) if pseudo else None
         torch.manual_seed(config.seed)
         features = build_feature_model(self.spec, self.weights)
         self.model = Classifier(features, self.spec.dim, len(self.classes)).to(self.device)
@@ -279,16 +287,8 @@ class Trainer:
             "config": asdict(self.config), "dataset_root": str(self.dataset.root),
             "dataset_fingerprint": self.dataset.fingerprint(),
             "train_rows": len(self.train_samples), "val_rows": len(self.val_samples),
-            **({"pseudo_labels": self.pseudo_record()} if self.pseudo else {}),
+            **({"pseudo_labels": self.pseudo_record} if self.pseudo_record else {}),
         }
-
-    def pseudo_record(self) -> dict:
-        """Which guessed labels the weights learnt from: a model that trained on its test images (without their
-        labels) gives transductive test figures, and its checkpoint says so."""
-        source = Path(self.config.pseudo_labels)
-        return {"file": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-                "rows": len(self.pseudo), "splits": dict(Counter(s.split for s in self.pseudo)),
-                "classes": dict(Counter(self.classes[s.label] for s in self.pseudo))}
 
     def phases(self) -> list[tuple[str, int]]:
         """(unfreeze, epochs) per phase: head alone first, then the asked stages."""
