@@ -7,7 +7,8 @@ configuration — is made on a validation split carved from train (15 %, stratif
 
 Usage:
   python scripts/reproduce_chest_xray.py [--data ../shared/data/chest_xray] [--cache cache]
-         [--checkpoint runs/ft-lite0/best.pt ...] [--flowers ../shared/data/flowers5] [--out runs/reproduce]
+         [--checkpoint runs/ft-lite0/best.pt ...] [--flowers ../shared/data/flowers5]
+         [--flowers-checkpoint runs/ft-flowers/best.pt ...] [--out runs/reproduce]
          [--only REGEX] [--no-chest]
 """
 
@@ -210,8 +211,10 @@ def shift_score(board, row) -> str:
 @click.option("--flowers", type=click.Path(exists=True, path_type=Path), help="Also the smaller flowers5 table.")
 @click.option("--out", default="runs/reproduce", show_default=True, type=click.Path(path_type=Path))
 @click.option("--only", metavar="REGEX", help="Only the configurations whose name matches REGEX, e.g. 'AdaBN|--align'.")
+@click.option("--flowers-checkpoint", "flower_checkpoints", multiple=True,
+              type=click.Path(exists=True, dir_okay=False), help="A best.pt fine-tuned on flowers5 to add (repeatable).")
 @click.option("--no-chest", is_flag=True, help="Skip the chest X-ray table (with --flowers: only flowers5's).")
-def main(data, cache, checkpoints, flowers, out, only, no_chest):
+def main(data, cache, checkpoints, flowers, flower_checkpoints, out, only, no_chest):
     began = time.perf_counter()
     results, parts = [], []
     for lever in [] if no_chest else levers(cache, checkpoints):
@@ -219,37 +222,57 @@ def main(data, cache, checkpoints, flowers, out, only, no_chest):
             continue
         rows, board = run_lever(lever, data)
         results.append((lever, rows, board))
-        best = max(rows, key=lambda r: r["val_balanced_accuracy"])
-        print(f"{lever.name}: best by val {best['head']} → test accuracy {best['test_accuracy']:.2%}, "
-              f"AUC {best['test_roc_auc']:.4f}", flush=True)
+        say_best(lever, rows)
 
     if results:
         parts = chest_tables(results)
     if flowers:
         flower_results = []
-        lite0 = ExtractConfig(cache_dir=cache)
-        for lever in [Lever("lite0", [lite0]),
-                      Lever("lite1", [ExtractConfig(cache_dir=cache, backbone="efficientnet_lite1")]),
-                      Lever("lite0 stages + penultimate", [ExtractConfig(cache_dir=cache, layer="stages,penultimate")]),
-                      Lever("lite0 + 2 natural copies (--augment 2)",
-                            [ExtractConfig(cache_dir=cache, augment=2, aug="natural")]),
-                      # the remedies for shift must do no harm where there is none
-                      Lever("lite0, test without images leaked from train (cosine ≥ 0.88)", [lite0],
-                            remedy={"exclude_leaked": True}),
-                      Lever("lite0 + --align standardize", [lite0], remedy={"align": "standardize"}),
-                      Lever("lite0 + --align coral", [lite0], remedy={"align": "coral"}),
-                      Lever("lite0 + --prior-shift auto", [lite0], remedy={"prior_shift": "auto"}),
-                      Lever("lite0 + AdaBN (--adapt-bn)", [ExtractConfig(cache_dir=cache, adapt_bn=True)]),
-                      Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10})]:
+        for lever in flower_levers(cache, flower_checkpoints):
             if only and not re.search(only, lever.name):
                 continue
             rows, board = run_lever(lever, flowers)
             flower_results.append((lever, rows, board))
+            say_best(lever, rows)
         parts += ["", _flowers_table(flower_results)]
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(parts) + f"\n\n(total {time.perf_counter() - began:.0f} s)\n"
     (out / "results.md").write_text(text)
     print(text)
+
+
+def say_best(lever: Lever, rows: list[dict]) -> None:
+    best = max(rows, key=lambda r: r["val_balanced_accuracy"])
+    print(f"{lever.name}: best by val {best['head']} → test accuracy {best['test_accuracy']:.2%}, "
+          f"AUC {best['test_roc_auc']:.4f}", flush=True)
+
+
+def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
+    def cfg(**kw):
+        return ExtractConfig(cache_dir=cache, **kw)
+
+    lite0 = cfg()
+    found = [
+        Lever("lite0", [lite0]),
+        Lever("lite1", [cfg(backbone="efficientnet_lite1")]),
+        Lever("lite0 stages + penultimate", [cfg(layer="stages,penultimate")]),
+        Lever("lite0 + 2 natural copies (--augment 2)", [cfg(augment=2, aug="natural")]),
+        # the remedies for shift must do no harm where there is none
+        Lever("lite0, test without images leaked from train (cosine ≥ 0.88)", [lite0], remedy={"exclude_leaked": True}),
+        Lever("lite0 + --align standardize", [lite0], remedy={"align": "standardize"}),
+        Lever("lite0 + --align coral", [lite0], remedy={"align": "coral"}),
+        Lever("lite0 + --prior-shift auto", [lite0], remedy={"prior_shift": "auto"}),
+        Lever("lite0 + AdaBN (--adapt-bn)", [cfg(adapt_bn=True)]),
+        Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10}),
+    ]
+    for path in checkpoints:  # as on the chest X-rays, less the two-class cut
+        name = f"fine-tuned {Path(path).parent.name}"
+        found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
+        found.append(Lever(f"{name} + --smooth-test 10", [cfg(checkpoint=path)], remedy={"smooth_test": 10}))
+        found.append(Lever(f"lite0+1+2 and {name} averaged (--ensemble) + --smooth-test 10",
+                           [*(cfg(backbone=f"efficientnet_lite{i}") for i in range(3)), cfg(checkpoint=path)],
+                           remedy={"smooth_test": 10}, ensemble=True))
+    return found
 
 
 def chest_tables(results) -> list[str]:
