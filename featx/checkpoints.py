@@ -135,6 +135,7 @@ class BackboneSource:
     preprocess: Preprocess  # the backbone's own, or the one the checkpoint was trained with
     checkpoint: Path | None = None  # the fine-tuned checkpoint, read only when the model is built
     pseudo_labels: dict | None = None  # the guessed labels the checkpoint trained on (finetune --pseudo-labels)
+    trained_on: dict | None = None  # which images it trained on (finetune's split); None for older checkpoints
 
     @property
     def label(self) -> str:
@@ -158,4 +159,4 @@ def backbone_source(backbone: str = DEFAULT_BACKBONE, weights: str | None = None
         raise ConfigError(f"{checkpoint} is a {spec.name} checkpoint; drop --backbone {backbone}")
     weights = ResolvedWeights(f"checkpoint:{Path(checkpoint).name}", Path(checkpoint), remembered_sha256(checkpoint))
     return BackboneSource(spec, weights, Preprocess.from_dict(sidecar["preprocess"]), Path(checkpoint),
-                          sidecar.get("pseudo_labels"))
+                          sidecar.get("pseudo_labels"), sidecar.get("trained_on"))

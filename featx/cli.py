@@ -432,6 +432,13 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
                    "each labelled by a featx run's prediction: a CSV with path and predicted columns, such as "
                    "compare's RUN/predictions/<file>__<head>_test.csv (its truth column is never read). Test "
                    "figures of the result are then transductive.")
+@click.option("--split", metavar="TRAIN,VAL,TEST",
+              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15), as featx "
+                   "extract's --split: give both commands the same split.")
+@options.option("split_seed", default=0, show_default=True,
+                help="Seed of that split (featx extract's --seed); --seed never moves it.")
+@click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with path,split columns giving each image's split, as featx extract's --split-from.")
 @options.val_fraction
 @options.seed("Seed for the carved validation split, the head's initialisation and the batch order.")
 @options.device
@@ -442,8 +449,8 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, pseudo_labels, val_fraction,
-             seed, device, precision, workers, out, resume):
+             bn, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, pseudo_labels, split,
+             split_seed, split_from, val_fraction, seed, device, precision, workers, out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
@@ -459,7 +466,8 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
         lr_min=lr_min, weight_decay=weight_decay, bn=bn, batch_size=batch_size, image_size=image_size, fit=fit,
         aug=aug, class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
         precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
-        pseudo_labels=str(pseudo_labels) if pseudo_labels else None,
+        pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
+        split_from=str(split_from) if split_from else None,
     )
     out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
     progress = ctx.obj["progress"]

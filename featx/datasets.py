@@ -68,6 +68,15 @@ class ImageDataset:
             table[s.split or "-"][self.classes[s.label] if s.label >= 0 else "?"] += 1
         return {split: dict(sorted(c.items())) for split, c in table.items()}
 
+    def membership(self, splits: tuple[str, ...] | None = None) -> str:
+        """Hash of which images (paths and labels) are in ``splits``, or in the dataset; blind to file times.
+
+        Two scans of the same images split differently agree on ``membership()`` and differ on
+        ``membership(("train", "val"))``: how a checkpoint's training images are told from another split's.
+        """
+        chosen = sorted(f"{s.path}\0{s.label}" for s in self.samples if splits is None or s.split in splits)
+        return hashlib.sha256("\n".join(chosen).encode("utf-8", "surrogateescape")).hexdigest()
+
     @property
     def fingerprint_method(self) -> str:
         return ("paths, labels, splits and the SHA-256 of every file" if self.verify_content

@@ -66,6 +66,9 @@ class FinetuneConfig:
     patience: int = 2
     val_fraction: float = 0.15
     seed: int = 0
+    split: str | None = None  # fractions of the split drawn when the data has none (scan_dataset's default)
+    split_seed: int = 0  # its seed, apart from ``seed``: a run with another training seed trains on the same images
+    split_from: str | None = None  # CSV of path,split instead
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None  # DataLoader workers; None: as many as extraction uses on a GPU, 0 on a CPU
@@ -234,7 +237,8 @@ class Trainer:
     def __init__(self, data: ImageDataset | str | Path, config: FinetuneConfig, out: str | Path):
         self.config = config
         self.out = Path(out)
-        self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, seed=config.seed)
+        self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(
+            data, split=config.split, seed=config.split_seed, split_from=config.split_from)
         self.spec = get_backbone(config.backbone)
         self.preprocess = self.spec.preprocess_for(config.image_size, config.fit)
         self.device = resolve_device(config.device)
@@ -287,6 +291,8 @@ class Trainer:
             "config": asdict(self.config), "dataset_root": str(self.dataset.root),
             "dataset_fingerprint": self.dataset.fingerprint(),
             "train_rows": len(self.train_samples), "val_rows": len(self.val_samples),
+            "trained_on": {"split_source": self.dataset.split_source, "images": self.dataset.membership(),
+                           "train_val": self.dataset.membership(("train", "val"))},
             **({"pseudo_labels": self.pseudo_record} if self.pseudo_record else {}),
         }
 

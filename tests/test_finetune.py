@@ -253,6 +253,34 @@ def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_te
             Trainer(data, replace(TINY, pseudo_labels=str(guesses)), tmp_path / "ft")
 
 
+def test_a_checkpoint_is_embedded_only_under_the_split_it_trained_on(tmp_path):
+    """Data without a split: the training seed never moves the split featx draws, and extracting with a
+    checkpoint fine-tuned on another split of the same images is refused (it would score images it trained on)."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    flat = make_class_folders(tmp_path / "flat", per_class=10)
+    one_epoch = replace(TINY, head_epochs=0, epochs=1)
+    drawn = [{(s.path, s.split) for s in Trainer(flat, config, tmp_path / "t").dataset.samples}
+             for config in (one_epoch, replace(one_epoch, seed=1), replace(one_epoch, split_seed=1))]
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
+    finetune(flat, replace(one_epoch, split_seed=1), out=tmp_path / "seed1", progress=False)
+    trained_on = json.loads((tmp_path / "seed1" / "best.json").read_text())["trained_on"]
+    assert trained_on["split_source"] == "stratified 0.7,0.15,0.15 seed=1"
+    checkpoint = str(tmp_path / "seed1" / "best.pt")
+    config = ExtractConfig(checkpoint=checkpoint, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"best.pt: fine-tuned on another split of these images \(stratified "
+                                          r"0.7,0.15,0.15 seed=1\) than this one \(stratified 0.7,0.15,0.15 seed=0\)"):
+        extract(flat, config, progress=False)
+    result = CliRunner().invoke(main, ["extract", str(flat), "--checkpoint", checkpoint, "--out",
+                                       str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "images it trained on would be scored as validation or test" in result.output
+    assert extract(flat, config, seed=1, progress=False).rows == 30  # under the split it trained on
+    other = make_class_folders(tmp_path / "other", per_class=3)  # other images: a new dataset, nothing to refuse
+    assert extract(other, config, progress=False).rows == 9
+
+
 def test_bad_settings_are_refused(colours, tmp_path):
     with pytest.raises(ConfigError, match="The 'unfreeze' parameter"):
         Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
