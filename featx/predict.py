@@ -18,7 +18,8 @@ from featx.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
 from featx.checkpoints import backbone_source
 from featx.datasets import list_images
 from featx.errors import ConfigError, DataError
-from featx.feature_model import adapt_batchnorm, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.feature_model import adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.hardware import resolve_precision
 from featx.heads import load_head
 from featx.images import ImageError, Preprocess, load_image
 from featx.metrics import predict_labels
@@ -48,6 +49,8 @@ class Prediction:
 class Backbone:
     """One backbone a head's features come from: its model, built exactly as at extraction, and its preprocessing.
 
+    It runs on the CPU in the precision the extraction recorded (bf16 where that was it and the CPU computes it
+    natively): features from another precision differ enough for the drift check to call them another domain.
     An ``--adapt-bn`` one takes its BatchNorm statistics from new images (see ``Predictor``).
     """
 
@@ -55,6 +58,7 @@ class Backbone:
         self.folder, self.meta = folder, meta
         self.preprocess = Preprocess.from_dict(meta)
         self.adapts_bn = bool((meta.get("config") or {}).get("adapt_bn"))
+        self.precision = "fp32"  # resolved when the model is built
         self._model = None
 
     def model(self, adapt_to: list[Path] = ()):
@@ -70,7 +74,8 @@ class Backbone:
             model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
             if self.adapts_bn:
                 adapt_batchnorm(model, self._adaptation_batches(list(adapt_to)))
-            self._model = optimise_for_cpu(model, self.preprocess.size)
+            self.precision = resolve_precision(self.meta.get("precision", "fp32"), "cpu", source.spec.architecture)[0]
+            self._model = optimise_for_cpu(model, self.preprocess.size) if self.precision == "fp32" else model
         return self._model
 
     def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:
@@ -88,8 +93,9 @@ class Backbone:
         return [to_tensor(np.stack(pixels[i:i + ADAPT_BN_BATCH])) for i in range(0, len(pixels), ADAPT_BN_BATCH)]
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = embed(self.model(), to_tensor(pixels), tta=bool(self.meta.get("tta")))
+        model = self.model()
+        with torch.inference_mode(), autocast(torch.device("cpu"), self.precision):
+            out = embed(model, to_tensor(pixels), tta=bool(self.meta.get("tta")))
         # Round as the cache stored them, so the head sees the numbers it was trained on.
         return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
 
