@@ -8,6 +8,7 @@ the filesystem alone; torch is asked only where a driver is present.
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 from featx.errors import ConfigError
@@ -42,6 +43,18 @@ def device_type(device: str) -> str:
     if device.startswith("cuda") and not cuda_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
     return device.split(":")[0]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it computes bf16 natively, as benchmarks print it beside their figures
+    (speeds compare only on one model, and a virtual machine may name no more than "Intel(R) Xeon(R) Processor")."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    name = names[0] if names else platform.processor() or platform.machine() or "CPU"
+    return f"{name} ({'native bf16' if cpu_has_bf16() else 'no native bf16'})"
 
 
 def cpu_has_bf16() -> bool:

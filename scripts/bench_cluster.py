@@ -231,9 +231,9 @@ def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
 @click.option("--shard-rows", type=int, multiple=True, help="Also run local:2 with shards of this many rows "
               "(repeatable), against its default size.")
 def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, skip_publishing, shard_rows):
-    import platform
+    from featx.hardware import cpu_model
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"{cpu_model()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "images", images) if not (skip_extraction and skip_threads) else None
         if not skip_extraction:

@@ -17,7 +17,6 @@ runs with random weights (the speed is the same).
 from __future__ import annotations
 
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ from featx.backbones import RANDOM_INIT, get_backbone, resolve_weights
 from featx.errors import WeightsError
 from featx.extraction import ImageRows, decoded_batches, extract
 from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
-from featx.hardware import resolve_precision
+from featx.hardware import cpu_model, resolve_precision
 from featx.images import load_image
 from featx.planning import ExtractConfig
 
@@ -58,15 +57,6 @@ def make_image_folder(target: Path, n_images: int, image_px: int) -> Path:
             image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
             image.save(target / label / f"{i:05d}.jpeg", quality=90)
     return target
-
-
-def cpu_model() -> str:
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "CPU"
 
 
 def synchronize(device: torch.device) -> None:

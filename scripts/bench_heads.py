@@ -172,10 +172,11 @@ def sixty_thousand(tmp: Path, baseline_rev: str | None) -> None:
 @click.option("--baseline-rev", help="With --sixty-thousand: also run featx at this git revision, for a ratio.")
 def main(chest_xray, quick, sixty_thousand_only, baseline_rev):
     import os
-    import platform
     import tempfile
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    from featx.hardware import cpu_model
+
+    print(f"{cpu_model()}, {os.cpu_count()} cores")
     if sixty_thousand_only:
         with tempfile.TemporaryDirectory() as tmp:
             sixty_thousand(Path(tmp), baseline_rev)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from featx.hardware import resolve_precision
+from featx.hardware import cpu_model, resolve_precision
 from featx.memo import memo_path, remembered_sha256
 
 from .conftest import make_class_folders
@@ -66,6 +66,14 @@ def test_a_remembered_hash_is_recomputed_when_the_file_changes(tmp_path, monkeyp
     weights.write_bytes(b"b" * 1001)
     assert remembered_sha256(weights) != first
     assert len(json.loads(memo_path().read_text())) == 2
+
+
+def test_benchmarks_name_the_cpu_and_its_bf16(monkeypatch):
+    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: True)
+    named = cpu_model()
+    assert named.endswith(" (native bf16)") and len(named) > len(" (native bf16)")
+    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: False)
+    assert cpu_model() == named.replace("(native bf16)", "(no native bf16)")
 
 
 @pytest.mark.parametrize("precision, device, architecture, bf16, expected", [
