@@ -27,6 +27,9 @@ setup(
         "scipy>=1.10",
         "lightgbm>=4.7",  # eval_X/eval_y in the scikit-learn API
         "joblib>=1.3",
+        # compare fits heads with one BLAS/OpenMP thread, as on a cluster's workers (same leaderboard either way);
+        # scikit-learn brings it too, but featx imports it itself.
+        "threadpoolctl>=3.1",
         "click>=8.1",
         "pillow>=10.0",
         "tqdm>=4.60",

@@ -248,6 +248,23 @@ def test_compare_on_the_cluster_gives_the_sequential_leaderboard(cluster):
                      compare([FIXTURE], heads, threshold="balanced_accuracy", cluster=address))
 
 
+def test_lightgbm_on_the_cluster_gives_the_sequential_leaderboard(cluster):
+    """Large enough for BLAS to thread its sums (1,500 × 512): with two threads here and one on the workers,
+    lightgbm's bins moved and it tuned another num_leaves, until both ways fitted with one thread."""
+    from featx.evaluate import compare
+    from featx.store import Embeddings
+
+    address, _ = cluster
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 1500)
+    features = rng.normal(size=(3, 512))[labels] * 0.06 + rng.normal(size=(1500, 512))
+    splits = np.array(["train"] * 900 + ["val"] * 300 + ["test"] * 300)
+    emb = Embeddings(Path("blobs.h5"), {"backbone": "test", "cache_key": "k"}, ["a", "b", "c"],
+                     np.array([f"{i}.jpg" for i in range(1500)]), splits, np.ones(1500, bool), np.array([""] * 1500),
+                     features.astype(np.float16), labels)
+    same_leaderboard(compare([emb], ["lightgbm"]), compare([emb], ["lightgbm"], cluster=address))
+
+
 def test_lightgbm_out_of_core_learns_as_well_as_in_memory(cluster, tmp_path):
     from featx.evaluate import compare
     from featx.runs import load_run, save_run
