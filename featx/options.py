@@ -66,8 +66,12 @@ def seed(purpose: str):
 
 
 def heads(flag: str, default: str):
-    return click.option(flag, "heads", default=default, show_default=True,
-                        help="Comma list of heads (logreg, svm, lightgbm, knn, mlp; see `featx list heads`) or 'all'.")
+    """Comma-separated and repeatable: ``--heads logreg --heads svm`` is ``--heads logreg,svm`` (a plain click
+    option would keep the last one without a word)."""
+    return click.option(flag, "heads", default=[default], multiple=True, show_default=True,
+                        callback=lambda _ctx, _param, given: ",".join(given),
+                        help="Comma list of heads (logreg, svm, lightgbm, knn, mlp; see `featx list heads`) or "
+                             "'all'; repeatable.")
 
 
 def run_folder(help: str, default: str | None = None):

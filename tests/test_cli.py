@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -95,3 +97,14 @@ def test_demo_runs_end_to_end(runner, tmp_path):
     assert "| resnet18 | logreg |" in result.output and "3/3 report:" in result.output
     assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000
     assert (tmp_path / "demo" / "best" / "head.json").exists()
+
+
+def test_heads_may_be_repeated_as_well_as_comma_separated(runner, tmp_path):
+    fixture = "tests/fixtures/chest_xray_efficientnet_lite0.h5"
+    boards = []
+    for args in (["--heads", "logreg", "--heads", "knn"], ["--heads", "logreg,knn"]):
+        result = runner.invoke(main, ["compare", fixture, *args, "--out", str(tmp_path / str(len(boards)))])
+        assert result.exit_code == 0, result.output
+        boards.append(json.loads((tmp_path / str(len(boards)) / "leaderboard.json").read_text()))
+    assert sorted(r["head"] for r in boards[0]) == ["knn", "logreg"]
+    assert [(r["head"], r["test_accuracy"]) for r in boards[0]] == [(r["head"], r["test_accuracy"]) for r in boards[1]]
