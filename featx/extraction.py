@@ -121,8 +121,8 @@ def load_model(plan: Plan, adapt_to: str | None = None) -> LoadedModel:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: cuDNN's fastest kernels, found once
     dim = spec.dim if plan.layers == ("penultimate",) else _probe_dim(model, plan.preprocess, device)
-    if device.type == "cpu" and plan.precision == "fp32":
-        model = optimise_for_cpu(model, plan.preprocess.size)
+    if device.type == "cpu":
+        model = optimise_for_cpu(model, plan.preprocess.size, plan.precision)
     return LoadedModel(model, device, dim)
 
 

@@ -75,7 +75,7 @@ class Backbone:
             if self.adapts_bn:
                 adapt_batchnorm(model, self._adaptation_batches(list(adapt_to)))
             self.precision = resolve_precision(self.meta.get("precision", "fp32"), "cpu", source.spec.architecture)[0]
-            self._model = optimise_for_cpu(model, self.preprocess.size) if self.precision == "fp32" else model
+            self._model = optimise_for_cpu(model, self.preprocess.size, self.precision)
         return self._model
 
     def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:

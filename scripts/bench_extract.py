@@ -160,7 +160,7 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders, 
                 print(f"  (d) featx decoding alone, {decode:6s}         : {alone:8.1f} img/s")
             for precision in precisions:
                 used, reason = resolve_precision(precision, device.type, spec.architecture)
-                model = optimise_for_cpu(eager, spec.input_size) if device.type == "cpu" and used == "fp32" else eager
+                model = optimise_for_cpu(eager, spec.input_size, used) if device.type == "cpu" else eager
                 bare = time_bare(lambda x: embed(model, x), batches, device, used)
                 print(f"  [{precision}]" + ("" if used == precision else f" ran as {used}: {reason}"))
                 print(f"  (a) bare model forward, pre-decoded on {device.type:4s} : {bare:8.1f} img/s")
