@@ -336,6 +336,9 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         guessed = guessed_test_images(emb)
         if guessed:
             settings.setdefault("transductive", {})[emb.path.name] = {"test_images_trained_on": guessed}
+        leaked = validation_trained_on(emb, val_fraction, seed)
+        if leaked:
+            settings.setdefault("validation_trained_on", {})[emb.path.name] = leaked
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
@@ -406,6 +409,25 @@ def guessed_test_images(emb: Embeddings) -> int:
                     "--pseudo-labels): its test figures are transductive, not a held-out estimate", emb.path.name,
                     guessed)
     return guessed
+
+
+def validation_trained_on(emb: Embeddings, val_fraction: float, seed: int) -> dict | None:
+    """Validation images that the file's fine-tuned backbone trained on: its fine-tune carved validation with
+    another seed or fraction than this compare. Validation figures, and every choice made on them, are then
+    optimistic, and compare says so; None when there are none, or the file does not say what it held out."""
+    held_out = emb.meta.get("backbone_validation")
+    if not held_out:
+        return None
+    _, val, _, _ = split_rows(emb, val_fraction, seed, check_features=False)
+    trained = int(np.count_nonzero(~np.isin(emb.paths[val], held_out["images"])))
+    if not trained:
+        return None
+    log.warning("%s: %d of its %d validation images trained its fine-tuned backbone, which held out others "
+                "(featx finetune --seed %s --val-fraction %s): validation figures and the choices made on them are "
+                "optimistic; compare with that --seed and --val-fraction", emb.path.name, trained, len(val),
+                held_out["seed"], held_out["val_fraction"])
+    return {"images": trained, "of": len(val), "finetune_seed": held_out["seed"],
+            "finetune_val_fraction": held_out["val_fraction"]}
 
 
 def check_shift(emb: Embeddings, seed: int) -> dict | None:

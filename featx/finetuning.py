@@ -292,7 +292,9 @@ class Trainer:
             "dataset_fingerprint": self.dataset.fingerprint(),
             "train_rows": len(self.train_samples), "val_rows": len(self.val_samples),
             "trained_on": {"split_source": self.dataset.split_source, "images": self.dataset.membership(),
-                           "train_val": self.dataset.membership(("train", "val"))},
+                           "train_val": self.dataset.membership(("train", "val")),
+                           "validation": {"images": sorted(s.path for s in self.val_samples),
+                                          "seed": self.config.seed, "val_fraction": self.config.val_fraction}},
             **({"pseudo_labels": self.pseudo_record} if self.pseudo_record else {}),
         }
 

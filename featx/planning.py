@@ -106,6 +106,7 @@ class Plan:
     precision_reason: str = ""
     decoder: str = "pillow"
     first_row: int = 0
+    backbone_validation: dict | None = None  # the images a checkpoint fine-tuned on these images held out
 
     @property
     def n_rows(self) -> int:
@@ -132,6 +133,7 @@ class Plan:
             "torch_version": package_version("torch"), "torchvision_version": package_version("torchvision"),
             "timm_version": package_version("timm"), "device": str(device), "config": asdict(self.config),
             **({"backbone_pseudo_labels": self.source.pseudo_labels} if self.source.pseudo_labels else {}),
+            **({"backbone_validation": self.backbone_validation} if self.backbone_validation else {}),
         }
 
 
@@ -178,7 +180,8 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
     return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
-                n_images=len(dataset.samples), precision_reason=reason, decoder=decoder)
+                n_images=len(dataset.samples), precision_reason=reason, decoder=decoder,
+                backbone_validation=held_out_validation(source, dataset))
 
 
 def check_same_split(source: BackboneSource, dataset: ImageDataset) -> None:
@@ -192,6 +195,13 @@ def check_same_split(source: BackboneSource, dataset: ImageDataset) -> None:
             f"{source.checkpoint}: fine-tuned on another split of these images ({trained.get('split_source')}) than "
             f"this one ({dataset.split_source}), so images it trained on would be scored as validation or test; "
             "give featx extract the split featx finetune used (--split, --seed, --split-from)")
+
+
+def held_out_validation(source: BackboneSource, dataset: ImageDataset) -> dict | None:
+    """The validation images (and the seed and fraction that carved them) of a checkpoint fine-tuned on these same
+    images, for compare to check that its own validation images are among them; None for other images."""
+    trained = source.trained_on or {}
+    return trained.get("validation") if trained.get("images") == dataset.membership() else None
 
 
 def cached_result(path: Path, key: str) -> ExtractResult | None:

@@ -45,6 +45,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 
 <h2 id="audit">Can these figures be trusted?</h2>
 {% for item in audit.files %}<h3>{{ item.file }}</h3>
+{% if item.validation_trained_on %}<p><strong>Optimistic validation:</strong> {{ item.validation_trained_on.images }} of this file's {{ item.validation_trained_on.of }} validation images trained its fine-tuned backbone, which held out others (<code>featx finetune --seed {{ item.validation_trained_on.finetune_seed }} --val-fraction {{ item.validation_trained_on.finetune_val_fraction }}</code>); compare with those settings for figures and choices it did not train on.</p>{% endif %}
 {% if item.transductive %}<p><strong>Transductive test figures:</strong> this file's fine-tuned backbone trained on {{ item.transductive.test_images_trained_on }} test images with guessed labels (<code>featx finetune --pseudo-labels</code>), so its test figures are not a held-out estimate.</p>{% endif %}
 {% if item.shift %}<p>{% if item.shift.shifted %}<strong>The test images differ from the training ones</strong> (a classifier tells them apart): validation figures are likely optimistic for test; <code>--align</code>, <code>--smooth-test</code>, <code>--threshold mixture</code>, <code>--prior-shift auto</code> and fine-tuning are the remedies to try.{% else %}No shift found between the training and test images: validation figures should carry over to test.{% endif %}</p>
 <table><tr><th class="text">train → test</th><th>AUC (0.5 = alike)</th><th>p</th><th>rows a side</th></tr>
@@ -177,7 +178,8 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
         files.append({"file": name, "shift": shift, "least_alike": least,
                       "leaked": (config.get("exclude_leaked") or {}).get(name),
                       "align": (config.get("align") or {}).get(name),
-                      "transductive": (config.get("transductive") or {}).get(name)})
+                      "transductive": (config.get("transductive") or {}).get(name),
+                      "validation_trained_on": (config.get("validation_trained_on") or {}).get(name)})
     priors = [{"label": f"{r['backbone']} + {r['head']}", **r["prior_shift"]} for r in run["results"]
               if r.get("prior_shift")]
     section = {"files": files, "priors": priors, "classes": list(priors[0]["source"]) if priors else [],

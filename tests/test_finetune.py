@@ -281,6 +281,35 @@ def test_a_checkpoint_is_embedded_only_under_the_split_it_trained_on(tmp_path):
     assert extract(other, config, progress=False).rows == 9
 
 
+def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone(tmp_path, caplog):
+    """finetune carves validation with its --seed; compare carving with another one validates on images the
+    backbone trained on: it warns, records it and the report says so. With the fine-tune's seed it is silent,
+    and a checkpoint applied to other images records nothing to check against."""
+    from featx.evaluate import compare
+    from featx.report import write_report
+    from featx.runs import save_run
+
+    data = make_class_folders(tmp_path / "data", per_class=20, splits=("train", "test"))
+    finetune(data, replace(TINY, head_epochs=0, epochs=1), out=tmp_path / "ft", progress=False)
+    config = ExtractConfig(checkpoint=str(tmp_path / "ft" / "best.pt"), cache_dir=str(tmp_path / "cache"))
+    emb = load_embeddings(extract(data, config, progress=False).path)
+    held_out = emb.meta["backbone_validation"]
+    assert (held_out["seed"], held_out["val_fraction"], len(held_out["images"])) == (0, 0.15, 9)
+
+    with caplog.at_level("WARNING", logger="featx.evaluate"):
+        assert "validation_trained_on" not in compare([emb], ["logreg"], seed=0).settings
+        assert "trained its fine-tuned backbone" not in caplog.text
+        board = compare([emb], ["logreg"], seed=1)
+    leaked = board.settings["validation_trained_on"][emb.path.name]
+    assert leaked["of"] == 9 and 0 < leaked["images"] <= 9 and leaked["finetune_seed"] == 0
+    assert f"{leaked['images']} of its 9 validation images trained its fine-tuned backbone" in caplog.text
+    save_run(board, tmp_path / "run")
+    assert "Optimistic validation" in write_report(tmp_path / "run").read_text()
+
+    other = make_class_folders(tmp_path / "other", per_class=6, splits=("train", "test"))
+    assert "backbone_validation" not in load_embeddings(extract(other, config, progress=False).path).meta
+
+
 def test_bad_settings_are_refused(colours, tmp_path):
     with pytest.raises(ConfigError, match="The 'unfreeze' parameter"):
         Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
