@@ -148,7 +148,7 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
                                                                        split_from=split_from)
     layers = parse_layer(config.layer)
     source = backbone_source(config.backbone, config.weights, config.checkpoint)
-    check_same_split(source, dataset)
+    backbone_validation = checkpoint_validation(source, dataset)
     spec = source.spec
     if source.checkpoint is None:
         preprocess = spec.preprocess_for(config.image_size, config.fit)
@@ -181,27 +181,24 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
     return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
                 n_images=len(dataset.samples), precision_reason=reason, decoder=decoder,
-                backbone_validation=held_out_validation(source, dataset))
+                backbone_validation=backbone_validation)
 
 
-def check_same_split(source: BackboneSource, dataset: ImageDataset) -> None:
-    """Refuse a checkpoint fine-tuned on another split of these same images: some of its training images would
-    be scored here as validation or test, and the figures would be leaked."""
+def checkpoint_validation(source: BackboneSource, dataset: ImageDataset) -> dict | None:
+    """The validation images (with the seed and fraction that carved them) of a checkpoint fine-tuned on these
+    same images, for compare to check its own against; None for other images or a checkpoint that does not say.
+
+    A checkpoint fine-tuned on another split of these images is refused: some of its training images would be
+    scored here as validation or test, and the figures would be leaked."""
     trained = source.trained_on
     if not trained or trained.get("images") != dataset.membership():
-        return  # other images (a new dataset), or a checkpoint that does not say
+        return None
     if trained.get("train_val") != dataset.membership(("train", "val")):
         raise ConfigError(
             f"{source.checkpoint}: fine-tuned on another split of these images ({trained.get('split_source')}) than "
             f"this one ({dataset.split_source}), so images it trained on would be scored as validation or test; "
             "give featx extract the split featx finetune used (--split, --seed, --split-from)")
-
-
-def held_out_validation(source: BackboneSource, dataset: ImageDataset) -> dict | None:
-    """The validation images (and the seed and fraction that carved them) of a checkpoint fine-tuned on these same
-    images, for compare to check that its own validation images are among them; None for other images."""
-    trained = source.trained_on or {}
-    return trained.get("validation") if trained.get("images") == dataset.membership() else None
+    return trained.get("validation")
 
 
 def cached_result(path: Path, key: str) -> ExtractResult | None:
