@@ -97,12 +97,14 @@ def finetune_plots(checkpoint: str | Path) -> list[Path]:
 def prepare_out(out: str | Path) -> Path:
     """Check that ``out`` can take a run, before any work is done: a new folder, or an earlier run's.
 
-    A file, a folder of something else, or a folder featx cannot write to is refused in one line.
+    A file, a folder of something else, or a folder featx cannot write to is refused in one line; a run whose
+    saving was cut short (featx's entries, no run.json yet) is taken back.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).exists():
+    # run.json is written last: a folder of featx's entries alone is a run whose saving was cut short
+    if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name not in OWNED for p in out.iterdir()):
         raise DataError(f"{out}: not empty and not a featx run folder; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -531,6 +531,19 @@ def verify_file(path: str | Path) -> list[str]:
     return problems
 
 
+JOINED_STEM_MAX = 120  # leaves room under a file name's 255 bytes for ".averaged", "__<head>_<split>" and a plot prefix
+
+
+def joined_stem(stems: list[str]) -> str:
+    """The name of several files side by side: every stem while that is short enough to name a run's files
+    (eight cache files' stems are not), else the first stem, how many more, and a digest of them all."""
+    stem = "+".join(stems)
+    if len(stem.encode()) <= JOINED_STEM_MAX:
+        return stem
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:10]
+    return f"{stems[0].encode()[:64].decode(errors='ignore')}+{len(stems) - 1}-more-{digest}"
+
+
 def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
     """Several backbones' embeddings of the same images, side by side in one feature matrix.
 
@@ -550,7 +563,7 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
             # how each part was made, so a head on the joined features can embed new images the same ways
             "part_meta": [{k: v for k, v in p.meta.items() if k not in ("shards", "part_meta")} for p in parts]}
     return Embeddings(
-        path=Path("+".join(p.path.stem for p in parts) + ".h5"), meta=meta, classes=first.classes,
+        path=Path(joined_stem([p.path.stem for p in parts]) + ".h5"), meta=meta, classes=first.classes,
         paths=first.paths, splits=first.splits, ok=np.logical_and.reduce([p.ok for p in parts]),
         errors=first.errors, _features=np.concatenate([p._features.astype(np.float32) for p in parts], axis=1),
         _labels=first._labels,

@@ -184,6 +184,21 @@ def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
     assert "efficientnet_lite0+noisy averaged | logreg" in shown.output
 
 
+def test_an_ensemble_of_many_long_named_files_saves_its_run(tmp_path):
+    """Eight cache files' stems joined are longer than a file name may be; the run's files still get names."""
+    files = [copy_as(tmp_path, f"efficientnet_lite0_ft-{i:08d}-{'a' * 10}", f"{i:010d}") for i in range(8)]
+    board = compare(files, ["logreg"], ensemble=True)
+    run = tmp_path / "run"
+    save_run(board, run)
+    averaged = [r for r in board.rows if r["backbone"].endswith(" averaged")]
+    assert len(averaged) == 1 and averaged[0]["backbone"].count("+") == 7  # the label still names every member
+    saved = [p.name for p in run.rglob("*") if p.is_file()]
+    assert max(len(name.encode()) for name in saved) <= 255
+    assert sum("+7-more-" in name for name in saved) >= 2  # the averaged head and its test predictions
+    fewer = compare(files[:7], ["logreg"], ensemble=True)
+    assert {r["file"] for r in fewer.rows if r["backbone"].endswith(" averaged")} != {averaged[0]["file"]}
+
+
 def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
     from dataclasses import replace
 

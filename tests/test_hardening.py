@@ -324,6 +324,9 @@ def test_11_outputs_are_checked_before_the_work(tiny_run, tmp_path, monkeypatch)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "thesis.tex").write_text("x")
     one_line_error(invoke("compare", FIXTURE, "--out", tmp_path / "elsewhere"), 2, "not a featx run folder")
+    (tmp_path / "cut-short" / "heads").mkdir(parents=True)  # a save interrupted before run.json: taken back
+    assert invoke("compare", FIXTURE, "--heads", "logreg", "--out", tmp_path / "cut-short").exit_code == 0
+    assert (tmp_path / "cut-short" / "run.json").exists()
     data, _, run, _ = tiny_run
     image = next((data / "test" / "red").glob("*.jpg"))
     one_line_error(invoke("predict", run, image, "--csv", tmp_path / "missing" / "p.csv"), 2, "no such folder for --csv")
