@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # On a CPU the activations of a few images stay in cache: for efficientnet_lite0 on 2 cores a forward
 # of 4 images at a time ran at 106-110 img/s against 54 img/s for 32 at a time (measured, frozen model).
 CPU_CHUNK = 4
+STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # timm's and torchvision's module names for it
 
 
 # --- building -----------------------------------------------------------------------------------------
@@ -54,20 +55,23 @@ def load_state_dict(path: Path) -> dict:
     return state
 
 
-def build_classifier(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
-    """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly."""
+def build_classifier(spec: BackboneSpec, weights: ResolvedWeights, drop_path: float | None = None) -> nn.Module:
+    """The full ImageNet classifier network (eval mode) with the resolved weights loaded strictly.
+
+    ``drop_path``: the stochastic depth rate of the last block (earlier blocks less; None: the architecture's
+    own), noise for fine-tuning; it adds no weights, so the checkpoint loads into a model built without it.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(0)  # random init ("--weights none") must give the same numbers every run
-        if spec.library == "timm":
-            import timm
-
-            pretrained = weights.path is None and weights.identifier != "none"
-            model = timm.create_model(spec.architecture, pretrained=pretrained)
-        else:
-            import torchvision
-
-            kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
-            model = torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
+        try:
+            model = _network(spec, weights, drop_path)
+        except TypeError:
+            if not drop_path:
+                raise
+            model = nn.Module()  # an architecture that takes no stochastic depth rate: refused below
+        if drop_path and not any(type(m).__name__ in STOCHASTIC_DEPTH for m in model.modules()):
+            raise ConfigError(f"--drop-path: backbone {spec.name!r} has no stochastic depth (EfficientNets, "
+                              "ConvNeXt and most timm: models have); leave it at 0")
         if spec.name == "inception_v3" and weights.identifier != "none":
             model.transform_input = True  # the Google weights expect torchvision's input re-scaling
     if weights.path is not None:
@@ -82,14 +86,29 @@ def build_classifier(spec: BackboneSpec, weights: ResolvedWeights) -> nn.Module:
     return model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
+def _network(spec: BackboneSpec, weights: ResolvedWeights, drop_path: float | None) -> nn.Module:
+    if spec.library == "timm":
+        import timm
+
+        pretrained = weights.path is None and weights.identifier != "none"
+        return timm.create_model(spec.architecture, pretrained=pretrained,
+                                 **({"drop_path_rate": drop_path} if drop_path else {}))
+    import torchvision
+
+    kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
+    if drop_path:
+        kwargs["stochastic_depth_prob"] = drop_path
+    return torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
+
+
 def build_feature_model(spec: BackboneSpec, weights: ResolvedWeights, layer: str = "penultimate",
-                        backbone_state: dict | None = None) -> FeatureModel:
+                        backbone_state: dict | None = None, drop_path: float | None = None) -> FeatureModel:
     """The feature model of ``spec`` with ``weights``, or with a fine-tuned ``backbone_state`` loaded over them.
 
     The one way extraction, prediction, fine-tuning and the advisor make a model, so they cannot differ.
     """
-    model = FeatureModel(build_classifier(spec, weights if backbone_state is None else RANDOM_INIT), spec,
-                         parse_layer(layer))
+    model = FeatureModel(build_classifier(spec, weights if backbone_state is None else RANDOM_INIT, drop_path),
+                         spec, parse_layer(layer))
     if backbone_state is not None:
         model.net.load_state_dict(backbone_state, strict=True)
     return model

@@ -63,6 +63,8 @@ class FinetuneConfig:
     aug: str = "natural"
     class_weights: bool = True
     clip_grad: float = 1.0
+    dropout: float = 0.0  # before the new head (fastai's ps, a Keras Dropout before the Dense)
+    drop_path: float | None = None  # stochastic depth in the backbone; None: the architecture's own
     patience: int = 2
     val_fraction: float = 0.15
     seed: int = 0
@@ -91,15 +93,17 @@ class FinetuneResult:
 
 
 class Classifier(nn.Module):
-    """A feature model plus a new linear head: uint8 images in, logits out."""
+    """A feature model plus a new linear head: uint8 images in, logits out. Dropout (training only) has no
+    weights, so the head's state is a plain linear layer's, as extraction and the warm start expect."""
 
-    def __init__(self, features: nn.Module, dim: int, n_classes: int):
+    def __init__(self, features: nn.Module, dim: int, n_classes: int, dropout: float = 0.0):
         super().__init__()
         self.features = features
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        return self.head(self.dropout(self.features(images)))
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -252,8 +256,8 @@ class Trainer:
         self.classes = self.dataset.classes
         self.pseudo_record = _pseudo_record(config.pseudo_labels, pseudo, self.classes) if pseudo else None
         torch.manual_seed(config.seed)
-        features = build_feature_model(self.spec, self.weights)
-        self.model = Classifier(features, self.spec.dim, len(self.classes)).to(self.device)
+        features = build_feature_model(self.spec, self.weights, drop_path=config.drop_path)
+        self.model = Classifier(features, self.spec.dim, len(self.classes), config.dropout).to(self.device)
         if config.init_head_from:
             warm_start_head(self.model, config.init_head_from, self.spec.name, self.classes)
         counts = np.bincount([s.label for s in self.train_samples], minlength=len(self.classes))

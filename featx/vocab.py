@@ -119,6 +119,8 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "lr_min": Maybe(Interval(float, 0, low_open=True)),
     "weight_decay": Interval(float, 0),
     "clip_grad": Interval(float, 0, low_open=True),
+    "dropout": Interval(float, 0, 0.95),
+    "drop_path": Maybe(Interval(float, 0, 0.95)),
     "patience": Interval(int, 1),
     # heads and comparison
     "seed": Interval(int, 0),

@@ -310,6 +310,35 @@ def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone
     assert "backbone_validation" not in load_embeddings(extract(other, config, progress=False).path).meta
 
 
+def test_noise_trains_and_leaves_no_trace_in_the_weights(colours, tmp_path):
+    """Dropout and stochastic depth (Noisy Student's noise) act in training only and add no weights."""
+    noisy = replace(TINY, backbone="efficientnet_lite0", dropout=0.5, drop_path=0.2, epochs=1)
+    trainer = Trainer(colours, noisy, tmp_path / "run")
+    depth = [m.drop_prob for m in trainer.model.modules() if type(m).__name__ == "DropPath"]
+    assert len(depth) > 5 and 0.15 < max(depth) <= 0.2 and depth == sorted(depth)  # rising with depth
+    images, _ = next(iter(trainer.loader(trainer.train_samples, train=False)))
+    trainer.model.train()
+    with torch.no_grad():
+        assert not torch.allclose(trainer.model(images), trainer.model(images))
+        trainer.model.eval()
+        assert torch.equal(trainer.model(images), trainer.model(images))
+    plain = Trainer(colours, replace(noisy, dropout=0.0, drop_path=None), tmp_path / "plain")
+    assert not any(type(m).__name__ == "DropPath" for m in plain.model.modules())
+    assert trainer.model.state_dict().keys() == plain.model.state_dict().keys()
+
+    finetune(colours, noisy, out=tmp_path / "run", progress=False)
+    sidecar = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert sidecar["config"]["dropout"] == 0.5 and sidecar["config"]["drop_path"] == 0.2
+    emb = extract(colours, ExtractConfig(checkpoint=str(tmp_path / "run" / "best.pt"),
+                                         cache_dir=str(tmp_path / "cache")), progress=False)
+    assert load_embeddings(emb.path).features().shape[1] == 1280  # loads into a model built without noise
+
+    with pytest.raises(ConfigError, match="--drop-path: backbone 'resnet18' has no stochastic depth"):
+        Trainer(colours, replace(TINY, drop_path=0.2), tmp_path / "resnet")
+    with pytest.raises(ConfigError, match="The 'dropout' parameter"):
+        Trainer(colours, replace(TINY, dropout=1.5), tmp_path / "bad")
+
+
 def test_bad_settings_are_refused(colours, tmp_path):
     with pytest.raises(ConfigError, match="The 'unfreeze' parameter"):
         Trainer(colours, replace(TINY, unfreeze="7"), tmp_path).optimizer_for("7", 1)
