@@ -455,8 +455,8 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, class_weights, init_head_from, pseudo_labels, split,
-             split_seed, split_from, val_fraction, seed, device, precision, workers, out, resume):
+             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, class_weights, init_head_from,
+             pseudo_labels, split, split_seed, split_from, val_fraction, seed, device, precision, workers, out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
@@ -469,9 +469,9 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
 
     config = FinetuneConfig(
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
-        lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size, image_size=image_size, fit=fit,
-        aug=aug, class_weights=class_weights, patience=patience, val_fraction=val_fraction, seed=seed, device=device,
-        precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
+        lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
+        image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience,
+        val_fraction=val_fraction, seed=seed, device=device, precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
         pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
         split_from=str(split_from) if split_from else None,
     )

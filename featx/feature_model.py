@@ -66,9 +66,9 @@ def build_classifier(spec: BackboneSpec, weights: ResolvedWeights, drop_path: fl
         try:
             model = _network(spec, weights, drop_path)
         except TypeError:
-            if not drop_path:
+            if drop_path is None:
                 raise
-            model = nn.Module()  # an architecture that takes no stochastic depth rate: refused below
+            model = _network(spec, weights, None)  # an architecture that takes no stochastic depth rate
         if drop_path and not any(type(m).__name__ in STOCHASTIC_DEPTH for m in model.modules()):
             raise ConfigError(f"--drop-path: backbone {spec.name!r} has no stochastic depth (EfficientNets, "
                               "ConvNeXt and most timm: models have); leave it at 0")
@@ -92,11 +92,11 @@ def _network(spec: BackboneSpec, weights: ResolvedWeights, drop_path: float | No
 
         pretrained = weights.path is None and weights.identifier != "none"
         return timm.create_model(spec.architecture, pretrained=pretrained,
-                                 **({"drop_path_rate": drop_path} if drop_path else {}))
+                                 **({"drop_path_rate": drop_path} if drop_path is not None else {}))
     import torchvision
 
     kwargs = {"init_weights": True, "aux_logits": True} if spec.name == "inception_v3" else {}
-    if drop_path:
+    if drop_path is not None:
         kwargs["stochastic_depth_prob"] = drop_path
     return torchvision.models.get_model(spec.architecture, weights=None, **kwargs)
 

@@ -335,6 +335,12 @@ def test_noise_trains_and_leaves_no_trace_in_the_weights(colours, tmp_path):
 
     with pytest.raises(ConfigError, match="--drop-path: backbone 'resnet18' has no stochastic depth"):
         Trainer(colours, replace(TINY, drop_path=0.2), tmp_path / "resnet")
+    Trainer(colours, replace(TINY, drop_path=0.0), tmp_path / "resnet")  # none asked, none there: fine
+    own = [m.p for m in Trainer(colours, replace(TINY, backbone="efficientnet_b0"), tmp_path / "b0").model.modules()
+           if type(m).__name__ == "StochasticDepth"]
+    off = [m.p for m in Trainer(colours, replace(TINY, backbone="efficientnet_b0", drop_path=0.0),
+                                tmp_path / "b0").model.modules() if type(m).__name__ == "StochasticDepth"]
+    assert max(own) > 0.15 and max(off) == 0  # torchvision's EfficientNet has its own 0.2; 0 turns it off
     with pytest.raises(ConfigError, match="The 'dropout' parameter"):
         Trainer(colours, replace(TINY, dropout=1.5), tmp_path / "bad")
 
