@@ -103,7 +103,6 @@ def prepare_out(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
-    # run.json is written last: a folder of featx's entries alone is a run whose saving was cut short
     if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name not in OWNED for p in out.iterdir()):
         raise DataError(f"{out}: not empty and not a featx run folder; choose another --out")
     try:
