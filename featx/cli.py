@@ -471,7 +471,8 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
         lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
         image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience,
-        val_fraction=val_fraction, seed=seed, device=device, precision=precision, workers=workers, init_head_from=str(init_head_from) if init_head_from else None,
+        val_fraction=val_fraction, seed=seed, device=device, precision=precision, workers=workers,
+        init_head_from=str(init_head_from) if init_head_from else None,
         pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
         split_from=str(split_from) if split_from else None,
     )

@@ -71,7 +71,7 @@ def build_classifier(spec: BackboneSpec, weights: ResolvedWeights, drop_path: fl
             model = _network(spec, weights, None)  # an architecture that takes no stochastic depth rate
         if drop_path and not any(type(m).__name__ in STOCHASTIC_DEPTH for m in model.modules()):
             raise ConfigError(f"--drop-path: backbone {spec.name!r} has no stochastic depth (EfficientNets, "
-                              "ConvNeXt and most timm: models have); leave it at 0")
+                              "ConvNeXt and most timm: models have); leave --drop-path out")
         if spec.name == "inception_v3" and weights.identifier != "none":
             model.transform_input = True  # the Google weights expect torchvision's input re-scaling
     if weights.path is not None:
