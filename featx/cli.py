@@ -446,7 +446,11 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with path,split columns giving each image's split, as featx extract's --split-from.")
 @options.val_fraction
-@options.seed("Seed for the carved validation split, the head's initialisation and the batch order.")
+@options.seed("Seed for the head's initialisation, the batch order and augmentation, and the carved "
+              "validation split unless --val-seed is given.")
+@options.option("val_seed", help="Seed for the carved validation split alone, when runs with several --seed values "
+                                 "must hold out the same images: then `compare --seed VAL_SEED --ensemble` averages "
+                                 "them on validation none of them trained on.  [default: --seed]")
 @options.device
 @options.precision
 @options.option("workers", help="DataLoader worker processes for decoding and augmentation (default: 8 on a GPU, "
@@ -456,7 +460,8 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
              bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, class_weights, init_head_from,
-             pseudo_labels, split, split_seed, split_from, val_fraction, seed, device, precision, workers, out, resume):
+             pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers, out,
+             resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
@@ -471,7 +476,7 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
         lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
         image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience,
-        val_fraction=val_fraction, seed=seed, device=device, precision=precision, workers=workers,
+        val_fraction=val_fraction, seed=seed, val_seed=val_seed, device=device, precision=precision, workers=workers,
         init_head_from=str(init_head_from) if init_head_from else None,
         pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
         split_from=str(split_from) if split_from else None,

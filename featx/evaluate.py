@@ -423,7 +423,7 @@ def validation_trained_on(emb: Embeddings, val_fraction: float, seed: int) -> di
     if not trained:
         return None
     log.warning("%s: %d of its %d validation images trained its fine-tuned backbone, which held out others "
-                "(featx finetune --seed %s --val-fraction %s): validation figures and the choices made on them are "
+                "(featx finetune --val-seed %s --val-fraction %s): validation figures and the choices made on them are "
                 "optimistic; compare with that --seed and --val-fraction", emb.path.name, trained, len(val),
                 held_out["seed"], held_out["val_fraction"])
     return {"images": trained, "of": len(val), "finetune_seed": held_out["seed"],

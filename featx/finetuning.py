@@ -68,6 +68,7 @@ class FinetuneConfig:
     patience: int = 2
     val_fraction: float = 0.15
     seed: int = 0
+    val_seed: int | None = None  # the carved validation's, when not ``seed``'s: an ensemble's runs hold out the same
     split: str | None = None  # fractions of the split drawn when the data has none (scan_dataset's default)
     split_seed: int = 0  # its seed, apart from ``seed``: a run with another training seed trains on the same images
     split_from: str | None = None  # CSV of path,split instead
@@ -81,6 +82,10 @@ class FinetuneConfig:
         check_fields(self, "finetune")
         if self.epochs == 0 and (self.head_epochs == 0 or self.unfreeze == "0"):
             raise ConfigError("nothing to train: epochs is 0 (and head_epochs is 0, or only the head trains)")
+
+    @property
+    def validation_seed(self) -> int:
+        return self.seed if self.val_seed is None else self.val_seed
 
 
 @dataclass
@@ -248,7 +253,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.precision, _ = resolve_precision(config.precision, self.device.type, self.spec.architecture)
         self.weights = resolve_weights(self.spec, config.weights)
-        train, val = train_val_samples(self.dataset, config.val_fraction, config.seed)
+        train, val = train_val_samples(self.dataset, config.val_fraction, config.validation_seed)
         # pseudo-labelled images train only: validation keeps to given labels, so early stopping trusts no guess
         pseudo = pseudo_labelled(self.dataset, config.pseudo_labels) if config.pseudo_labels else []
         self.train_samples = _readable(self.dataset, train + pseudo)
@@ -298,7 +303,8 @@ class Trainer:
             "trained_on": {"split_source": self.dataset.split_source, "images": self.dataset.membership(),
                            "train_val": self.dataset.membership(("train", "val")),
                            "validation": {"images": sorted(s.path for s in self.val_samples),
-                                          "seed": self.config.seed, "val_fraction": self.config.val_fraction}},
+                                          "seed": self.config.validation_seed,
+                                          "val_fraction": self.config.val_fraction}},
             **({"pseudo_labels": self.pseudo_record} if self.pseudo_record else {}),
         }
 

@@ -125,6 +125,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     # heads and comparison
     "seed": Interval(int, 0),
     "split_seed": Interval(int, 0),
+    "val_seed": Maybe(Interval(int, 0)),
     "val_fraction": Interval(float, 0.05, 0.5),
     "cv": Maybe(Interval(int, 2)),
     "max_train_rows": Maybe(Interval(int, 10)),

@@ -310,6 +310,41 @@ def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone
     assert "backbone_validation" not in load_embeddings(extract(other, config, progress=False).path).meta
 
 
+def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path, caplog):
+    """An ensemble over training seeds is validated cleanly only on images none of its runs trained on:
+    --val-seed fixes the carve while --seed still moves the head's start and the batch order."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    from featx.evaluate import compare
+
+    data = make_class_folders(tmp_path / "data", per_class=20, splits=("train", "test"))
+    one_epoch = replace(TINY, head_epochs=0, epochs=1)
+    trainers = [Trainer(data, replace(one_epoch, seed=seed, val_seed=val_seed), tmp_path / "t")
+                for seed, val_seed in ((0, None), (1, 0), (1, None))]
+    held_out = [{s.path for s in trainer.val_samples} for trainer in trainers]
+    assert held_out[0] == held_out[1] != held_out[2]
+    assert not torch.equal(trainers[0].model.head.weight, trainers[1].model.head.weight)
+
+    cache = tmp_path / "cache"
+    members = []
+    for seed in ("0", "1"):
+        result = CliRunner().invoke(main, ["finetune", str(data), "--backbone", "resnet18", "--weights", "none",
+                                           "--image-size", "32", "--batch-size", "8", "--head-epochs", "0",
+                                           "--epochs", "1", "--aug", "none", "--seed", seed, "--val-seed", "0",
+                                           "--out", str(tmp_path / f"seed{seed}")])
+        assert result.exit_code == 0, result.output
+        config = ExtractConfig(checkpoint=str(tmp_path / f"seed{seed}" / "best.pt"), cache_dir=str(cache))
+        members.append(load_embeddings(extract(data, config, progress=False).path))
+    assert members[0].cache_key != members[1].cache_key
+    assert members[0].meta["backbone_validation"] == members[1].meta["backbone_validation"]
+    assert members[1].meta["backbone_validation"]["seed"] == 0
+    with caplog.at_level("WARNING", logger="featx.evaluate"):
+        board = compare(members, ["logreg"], seed=0, ensemble=True)
+    assert "validation_trained_on" not in board.settings and "trained its fine-tuned backbone" not in caplog.text
+    assert any("averaged" in row["backbone"] for row in board.rows)
+
+
 def test_noise_trains_and_leaves_no_trace_in_the_weights(colours, tmp_path):
     """Dropout and stochastic depth (Noisy Student's noise) act in training only and add no weights."""
     noisy = replace(TINY, backbone="efficientnet_lite0", dropout=0.5, drop_path=0.2, epochs=1)
