@@ -120,6 +120,11 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
     if len(checkpoints) > 1:
         found.append(Lever("fine-tuned checkpoints concatenated + threshold on val",
                            [cfg(checkpoint=path) for path in checkpoints], threshold="balanced_accuracy"))
+        # runs of one recipe with several --seed values (one --val-seed): an ensemble over training seeds
+        names = " + ".join(Path(path).parent.name for path in checkpoints)
+        found.append(Lever(f"fine-tuned {names} averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
+                           [cfg(checkpoint=path) for path in checkpoints], threshold="mixture",
+                           remedy={"smooth_test": 10}, ensemble=True))
     return found
 
 
@@ -207,7 +212,8 @@ def shift_score(board, row) -> str:
 @click.option("--data", default="../shared/data/chest_xray", type=click.Path(exists=True, path_type=Path))
 @click.option("--cache", default="cache", show_default=True)
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A fine-tuned best.pt to add (repeatable); rows are named after its run folder.")
+              help="A fine-tuned best.pt to add (repeatable); rows are named after its run folder. Several "
+                   "are also compared side by side and averaged (runs of one recipe over seeds).")
 @click.option("--flowers", type=click.Path(exists=True, path_type=Path), help="Also the smaller flowers5 table.")
 @click.option("--out", default="runs/reproduce", show_default=True, type=click.Path(path_type=Path))
 @click.option("--only", metavar="REGEX", help="Only the configurations whose name matches REGEX, e.g. 'AdaBN|--align'.")
