@@ -68,7 +68,7 @@ class FinetuneConfig:
     patience: int = 2
     val_fraction: float = 0.15
     seed: int = 0
-    val_seed: int | None = None  # the carved validation's, when not ``seed``'s: an ensemble's runs hold out the same
+    val_seed: int | None = None  # the carved validation's alone (None: seed's), so an ensemble's runs share it
     split: str | None = None  # fractions of the split drawn when the data has none (scan_dataset's default)
     split_seed: int = 0  # its seed, apart from ``seed``: a run with another training seed trains on the same images
     split_from: str | None = None  # CSV of path,split instead
