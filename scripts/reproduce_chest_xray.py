@@ -297,7 +297,8 @@ def chest_tables(results) -> list[str]:
                f"AUC {statistics.mean(auc):.4f} ± {statistics.stdev(auc):.4f}, macro F1 {statistics.mean(f1):.4f} ± "
                f"{statistics.stdev(f1):.4f}.")
     if optimistic:  # a checkpoint fine-tuned with one seed held out only that seed's validation images
-        summary += (" Its validation images include images its fine-tuned backbone trained on (" + "; ".join(optimistic)
+        summary += (" Its validation images include images its fine-tuned backbone trained on ("
+                    + "; ".join(dict.fromkeys(optimistic))
                     + "), so those seeds' choices are optimistic; their test figures are still held out.")
     published = "\n".join(["| published | test accuracy | AUC |", "|---|---|---|"] +
                           [f"| {n} | {a} | {u} |" for n, a, u in PUBLISHED])
