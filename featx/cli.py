@@ -460,8 +460,8 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
              bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, class_weights, init_head_from,
-             pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers, out,
-             resume):
+             pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers,
+             out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
