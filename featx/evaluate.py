@@ -339,6 +339,8 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
         leaked = validation_trained_on(emb, val_fraction, seed)
         if leaked:
             settings.setdefault("validation_trained_on", {})[emb.path.name] = leaked
+    if ensemble or concat:
+        warn_mixed_validation(files)
     if out_of_core:
         return _compare_out_of_core(files, names, settings, cluster)
     if not files:
@@ -428,6 +430,18 @@ def validation_trained_on(emb: Embeddings, val_fraction: float, seed: int) -> di
                 held_out["seed"], held_out["val_fraction"])
     return {"images": trained, "of": len(val), "finetune_seed": held_out["seed"],
             "finetune_val_fraction": held_out["val_fraction"]}
+
+
+def warn_mixed_validation(files: list[Embeddings]) -> None:
+    """Fine-tuned files that held out different validation images: whatever compare's --seed, some of them trained
+    on its validation images, so their average (or concatenation) is never validated cleanly; one --val-seed for
+    every fine-tune is the cure."""
+    carves = sorted({(held["seed"], held["val_fraction"]) for held in
+                     (emb.meta.get("backbone_validation") for emb in files) if held})
+    if len(carves) > 1:
+        log.warning("the fine-tuned files held out different validation images (carved with seeds %s): no compare "
+                    "--seed validates them together on images none of them trained on; fine-tune them with one "
+                    "--val-seed", ", ".join(f"{s} (fraction {f})" for s, f in carves))
 
 
 def check_shift(emb: Embeddings, seed: int) -> dict | None:

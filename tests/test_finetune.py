@@ -344,6 +344,16 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
     assert "validation_trained_on" not in board.settings and "trained its fine-tuned backbone" not in caplog.text
     assert any("averaged" in row["backbone"] for row in board.rows)
 
+    # a run with its own carve cannot be validated together with them: compare says so, and what to do
+    finetune(data, replace(one_epoch, seed=1), out=tmp_path / "own", progress=False)
+    own = load_embeddings(extract(data, ExtractConfig(checkpoint=str(tmp_path / "own" / "best.pt"),
+                                                      cache_dir=str(cache)), progress=False).path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="featx.evaluate"):
+        compare([members[0], own], ["logreg"], seed=0, ensemble=True)
+    assert "held out different validation images (carved with seeds 0 (fraction 0.15), 1 (fraction 0.15))" \
+        in caplog.text and "one --val-seed" in caplog.text
+
 
 def test_noise_trains_and_leaves_no_trace_in_the_weights(colours, tmp_path):
     """Dropout and stochastic depth (Noisy Student's noise) act in training only and add no weights."""
