@@ -279,7 +279,9 @@ def audit(file, source, target, duplicate_cosine, out, images, seed):
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def info(file):
+@click.option("--full", is_flag=True, help="Print long lists in the metadata (e.g. a fine-tuned backbone's "
+              "validation images) whole instead of counting them.")
+def info(file, full):
     """Show how an embedding file was made and what is in it (splits, classes, failures)."""
     import numpy as np
 
@@ -290,7 +292,7 @@ def info(file):
     echo(f"{file}")
     echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
     for key in sorted(k for k in meta if k not in skip):
-        echo(f"  {key}: {meta[key]}")
+        echo(f"  {key}: {meta[key] if full else _brief(meta[key])}")
     if not meta["complete"]:
         echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
         return
@@ -677,6 +679,23 @@ def list_registry(what):
         rows.append((name, str(spec.dim), str(spec.input_size), str(spec.resize), source))
     echo(_table(rows))
     echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
+
+
+def _brief(value, longest: int = 6):
+    """``value`` with every list longer than ``longest`` shown by its length and first items: one screen a key."""
+    if isinstance(value, dict):
+        return {k: _brief(v, longest) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) > longest:
+        first = ", ".join(repr(_brief(v, longest)) for v in value[:2])
+        return _Shown(f"[{len(value)} items: {first}, …; --full lists them]")
+    return value
+
+
+class _Shown(str):
+    """A string that prints as itself inside a container's repr (no quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:

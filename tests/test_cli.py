@@ -1,5 +1,6 @@
 import json
 
+import h5py
 import pytest
 from click.testing import CliRunner
 
@@ -42,6 +43,14 @@ def test_extract_ls_info_round_trip(runner, image_folder, tmp_path):
     assert shown.exit_code == 0
     assert "rows × dim: 18 × 512" in shown.output and "weights: none" in shown.output
     assert "split" in shown.output and "blue" in shown.output
+
+    # long lists (a fine-tuned backbone's 783 validation images) are counted, and shown whole on request
+    with h5py.File(path, "a") as handle:
+        handle.attrs["backbone_validation"] = json.dumps({"images": [f"v/{i}.png" for i in range(40)], "seed": 0})
+    brief = runner.invoke(main, ["info", str(path)])
+    assert "backbone_validation: {'images': [40 items: 'v/0.png', 'v/1.png', …; --full lists them], 'seed': 0}" \
+        in brief.output and "v/39.png" not in brief.output
+    assert "v/39.png" in runner.invoke(main, ["info", str(path), "--full"]).output
 
 
 def test_several_backbones_in_one_call(runner, image_folder, tmp_path):
