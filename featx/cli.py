@@ -194,7 +194,8 @@ def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None
 @main.command(name="ls")
 @click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
 def list_cache(cache_dir):
-    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete."""
+    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete, how each was made
+    (input size and fit, augmented copies, AdaBN, TTA, the fine-tuned checkpoint it came from)."""
     from featx.store import list_cache as entries_of
 
     if not cache_dir.is_dir():
@@ -203,16 +204,16 @@ def list_cache(cache_dir):
     if not entries:
         echo(f"{cache_dir}: no embedding files")
         return
-    rows = [("dataset", "backbone", "rows", "dim", "MB", "complete", "path")]
+    rows = [("dataset", "backbone", "rows", "dim", "MB", "complete", "path", "made with")]
     for e in entries:
         if "problem" in e:
-            rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"]))
+            rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"], ""))
             continue
         state = "yes" if e["complete"] else f"no ({e['rows_done']}/{e['rows']})"
         if not e["complete"] and e["resumes_at"] < e["rows_done"]:
             state = f"damaged after row {e['resumes_at']} (resumes there)"
         rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
-                     e["path"]))
+                     e["path"], e["made_with"]))
     echo(_table(rows))
 
 

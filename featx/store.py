@@ -589,11 +589,24 @@ def list_cache(cache_dir: str | Path) -> list[dict]:
                 dim=meta["dim"],
                 rows_done=meta["rows_done"],
                 complete=bool(meta["complete"]),
+                made_with=made_with(meta),
             )
             if not meta["complete"]:  # progress is worth showing only as far as it verifies
                 entry["resumes_at"] = _resumes_at(path)
         entries.append(entry)
     return entries
+
+
+def made_with(meta: dict) -> str:
+    """What tells files of one backbone apart in a listing: input size and fit, copies, AdaBN, TTA, checkpoint."""
+    config = meta.get("config") or {}
+    parts = [f"{meta.get('image_size', '?')} px {meta.get('fit', 'crop')}"]  # recorded only when not crop
+    if config.get("augment"):
+        parts.append(f"{config['augment']} {config.get('aug', '')} copies".replace("  ", " "))
+    parts += [name for name, used in (("AdaBN", config.get("adapt_bn")), ("TTA", meta.get("tta"))) if used]
+    if config.get("checkpoint"):
+        parts.append(f"from {config['checkpoint']}")
+    return ", ".join(parts)
 
 
 def rows_written(partial: Path) -> int:

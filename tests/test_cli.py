@@ -39,6 +39,7 @@ def test_extract_ls_info_round_trip(runner, image_folder, tmp_path):
     listing = runner.invoke(main, ["ls", str(cache)])
     assert listing.exit_code == 0
     assert "colours" in listing.output and "resnet18" in listing.output and "512" in listing.output
+    assert listing.output.splitlines()[1].endswith("64 px crop")  # how it was made: what tells files apart
     shown = runner.invoke(main, ["info", str(path)])
     assert shown.exit_code == 0
     assert "rows × dim: 18 × 512" in shown.output and "weights: none" in shown.output

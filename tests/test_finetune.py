@@ -337,6 +337,8 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
         config = ExtractConfig(checkpoint=str(tmp_path / f"seed{seed}" / "best.pt"), cache_dir=str(cache))
         members.append(load_embeddings(extract(data, config, progress=False).path))
     assert members[0].cache_key != members[1].cache_key
+    listing = CliRunner().invoke(main, ["ls", str(cache)]).output  # which run each file came from
+    assert all(f"32 px crop, from {tmp_path / f'seed{seed}' / 'best.pt'}" in listing for seed in (0, 1))
     assert members[0].meta["backbone_validation"] == members[1].meta["backbone_validation"]
     assert members[1].meta["backbone_validation"]["seed"] == 0
     with caplog.at_level("WARNING", logger="featx.evaluate"):
