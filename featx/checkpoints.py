@@ -43,14 +43,16 @@ def save_checkpoint(path: Path, model_state: dict, sidecar: dict) -> None:
 
 
 def save_resume_state(folder: Path, *, model_state: dict, optimizer, scheduler, epoch: int, history: list[dict],
-                      best: dict, stale: int, sidecar: dict) -> None:
-    """``folder/last.pt``: everything an interrupted fine-tune needs to continue exactly, with RNG states."""
+                      best: dict, stale: int, sidecar: dict, average: dict | None = None) -> None:
+    """``folder/last.pt``: everything an interrupted fine-tune needs to continue exactly, with RNG states
+    (and the weight average, ``finetune --ema``)."""
     import torch
 
     _save_atomically({
         "model": model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "history": json.dumps(history), "best": json.dumps(best), "stale": stale,
         "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate()),
+        **({"average": average} if average else {}),
     }, folder / "last.pt")
     _write_sidecar(folder / "last.pt", sidecar)
 

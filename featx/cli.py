@@ -432,6 +432,9 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @options.fit
 @options.option("patience", default=2, show_default=True,
                 help="Early stop after this many epochs without a better validation loss.")
+@options.option("ema", metavar="DECAY",
+                help="Keep an exponential moving average of the weights (e.g. 0.997: about the last 330 steps); "
+                     "validation, early stopping and best.pt use it. Default: the weights as trained.")
 @click.option("--class-weights/--no-class-weights", default=True, show_default=True,
               help="Weight the loss by inverse class frequency.")
 @click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -462,7 +465,7 @@ def compare_command(embeddings, heads, out, concat, ensemble, **settings):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
 def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, class_weights, init_head_from,
+             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, ema, class_weights, init_head_from,
              pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers,
              out, resume):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
@@ -478,7 +481,7 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
     config = FinetuneConfig(
         backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
         lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
-        image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience,
+        image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience, ema=ema,
         val_fraction=val_fraction, seed=seed, val_seed=val_seed, device=device, precision=precision, workers=workers,
         init_head_from=str(init_head_from) if init_head_from else None,
         pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,

@@ -4,7 +4,8 @@ fastai's ``fine_tune`` recipe, made explicit: the new linear head trains first w
 backbone frozen, then the top ``unfreeze`` stages (or all) train with discriminative learning
 rates (geometric from ``lr_min`` at the earliest stage to ``lr`` at the head), AdamW without
 weight decay on norms and biases, a one-cycle schedule, gradient clipping, class weights and
-early stopping on validation loss. The test split is never read here.
+early stopping on validation loss; optionally an average of the weights over the last steps (``ema``),
+which validation, early stopping and ``best.pt`` then use. The test split is never read here.
 
 A run folder holds ``best.pt`` / ``last.pt`` (``featx.checkpoints``), ``history.csv`` and
 ``history.png`` (``featx.runs``); ``last.pt`` also holds optimiser, scheduler and epoch, so
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -66,6 +68,7 @@ class FinetuneConfig:
     dropout: float = 0.0  # before the new head (fastai's ps, a Keras Dropout before the Dense)
     drop_path: float | None = None  # stochastic depth in the backbone; None: the architecture's own
     patience: int = 2
+    ema: float | None = None  # decay of an exponential moving average of the weights; None: the weights as trained
     val_fraction: float = 0.15
     seed: int = 0
     val_seed: int | None = None  # the carved validation's alone (None: seed's), so an ensemble's runs share it
@@ -109,6 +112,44 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(images)))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging, timm's ModelEma): the weights of
+    the last ~1/(1 - decay) steps averaged, less at the mercy of where one run's last steps happened to land.
+
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))`` so the first steps are not averaged with the
+    starting weights for long; integer buffers (BatchNorm's step count) follow the model as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.steps = state["steps"] if state else 0
+        source = state["weights"] if state else model.state_dict()
+        self.weights = {k: v.detach().clone() for k, v in source.items()}
+
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    self.weights[name].lerp_(value, 1 - decay)
+                else:
+                    self.weights[name].copy_(value)
+
+    @contextmanager
+    def applied(self, model: nn.Module):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield
+        finally:
+            model.load_state_dict(own)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "weights": self.weights}
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -329,7 +370,8 @@ class Trainer:
                                                         pct_start=max(0.25, 2 / total))
         return optimizer, scheduler
 
-    def train_epoch(self, epoch: int, optimizer, scheduler, progress: bool) -> float:
+    def train_epoch(self, epoch: int, optimizer, scheduler, progress: bool,
+                    average: WeightAverage | None = None) -> float:
         from tqdm.auto import tqdm
 
         set_train_mode(self.model, self.config.bn)
@@ -350,6 +392,8 @@ class Trainer:
             scaler.update()
             if scheduler.last_epoch < scheduler.total_steps:
                 scheduler.step()
+            if average is not None:
+                average.update(self.model)
             total += loss.item() * len(labels)
             seen += len(labels)
         return total / max(seen, 1)
@@ -390,6 +434,7 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
     history: list[dict] = state["history"] if state else []
     best = state["best"] if state else {"val_loss": math.inf, "epoch": 0}
     done = state["epoch"] if state else 0  # epochs completed, counted across phases
+    average = WeightAverage(trainer.model, config.ema, state and state.get("average")) if config.ema else None
     began = time.perf_counter()
     first = 0
     steps_per_epoch = len(trainer.loader(trainer.train_samples, train=True))
@@ -410,22 +455,30 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
                 break
             if stop_after_epochs is not None and epoch >= stop_after_epochs:
                 return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
-            train_loss = trainer.train_epoch(epoch, optimizer, scheduler, progress)
-            metrics = {"epoch": epoch + 1, "phase": phase, "unfreeze": unfreeze, "train_loss": train_loss,
-                       **trainer.evaluate(), "lr": max(g["lr"] for g in optimizer.param_groups)}
+            train_loss = trainer.train_epoch(epoch, optimizer, scheduler, progress, average)
+            with average.applied(trainer.model) if average else _as_trained():
+                metrics = {"epoch": epoch + 1, "phase": phase, "unfreeze": unfreeze, "train_loss": train_loss,
+                           **trainer.evaluate(), "lr": max(g["lr"] for g in optimizer.param_groups)}
+                # what validation scored (the average, if there is one), copied before the model's own come back
+                scored = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             history.append(metrics)
             log.info("epoch %d (unfreeze %s): train loss %.4f, val loss %.4f, val accuracy %.4f",
                      epoch + 1, unfreeze, train_loss, metrics["val_loss"], metrics["val_accuracy"])
             if metrics["val_loss"] < best["val_loss"]:
                 best, stale = metrics, 0
-                save_checkpoint(trainer.out / "best.pt", trainer.model.state_dict(), trainer.sidecar(metrics))
+                save_checkpoint(trainer.out / "best.pt", scored, trainer.sidecar(metrics))
             else:
                 stale += 1
             save_resume_state(trainer.out, model_state=trainer.model.state_dict(), optimizer=optimizer,
                               scheduler=scheduler, epoch=epoch + 1, history=history, best=best, stale=stale,
-                              sidecar=trainer.sidecar(history[-1]))
+                              sidecar=trainer.sidecar(history[-1]), average=average and average.state_dict())
             _write_history(trainer.out, history)
     return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
+
+
+@contextmanager
+def _as_trained():
+    yield
 
 
 # --- starting the head from a frozen-feature run ---------------------------------------------------------

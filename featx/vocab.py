@@ -122,6 +122,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "dropout": Interval(float, 0, 0.95),
     "drop_path": Maybe(Interval(float, 0, 0.95)),
     "patience": Interval(int, 1),
+    "ema": Maybe(Interval(float, 0.5, 0.9999)),
     # heads and comparison
     "seed": Interval(int, 0),
     "split_seed": Interval(int, 0),

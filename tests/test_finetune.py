@@ -9,8 +9,8 @@ import torch
 from featx.errors import ConfigError, DataError
 from featx.extraction import ExtractConfig, extract
 from featx.checkpoints import read_checkpoint
-from featx.finetuning import (FinetuneConfig, Trainer, finetune, group_learning_rates, lr_find, lr_sweep,
-                              stage_groups, suggest_lr)
+from featx.finetuning import (FinetuneConfig, Trainer, WeightAverage, finetune, group_learning_rates, lr_find,
+                              lr_sweep, stage_groups, suggest_lr)
 from featx.vocab import STAGE_GROUPS
 from featx.store import load_embeddings
 from tests.conftest import SHARED_DATA, make_class_folders, needs_shared_data
@@ -92,6 +92,38 @@ def test_resume_after_interruption_gives_the_same_weights(colours, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (tmp_path / "whole" / "history.csv").read_text() == (tmp_path / "cut" / "history.csv").read_text()
+
+
+def test_the_weight_average_follows_the_steps_and_is_what_validation_and_best_pt_see(colours, tmp_path):
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model)  # step 1: decay warmed up to min(0.9, 2 / 11)
+    np.testing.assert_allclose(average.weights["weight"], start + 1.0 * (1 - 2 / 11), rtol=1e-6)
+    with average.applied(model):
+        assert torch.equal(model.weight, average.weights["weight"])
+    assert torch.equal(model.weight, start + 1.0)  # the model's own weights are back after the block
+
+    config = replace(TINY, aug="natural", ema=0.9)
+    whole = finetune(colours, config, out=tmp_path / "whole", progress=False)
+    last = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    finetune(colours, config, out=tmp_path / "one", progress=False, stop_after_epochs=1)
+    one_last = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    one_best = torch.load(tmp_path / "one" / "best.pt", weights_only=True)  # epoch 1 is the best so far
+    assert torch.equal(one_best["head.weight"], one_last["average"]["weights"]["head.weight"])
+    assert not torch.equal(one_best["head.weight"], one_last["model"]["head.weight"])
+    plain = finetune(colours, replace(config, ema=None), out=tmp_path / "plain", progress=False)
+    assert [h["val_loss"] for h in whole.history] != [h["val_loss"] for h in plain.history]
+
+    # an interrupted run resumes with its average
+    finetune(colours, config, out=tmp_path / "cut", progress=False, stop_after_epochs=2)
+    finetune(colours, config, out=tmp_path / "cut", resume=True, progress=False)
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["average"]
+    assert resumed["steps"] == last["average"]["steps"]
+    for key, value in last["average"]["weights"].items():
+        assert torch.equal(value, resumed["weights"][key]), key
 
 
 def test_lr_finder_restores_the_weights(colours, tmp_path):
