@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -456,7 +456,7 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
             if stop_after_epochs is not None and epoch >= stop_after_epochs:
                 return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
             train_loss = trainer.train_epoch(epoch, optimizer, scheduler, progress, average)
-            with average.applied(trainer.model) if average else _as_trained():
+            with average.applied(trainer.model) if average else nullcontext():
                 metrics = {"epoch": epoch + 1, "phase": phase, "unfreeze": unfreeze, "train_loss": train_loss,
                            **trainer.evaluate(), "lr": max(g["lr"] for g in optimizer.param_groups)}
                 # what validation scored (the average, if there is one), copied before the model's own come back
@@ -474,11 +474,6 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
                               sidecar=trainer.sidecar(history[-1]), average=average and average.state_dict())
             _write_history(trainer.out, history)
     return FinetuneResult(trainer.out, best["epoch"], best, history, time.perf_counter() - began)
-
-
-@contextmanager
-def _as_trained():
-    yield
 
 
 # --- starting the head from a frozen-feature run ---------------------------------------------------------
