@@ -602,7 +602,7 @@ def made_with(meta: dict) -> str:
     config = meta.get("config") or {}
     parts = [f"{meta.get('image_size', '?')} px {meta.get('fit', 'crop')}"]  # recorded only when not crop
     if config.get("augment"):
-        parts.append(f"{config['augment']} {config.get('aug', '')} copies".replace("  ", " "))
+        parts.append(f"{config['augment']} {config.get('aug', 'natural')} copies")
     parts += [name for name, used in (("AdaBN", config.get("adapt_bn")), ("TTA", meta.get("tta"))) if used]
     if config.get("checkpoint"):
         parts.append(f"from {config['checkpoint']}")
