@@ -459,13 +459,12 @@ def finetune(data: ImageDataset | str | Path, config: FinetuneConfig = FinetuneC
             with average.applied(trainer.model) if average else nullcontext():
                 metrics = {"epoch": epoch + 1, "phase": phase, "unfreeze": unfreeze, "train_loss": train_loss,
                            **trainer.evaluate(), "lr": max(g["lr"] for g in optimizer.param_groups)}
-                # what validation scored (the average, if there is one), copied before the model's own come back
-                scored = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             history.append(metrics)
             log.info("epoch %d (unfreeze %s): train loss %.4f, val loss %.4f, val accuracy %.4f",
                      epoch + 1, unfreeze, train_loss, metrics["val_loss"], metrics["val_accuracy"])
             if metrics["val_loss"] < best["val_loss"]:
                 best, stale = metrics, 0
+                scored = average.weights if average else trainer.model.state_dict()  # what validation scored
                 save_checkpoint(trainer.out / "best.pt", scored, trainer.sidecar(metrics))
             else:
                 stale += 1
