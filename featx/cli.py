@@ -685,21 +685,15 @@ def list_registry(what):
     echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
 
 
-def _brief(value, longest: int = 6):
-    """``value`` with every list longer than ``longest`` shown by its length and first items: one screen a key."""
+def _brief(value, longest: int = 6, nested: bool = False) -> str:
+    """``value`` printed with every list longer than ``longest`` shown by its length and first items: one screen
+    a key. Top-level strings print bare, nested values as their repr, as ``str`` of a container would."""
     if isinstance(value, dict):
-        return {k: _brief(v, longest) for k, v in value.items()}
+        return "{" + ", ".join(f"{k!r}: {_brief(v, longest, True)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)) and len(value) > longest:
-        first = ", ".join(repr(_brief(v, longest)) for v in value[:2])
-        return _Shown(f"[{len(value)} items: {first}, …; --full lists them]")
-    return value
-
-
-class _Shown(str):
-    """A string that prints as itself inside a container's repr (no quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
+        first = ", ".join(_brief(v, longest, True) for v in value[:2])
+        return f"[{len(value)} items: {first}, …; --full lists them]"
+    return repr(value) if nested else str(value)
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:
