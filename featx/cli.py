@@ -226,15 +226,15 @@ def list_cache(cache_dir):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for duplicates.csv (every pair), label_issues.csv and audit.json.")
 @click.option("--images/--no-images", default=True, show_default=True,
-              help="Where the dataset is at hand: find identical files (SHA-256) and check the closest pairs by "
-                   "perceptual hash.")
-@options.seed("Seed of the balanced samples, folds and permutations.")
+              help="Where the dataset is at hand: find identical files (SHA-256) and check the closest pairs by a "
+                   "perceptual hash, whose confirming distance is calibrated on 200 of the images drawn at random.")
+@options.seed("Seed of the balanced samples, folds and permutations, and of the images the hash is calibrated on.")
 def audit(file, source, target, duplicate_cosine, out, images, seed):
     """Check an embedding file for what makes figures optimistic: shift between two splits (can a
     classifier tell them apart? within each class too), near-duplicate images leaked across splits,
     likely label errors and outliers. Reads the cached embeddings, and the image files where they are at
     hand (--no-images to skip): seconds, no torch."""
-    from featx.audit import SAME_IMAGE_BITS, SHIFT_AUC, SHIFT_P, audit as run_audit
+    from featx.audit import HASH_SIZE, SHIFT_AUC, SHIFT_P, audit as run_audit
     from featx.store import load_embeddings
 
     found = run_audit(load_embeddings(file), source, target, duplicate_cosine=duplicate_cosine, seed=seed,
@@ -253,10 +253,14 @@ def audit(file, source, target, duplicate_cosine, out, images, seed):
              "extract --adapt-bn (README: Remedies)")
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
-    if found.hash_bits:
-        confirmed = sum(d <= SAME_IMAGE_BITS for d in found.hash_bits.values())
-        echo(f"  confirmed by perceptual hash (≤ {SAME_IMAGE_BITS} of 64 bits differ): {confirmed} of the "
-             f"{len(found.hash_bits)} closest pairs")
+    hashes = found.hashes
+    if hashes and hashes.distances:
+        rate = hashes.false_positive_rate
+        calibration = "" if not hashes.random_pairs else (
+            f"; {'none' if rate == 0 else f'{rate:.2%}'} of {hashes.random_pairs:,} random pairs of these images")
+        echo(f"  confirmed by perceptual hash (≤ {hashes.same_image_bits} of {HASH_SIZE ** 2} bits differ"
+             f"{calibration}): {hashes.confirmed} of the {len(hashes.distances)} closest pairs; "
+             f"{len(found.leaked_and_confirmed)} of the {len(found.leaked)} {target} images")
     if found.exact:
         echo(f"identical files: {len(found.exact)} groups, {sum(map(len, found.exact))} rows")
     suggested = found.threshold_too_low
