@@ -269,7 +269,7 @@ class HashCheck:
 
     distances: dict[tuple[int, int], int]  # (row, row) → bits that differ
     same_image_bits: int  # a pair within this many bits is confirmed
-    random_pairs: int  # pairs of distinct images hashed to calibrate it
+    random_pairs: int  # pairs of the file's images, drawn at random, that calibrated it
     false_positive_rate: float | None  # share of those random pairs within same_image_bits
 
     def confirms(self, pair: DuplicatePair) -> bool:
