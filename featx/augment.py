@@ -1,4 +1,5 @@
-"""Random image transforms, shared by fine-tuning and by the augmented copies of ``extract --augment``.
+"""Random image transforms, shared by fine-tuning, the augmented copies of ``extract --augment`` and the
+test-time views of ``extract --tta-views``.
 
 ``xray`` varies what differs between X-ray machines and sites (contrast, exposure, sharpness,
 positioning) and never flips, since laterality matters; ``natural`` is the usual photo recipe.
@@ -7,12 +8,14 @@ positioning) and never flips, since laterality matters; ``natural`` is the usual
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import torch
 
 from featx.vocab import check
 # torchvision draws from torch's global generator; seeding it per image must not interleave across threads.
 _GLOBAL_RNG = threading.Lock()
+VIEW_SEED = 2**40  # test-time views draw from seeds no augmented copy (seeded by its row number) reaches
 
 
 def augmentation(name: str, size: int):
@@ -41,3 +44,13 @@ def seeded(transform, image: torch.Tensor, seed: int) -> torch.Tensor:
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+def fixed_views(name: str, size: int, count: int) -> list:
+    """``count`` draws of the ``name`` transforms, each fixed by its seed and applied alike to every image (a whole
+    batch at once): features averaged over them stay one function of the image, the same whether it is embedded
+    in one run, in shards, in any batch, or by ``featx predict``. No views for a ``count`` of 0."""
+    if not count:
+        return []
+    transform = augmentation(name, size)
+    return [partial(seeded, transform, seed=VIEW_SEED + k) for k in range(count)]

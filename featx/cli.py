@@ -85,6 +85,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.option("layer", default="penultimate", show_default=True, metavar="LAYER",
                 help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
 @click.option("--tta", is_flag=True, help="Average the features of the image and its horizontal flip.")
+@options.option("tta_views", default=0, show_default=True, metavar="K",
+                help="Test-time augmentation: average every image's features over the image and K views of it "
+                     "under the --aug transforms, the same K for every image (and for `featx predict`). K+1 "
+                     "times the work.")
 @options.precision
 @options.option("dtype", default="float16", show_default=True, help="Storage type of the features in the HDF5 file.")
 @options.image_size
@@ -92,8 +96,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.option("augment", default=0, show_default=True, metavar="K",
                 help="Also embed K augmented copies of each train image; heads then train on them too "
                      "(never on copies of validation images).")
-@options.aug("Transforms of the --augment copies; xray varies contrast, exposure, sharpness and position and "
-             "never flips.")
+@options.aug("Transforms of the --augment copies and --tta-views; xray varies contrast, exposure, sharpness and "
+             "position and never flips.")
 @options.batch_size
 @click.option("--adapt-bn", is_flag=True,
               help="AdaBN: embed each split with BatchNorm statistics re-estimated on its own images (up to 1,000 "
@@ -118,9 +122,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                                                 "of one worker's work that shrink to a few seconds' towards the end; "
                                                 "a re-run keeps the shards the first run planned).")
 @click.pass_context
-def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, precision, dtype, image_size,
-            fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from, max_pixels,
-            verify_content, allow_outside_root, force, cluster, shard_rows):
+def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, tta_views, precision, dtype,
+            image_size, fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from,
+            max_pixels, verify_content, allow_outside_root, force, cluster, shard_rows):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -149,7 +153,7 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
         raise click.UsageError("--shard-rows needs --cluster")
     for name in backbones:
         config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
-                               layer=layer, tta=tta, precision=precision,
+                               layer=layer, tta=tta, tta_views=tta_views, precision=precision,
                                dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
                                batch_size=batch_size, adapt_bn=adapt_bn, workers=workers, decode=decode,
                                device=device, cache_dir=str(cache_dir), max_pixels=max_pixels)
@@ -195,7 +199,7 @@ def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None
 @click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
 def list_cache(cache_dir):
     """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete, how each was made
-    (input size and fit, augmented copies, AdaBN, TTA, the fine-tuned checkpoint it came from)."""
+    (input size and fit, augmented copies, AdaBN, TTA and test-time views, the fine-tuned checkpoint it came from)."""
     from featx.store import list_cache as entries_of
 
     if not cache_dir.is_dir():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.augment import augmentation, seeded
+from featx.augment import augmentation, fixed_views, seeded
 from featx.datasets import ImageDataset
 from featx.errors import ConfigError
 from featx.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, gpu_decoding_workers,
@@ -202,6 +202,7 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress) -> Extract
         return plan.samples[row - plan.first_row].path
 
     resumed_from = writer.rows_done
+    views = fixed_views(config.aug, plan.preprocess.size, config.tta_views)
     failed: list[tuple[str, str]] = []
     began = time.perf_counter()
     bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
@@ -210,7 +211,8 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress) -> Extract
         batches = ((model, batch) for model, rows in segments
                    for batch in decoded_batches(rows, config, device, plan.decoder))
         for model, (images, ok, errors) in batches:
-            features = embed(model, images.to(device, non_blocking=True), tta=config.tta).float().cpu().numpy()
+            features = embed(model, images.to(device, non_blocking=True), tta=config.tta,
+                             views=views).float().cpu().numpy()
             ok = ok.numpy()
             overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
             errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]

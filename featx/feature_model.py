@@ -224,8 +224,9 @@ def adapt_batchnorm(model: nn.Module, batches) -> int:
     return seen
 
 
-def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Features of a uint8 batch, averaged with the horizontal flip's when ``tta``.
+def embed(model: nn.Module, images: torch.Tensor, tta: bool = False, views=()) -> torch.Tensor:
+    """Features of a uint8 batch, averaged with the horizontal flip's when ``tta``, and over the plain batch and
+    each of ``views`` (functions of a batch: ``augment.fixed_views``) when there are any.
 
     On a CPU the forward runs ``CPU_CHUNK`` images at a time.
     """
@@ -234,8 +235,16 @@ def embed(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Te
             return model(batch)
         return torch.cat([model(chunk) for chunk in batch.split(CPU_CHUNK)])
 
-    features = forward(images)
-    return (features + forward(images.flip(3))) / 2 if tta else features
+    def features_of(batch):
+        features = forward(batch)
+        return (features + forward(batch.flip(3))) / 2 if tta else features
+
+    if not views:
+        return features_of(images)
+    total = features_of(images).float()  # summed in fp32: bf16 sums of several views lose their last digits
+    for view in views:
+        total += features_of(view(images)).float()
+    return total / (1 + len(views))
 
 
 def gpu_decoding_workers() -> int:

@@ -36,6 +36,7 @@ class ExtractConfig:
     checkpoint: str | None = None  # a fine-tuned best.pt from `featx finetune`; sets backbone and preprocessing
     layer: str = "penultimate"
     tta: bool = False
+    tta_views: int = 0  # test-time augmentation: features averaged over the plain image and this many `aug` views
     precision: str = "auto"  # auto: see featx.hardware.resolve_precision
     dtype: str = "float16"
     image_size: int | None = None  # None: the backbone's own input size
@@ -53,8 +54,9 @@ class ExtractConfig:
 
     def __post_init__(self):
         check_fields(self, "extract")
-        if self.augment and self.aug == "none":
-            raise ConfigError("augmented copies need transforms: the 'aug' parameter must be natural or xray")
+        if (self.augment or self.tta_views) and self.aug == "none":
+            what = "augmented copies" if self.augment else "test-time views"
+            raise ConfigError(f"{what} need transforms: the 'aug' parameter must be natural or xray")
 
 
 # Images per split whose BatchNorm statistics replace the pretrained ones with --adapt-bn: a sample, seed 0.
@@ -125,6 +127,7 @@ class Plan:
             "featx_version": __version__, "backbone": spec.name, "label": self.source.label,
             "weights": self.source.weights.identifier, "weights_sha256": self.source.weights.sha256,
             "layer": ",".join(self.layers), "pooling": "avg", **self.preprocess.as_dict(), "tta": self.config.tta,
+            "tta_views": self.config.tta_views,
             "precision": self.precision, "precision_reason": self.precision_reason, "decoder": self.decoder,
             "classes": dataset.classes, "dataset_name": dataset.name,
             "dataset_root": str(dataset.root.resolve()), "dataset_fingerprint": dataset.fingerprint(),
@@ -168,6 +171,8 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     }
     if config.augment:  # only when asked, so keys of files made without copies stay as they were
         recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+    if config.tta_views:
+        recipe["tta_views"] = {"views": config.tta_views, "aug": config.aug}
     if config.adapt_bn:
         recipe["adapt_bn"] = {"images_per_split": ADAPT_BN_IMAGES}
     if source.pseudo_labels:  # the same weights trained another way must not pass for a file that says so

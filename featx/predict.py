@@ -15,6 +15,7 @@ import torch
 
 from featx.adapt import smooth_over_neighbours
 from featx.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
+from featx.augment import fixed_views
 from featx.checkpoints import backbone_source
 from featx.datasets import list_images
 from featx.errors import ConfigError, DataError
@@ -57,7 +58,10 @@ class Backbone:
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = folder, meta
         self.preprocess = Preprocess.from_dict(meta)
-        self.adapts_bn = bool((meta.get("config") or {}).get("adapt_bn"))
+        config = meta.get("config") or {}
+        self.adapts_bn = bool(config.get("adapt_bn"))
+        # the extraction's test-time views: the same fixed draws, so new images' features are made as its rows were
+        self.views = fixed_views(config.get("aug", "natural"), self.preprocess.size, config.get("tta_views", 0))
         self.precision = "fp32"  # resolved when the model is built
         self._model = None
 
@@ -95,7 +99,7 @@ class Backbone:
     def features(self, pixels: np.ndarray) -> np.ndarray:
         model = self.model()
         with torch.inference_mode(), autocast(torch.device("cpu"), self.precision):
-            out = embed(model, to_tensor(pixels), tta=bool(self.meta.get("tta")))
+            out = embed(model, to_tensor(pixels), tta=bool(self.meta.get("tta")), views=self.views)
         # Round as the cache stored them, so the head sees the numbers it was trained on.
         return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
 

@@ -145,8 +145,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     for item in run["inputs"]:
         m = _embeddings_meta(item["path"])
         recipe = {k: m.get(k) for k in ("backbone", "label", "weights", "weights_sha256", "layer", "image_size",
-                                        "resize", "interpolation", "tta", "precision", "dtype", "dataset_root",
-                                        "split_source", "torch_version", "device") if k in m}
+                                        "resize", "interpolation", "tta", "tta_views", "precision", "dtype",
+                                        "dataset_root", "split_source", "torch_version", "device") if k in m}
         provenance.append((f"{Path(item['path']).name} (cache key {item['cache_key']})",
                            json.dumps({"sha256": item["sha256"], **recipe})))
 

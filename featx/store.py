@@ -598,12 +598,15 @@ def list_cache(cache_dir: str | Path) -> list[dict]:
 
 
 def made_with(meta: dict) -> str:
-    """What tells files of one backbone apart in a listing: input size and fit, copies, AdaBN, TTA, checkpoint."""
+    """What tells files of one backbone apart in a listing: input size and fit, copies, AdaBN, TTA, views,
+    checkpoint."""
     config = meta.get("config") or {}
     parts = [f"{meta.get('image_size', '?')} px {meta.get('fit', 'crop')}"]  # recorded only when not crop
     if config.get("augment"):
         parts.append(f"{config['augment']} {config.get('aug', 'natural')} copies")
     parts += [name for name, used in (("AdaBN", config.get("adapt_bn")), ("TTA", meta.get("tta"))) if used]
+    if config.get("tta_views"):
+        parts.append(f"{config['tta_views']} {config.get('aug', 'natural')} views averaged")
     if config.get("checkpoint"):
         parts.append(f"from {config['checkpoint']}")
     return ", ".join(parts)

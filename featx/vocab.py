@@ -101,6 +101,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "decode": OneOf(DECODERS),
     "aug": OneOf(AUGMENTATIONS),
     "augment": Interval(int, 0),
+    "tta_views": Interval(int, 0),
     "layer": Pattern(rf"{_LAYER_TOKEN}(?:,{_LAYER_TOKEN})*",
                      f"penultimate, stages, or a comma list of {', '.join(STAGE_NAMES)}, penultimate"),
     "image_size": Maybe(Interval(int, 16)),

@@ -79,6 +79,21 @@ def test_stages_and_tta(image_folder, tiny_config):
     assert tta.shape == plain.shape and not np.allclose(tta, plain)
 
 
+
+def test_test_time_views_make_features_one_function_of_the_image_whatever_its_batch(image_folder, tiny_config):
+    """--tta-views draws its K views once for all images, so a row does not depend on the batch it was in."""
+    plain = load_embeddings(extract(image_folder, tiny_config, progress=False).path)
+    config = replace(tiny_config, tta_views=2, aug="xray")
+    views = load_embeddings(extract(image_folder, config, progress=False).path)
+    alone = load_embeddings(extract(image_folder, replace(config, batch_size=1, out=str(image_folder.parent / "1.h5")),
+                                    progress=False).path)
+    assert views.meta["cache_key"] != plain.meta["cache_key"] and views.meta["tta_views"] == 2
+    assert not np.allclose(views.features(), plain.features(), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(alone.features(), views.features(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="test-time views need transforms"):
+        replace(tiny_config, tta_views=2, aug="none")
+
+
 CRASHING_CHILD = textwrap.dedent("""
     import os, signal, sys
     from featx import store

@@ -274,3 +274,16 @@ def test_new_images_are_embedded_in_the_precision_the_extraction_recorded(tiny_r
     assert np.abs(features - embeddings.features("test")).max() < np.abs(fp32 - embeddings.features("test")).max()
     predictor.predict(test_paths)
     assert not predictor.drift().shifted
+
+
+def test_a_run_extracted_with_test_time_views_embeds_new_images_with_the_same_views(tiny_run, tmp_path):
+    from dataclasses import replace
+
+    config = replace(tiny_run.config, tta_views=2, aug="xray", cache_dir=str(tmp_path / "cache"))
+    embeddings = load_embeddings(extract(tiny_run.data, config, progress=False).path)
+    save_run(compare([embeddings], ["logreg"]), tmp_path / "run")
+    predictor = Predictor(tmp_path / "run")
+    _, features, _ = predictor.features([tiny_run.data / p for p in embeddings.paths_of("test")])
+    cached, plain = embeddings.features("test"), load_embeddings(tiny_run.embeddings).features("test")
+    np.testing.assert_allclose(features, cached, rtol=1e-2, atol=1e-2)
+    assert np.abs(features - cached).max() < np.abs(plain - cached).max() / 10

@@ -17,13 +17,13 @@ from featx.vocab import PARAMETERS, Interval, Maybe, OneOf, check, parse_layer
 FIXTURE = "tests/fixtures/chest_xray_efficientnet_lite0.h5"
 # One value each parameter must refuse, and one it must accept.
 REFUSED = {"precision": "fp8", "dtype": "int8", "device": "gpu", "fit": "stretch", "decode": "opencv", "aug": "medical", "augment": -1,
-           "layer": "stage9", "image_size": 8, "batch_size": 0, "workers": -1, "unfreeze": "7", "bn": "off",
+           "tta_views": -1, "layer": "stage9", "image_size": 8, "batch_size": 0, "workers": -1, "unfreeze": "7", "bn": "off",
            "epochs": -1, "head_epochs": 1.5, "lr": 0.0, "lr_min": -1e-3, "weight_decay": -0.1, "clip_grad": 0.0, "dropout": 1.0, "drop_path": -0.1,
            "patience": 0, "ema": 1.0, "seed": -1, "split_seed": -1, "val_seed": -1, "val_fraction": 0.9, "cv": 1, "threshold": "youden", "sort_by": "speed",
            "score": "distance", "top_k": 0, "sample_per_class": 1, "max_pixels": 0, "shard_rows": 0, "max_train_rows": 5, "cluster": "my-gpus",
            "align": "mean", "prior_shift": "on", "duplicate_cosine": 0.3, "smooth_test": -1}
 ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": "full", "decode": "tensor", "aug": "xray", "augment": 2,
-            "layer": "stage2, penultimate", "image_size": None, "batch_size": 1, "workers": 0, "unfreeze": "all",
+            "tta_views": 4, "layer": "stage2, penultimate", "image_size": None, "batch_size": 1, "workers": 0, "unfreeze": "all",
             "bn": "train", "epochs": 0, "head_epochs": 1, "lr": 3e-4, "lr_min": None, "weight_decay": 0.0,
             "clip_grad": 1.0, "dropout": 0.5, "drop_path": None, "patience": 1, "ema": 0.997, "seed": 0, "split_seed": 3, "val_seed": None, "val_fraction": 0.05, "cv": 2,
             "threshold": "sensitivity=0.95", "sort_by": "roc_auc", "score": "max_prob", "top_k": 1,
