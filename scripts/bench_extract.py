@@ -5,10 +5,13 @@ Prints images/s of
   (b) `featx extract` end to end (read, decode, resize, forward, HDF5 write), once per decoder:
       pillow (one image per CPU thread) and tensor (JPEG batches decoded on the device, featx.decoding),
   (c) a plain tutorial pipeline: torchvision ImageFolder + transforms + DataLoader, fp32 NCHW, no_grad,
-and the ratios b/a and b/c; and (d) decoding alone, each decoder, no model: the ceiling that decoding puts on (b).
+and the ratios b/a and b/c; (d) decoding alone, each decoder, no model: the ceiling that decoding puts on (b);
+and with --tta-views K, (e) `featx extract --tta-views K --aug xray` with the first decoder, and e/b against the
+1/(K+1) that the extra forwards alone would give (the rest is the views' transforms).
 
 Usage: python scripts/bench_extract.py [--device cpu|cuda] [--images N] [--image-px 2000]
                                        [--backbone efficientnet_lite0 --backbone resnet50] [--precision fp32 ...]
+                                       [--tta-views 4]
 Images: ../shared/data/chest_xray when present (downsized copies), else generated JPEGs; --image-px N generates
 N-pixel-wide photo-like JPEGs (users' X-rays are about 2000 × 1700). A backbone without installed weights
 runs with random weights (the speed is the same).
@@ -135,7 +138,8 @@ def weights_for(spec):
 @click.option("--precision", "precisions", multiple=True, default=["fp32", "bf16"], show_default=True)
 @click.option("--decode", "decoders", multiple=True, default=["pillow", "tensor"], show_default=True)
 @click.option("--workers", type=int, default=None, help="DataLoader workers of the Pillow path (default: featx's).")
-def main(device, images, image_px, backbones, batch_size, precisions, decoders, workers):
+@click.option("--tta-views", default=0, show_default=True, help="Also time featx extract with this many test-time views.")
+def main(device, images, image_px, backbones, batch_size, precisions, decoders, workers, tta_views):
     torch.manual_seed(0)
     device = torch.device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
@@ -164,12 +168,18 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders, 
                 bare = time_bare(lambda x: embed(model, x), batches, device, used)
                 print(f"  [{precision}]" + ("" if used == precision else f" ran as {used}: {reason}"))
                 print(f"  (a) bare model forward, pre-decoded on {device.type:4s} : {bare:8.1f} img/s")
+                end_to_end = {}
                 for decode in decoders:
                     config = ExtractConfig(backbone=backbone, weights=weights_arg, precision=precision, decode=decode,
                                            device=device.type, batch_size=batch_size, workers=workers)
-                    end_to_end = time_featx(folder, config)
-                    print(f"  (b) featx extract, {decode:6s} decoding         : {end_to_end:8.1f} img/s   "
-                          f"b/a = {end_to_end / bare:.2f}   b/c = {end_to_end / tutorial:.2f}")
+                    end_to_end[decode] = time_featx(folder, config)
+                    print(f"  (b) featx extract, {decode:6s} decoding         : {end_to_end[decode]:8.1f} img/s   "
+                          f"b/a = {end_to_end[decode] / bare:.2f}   b/c = {end_to_end[decode] / tutorial:.2f}")
+                if tta_views:
+                    config = replace(config, decode=decoders[0], tta_views=tta_views, aug="xray")
+                    with_views = time_featx(folder, config)
+                    print(f"  (e) featx extract, {tta_views} test-time views     : {with_views:8.1f} img/s   "
+                          f"e/b = {with_views / end_to_end[decoders[0]]:.2f}   1/(K+1) = {1 / (tta_views + 1):.2f}")
 
 
 if __name__ == "__main__":
