@@ -84,6 +84,16 @@ def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
     assert again.cached
 
 
+def test_test_time_views_give_the_sequential_rows_in_shards(cluster, data, sequential, tmp_path):
+    """--tta-views draws its views once for every image, so shards of any size embed a row as one process does."""
+    address, _ = cluster
+    config = replace(sequential[0], tta_views=2, cache_dir=str(tmp_path / "one"))
+    whole = load_embeddings(extract(data, config, progress=False).path)
+    sharded = load_embeddings(extract_on_cluster(data, replace(config, cache_dir=str(tmp_path / "shards")), address,
+                                                 shard_rows=37, progress=False).path)
+    same_rows(sharded, whole)
+    assert not np.allclose(whole._features, sequential[1]._features, rtol=1e-2, atol=1e-2)
+
 def test_a_worker_that_dies_mid_shard_loses_no_row(cluster, data, sequential, tmp_path):
     address, client = cluster
     client.register_plugin(Sabotage(str(tmp_path / "killed"), kill_shard=1), name="sabotage")
