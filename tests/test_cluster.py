@@ -94,6 +94,7 @@ def test_test_time_views_give_the_sequential_rows_in_shards(cluster, data, seque
     same_rows(sharded, whole)
     assert not np.allclose(whole._features, sequential[1]._features, rtol=1e-2, atol=1e-2)
 
+
 def test_a_worker_that_dies_mid_shard_loses_no_row(cluster, data, sequential, tmp_path):
     address, client = cluster
     client.register_plugin(Sabotage(str(tmp_path / "killed"), kill_shard=1), name="sabotage")

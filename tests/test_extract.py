@@ -79,7 +79,6 @@ def test_stages_and_tta(image_folder, tiny_config):
     assert tta.shape == plain.shape and not np.allclose(tta, plain)
 
 
-
 def test_test_time_views_make_features_one_function_of_the_image_whatever_its_batch(image_folder, tiny_config):
     """--tta-views draws its K views once for all images, so a row does not depend on the batch it was in."""
     plain = load_embeddings(extract(image_folder, tiny_config, progress=False).path)
