@@ -35,7 +35,8 @@ from sklearn.preprocessing import StandardScaler
 
 from featx.errors import DataError
 from featx.images import ImageError, open_rgb
-from featx.store import Embeddings, file_sha256
+from featx.memo import file_sha256
+from featx.store import Embeddings
 
 log = logging.getLogger(__name__)
 

@@ -113,8 +113,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.option("max_pixels", default=MAX_PIXELS, show_default=True,
                 help="Pixel budget per image: larger images are recorded as skipped, never decoded.")
 @click.option("--verify-content", is_flag=True,
-              help="Fingerprint the dataset by hashing every file (catches an image replaced in place with the same "
-                   "size and timestamp) instead of by sizes and modification times.")
+              help="Hash every file again for the dataset's fingerprint instead of trusting the hashes remembered "
+                   "while files keep their sizes, modification and change times.")
 @click.option("--allow-outside-root", is_flag=True, help="Accept CSV paths that resolve outside the CSV's folder.")
 @click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
 @options.cluster

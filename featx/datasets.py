@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import ConfigError, DataError
+from featx.memo import file_sha256, remembered
 from featx.remote import is_url, read_bytes, require_fsspec, state
 from featx.vocab import invalid
 
@@ -51,7 +52,7 @@ class ImageDataset:
     samples: list[Sample]
     split_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of what the scan left out
-    verify_content: bool = False  # fingerprint by content hash instead of size and mtime
+    verify_content: bool = False  # hash every file again rather than trust the remembered hashes
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -79,47 +80,59 @@ class ImageDataset:
 
     @property
     def fingerprint_method(self) -> str:
-        return ("paths, labels, splits and the SHA-256 of every file" if self.verify_content
-                else "paths, labels, splits, file sizes and modification times")
+        return ("paths, labels, splits and the SHA-256 of every file" + ("" if self.verify_content else
+                ", remembered while each file's size, modification and change times stay the same"))
 
     def fingerprint(self) -> str:
-        """Hash of relative paths, labels, splits and each file's size and mtime (or content): changes with any input.
+        """Hash of relative paths, labels, splits and every file's content: what the cache key knows of the data.
 
-        Size and mtime are fast and catch every ordinary edit; a file replaced in place with the same size
-        and an old timestamp needs ``verify_content`` (one read of every image).
+        Content, not file times, so a copy, a fresh checkout or a restore keeps its cached files. The hash is
+        remembered under the files' sizes, modification and change times (a write, even one that puts an old
+        timestamp back, moves the change time), so a later scan only stats them; ``verify_content`` reads every
+        file again whatever is remembered. URLs are identified by what their storage says (size and ETag).
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            digest.update(json.dumps(self.classes).encode())
-            for s in self.samples:
-                where = self.absolute_path(s)
-                known = _content_sha256(where) if self.verify_content else _size_and_mtime(where)
-                digest.update(f"{s.path}\0{known}\0{s.label}\0{s.split}\n".encode("utf-8", "surrogateescape"))
-            self._fingerprint = digest.hexdigest()
+            places = [self.absolute_path(s) for s in self.samples]
+            if self.verify_content:
+                self._fingerprint = self._digest(_content_sha256(p) for p in places)
+            else:
+                stats = [_stat(p) for p in places]
+
+                def by_content():
+                    return self._digest(st if is_url(p) else _content_sha256(p) for p, st in zip(places, stats))
+
+                self._fingerprint = remembered(f"dataset:{self.root.resolve()}:{self._digest(stats)}", by_content)
         return self._fingerprint
 
+    def fingerprint_by_times(self) -> str:
+        """The fingerprint of files cached before featx 0.3 (sizes and modification times), so they are still found."""
+        return self._digest(_stat(p) if is_url(p) else _stat(p).rsplit("\0", 1)[0]
+                            for p in map(self.absolute_path, self.samples))
 
-def _size_and_mtime(path: Path | str) -> str:
+    def _digest(self, identities) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.classes).encode())
+        for s, identity in zip(self.samples, identities):
+            digest.update(f"{s.path}\0{identity}\0{s.label}\0{s.split}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
+
+
+def _stat(path: Path | str) -> str:
+    """Size, modification and change times of a file; for a URL, what its storage says."""
     if is_url(path):
         return state(path)
     try:
         st = path.stat()
-        return f"{st.st_size}\0{st.st_mtime_ns}"
+        return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     except OSError:
-        return "-1\0-1"
+        return "-1\0-1\0-1"
 
 
 def _content_sha256(path: Path | str) -> str:
     try:
-        if is_url(path):
-            return "sha256:" + hashlib.sha256(read_bytes(path)).hexdigest()
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return "sha256:" + (hashlib.sha256(read_bytes(path)).hexdigest() if is_url(path) else file_sha256(path))
     except OSError:
         return "unreadable"
-    return "sha256:" + digest.hexdigest()
 
 
 def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, float] | None:

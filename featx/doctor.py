@@ -13,9 +13,10 @@ from pathlib import Path
 
 from featx.errors import DataError
 from featx.heads import load_head
+from featx.memo import file_sha256
 from featx.openset import OpenSet
 from featx.runs import RUN_FILE, best_head, load_run
-from featx.store import PARTIAL_SUFFIX, file_sha256, verify_file
+from featx.store import PARTIAL_SUFFIX, verify_file
 
 
 @dataclass

@@ -1,21 +1,20 @@
 """A small on-disk index of facts that are slow to find and cheap to check, so a warm command stays light.
 
 A weights file's SHA-256 goes into every cache key; hashing 100 MB of ResNet-50 weights on each call, or
-importing torchvision to learn a weights file's name, would cost more than finding the cached file. The
-index remembers them in ``~/.cache/featx/memo.json`` (``$FEATX_HOME`` or ``$XDG_CACHE_HOME/featx`` where
-set). A file's hash is remembered with its size and modification time and recomputed when either changes;
-a lost or unreadable index is only a slower start.
+importing torchvision to learn a weights file's name, would cost more than finding the cached file; so would
+hashing every image for the dataset's fingerprint. The index remembers them in ``~/.cache/featx/memo.json``
+(``$FEATX_HOME`` or ``$XDG_CACHE_HOME/featx`` where set). A hash is remembered with the sizes and times of what
+it hashed and recomputed when any changes; a lost or unreadable index is only a slower start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
-
-from featx.store import file_sha256
 
 MAX_ENTRIES = 1000
 
@@ -61,6 +60,14 @@ def remembered_of_file(kind: str, path: str | Path, find: Callable[[], str]) -> 
     path = Path(path).resolve()
     stat = path.stat()
     return remembered(f"{kind}:{path}:{stat.st_size}:{stat.st_mtime_ns}", find)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remembered_sha256(path: str | Path) -> str:

@@ -184,9 +184,20 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
         recipe["decoder"] = decoder
     key = cache_key(recipe)
     path = Path(config.out) if config.out else cache_path(config.cache_dir, dataset.name, source.label, key)
+    if not config.out and not dataset.verify_content and not path.exists():
+        recipe, key, path = _cached_by_times(recipe, dataset, config.cache_dir, source.label) or (recipe, key, path)
     return Plan(dataset, config, source, layers, preprocess, samples, precision, recipe, key, path,
                 n_images=len(dataset.samples), precision_reason=reason, decoder=decoder,
                 backbone_validation=backbone_validation)
+
+
+def _cached_by_times(recipe: dict, dataset: ImageDataset, cache_dir: str, label: str) -> tuple | None:
+    """The recipe, key and path of this file as featx before 0.3 cached it (its key hashed file times, not
+    contents), when it is there: files already extracted stay found after an upgrade."""
+    older = {**recipe, "dataset_fingerprint": dataset.fingerprint_by_times()}
+    key = cache_key(older)
+    path = cache_path(cache_dir, dataset.name, label, key)
+    return (older, key, path) if path.exists() else None
 
 
 def checkpoint_validation(source: BackboneSource, dataset: ImageDataset) -> dict | None:

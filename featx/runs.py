@@ -29,10 +29,11 @@ import numpy as np
 from featx.errors import DataError
 from featx.evaluate import Leaderboard, decision_threshold
 from featx.heads import save_head
+from featx.memo import file_sha256
 from featx.metrics import predict_labels
 from featx.openset import OpenSet
 from featx.plots import plot_confusion, plot_roc
-from featx.store import file_sha256, package_version
+from featx.store import package_version
 from featx.version import __version__
 
 RUN_FILE = "run.json"

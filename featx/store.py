@@ -78,14 +78,6 @@ def package_version(module: str) -> str:
         return ""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class CacheLock:
     """An exclusive lock beside the output file, so two extractions never write one key at once.
 

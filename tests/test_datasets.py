@@ -1,8 +1,10 @@
 import os
+import shutil
 from collections import Counter
 
 import pytest
 
+from featx import datasets
 from featx.datasets import scan_dataset
 from featx.errors import ConfigError, DataError
 from tests.conftest import make_class_folders, make_image
@@ -81,7 +83,7 @@ def test_split_from_csv(tmp_path):
     assert [s.split for s in again.samples] == ["test" if i % 2 else "train" for i in range(len(ds))]
 
 
-def test_fingerprint_changes_with_any_input(tmp_path):
+def test_fingerprint_follows_contents_not_file_times(tmp_path):
     root = make_class_folders(tmp_path / "d", per_class=3)
     first = scan_dataset(root).fingerprint()
     assert scan_dataset(root).fingerprint() == first
@@ -90,15 +92,25 @@ def test_fingerprint_changes_with_any_input(tmp_path):
     assert added != first
     target = root / "red" / "extra.jpg"
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    assert scan_dataset(root).fingerprint() == added  # a new timestamp is not a new image
+    copy = shutil.copytree(root, tmp_path / "elsewhere" / "d", copy_function=shutil.copyfile)  # new times
+    assert scan_dataset(copy).fingerprint() == added
+    make_image(target, (0, 0, 200), seed=98)
     assert scan_dataset(root).fingerprint() != added
     assert scan_dataset(root, seed=5).fingerprint() != scan_dataset(root).fingerprint()
 
 
-@pytest.mark.parametrize("split", ["0.5,0.6,0.1", "1,2,3,4", "-0.1,0.6,0.5", "abc"])
-def test_bad_split_fractions(tmp_path, split):
-    root = make_class_folders(tmp_path / "d", per_class=2)
-    with pytest.raises(ConfigError, match="The 'split' parameter"):
-        scan_dataset(root, split=split)
+def test_fingerprint_reads_the_images_again_only_when_their_files_changed(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "d", per_class=3)
+    hashed = []
+    content_sha256 = datasets._content_sha256
+    monkeypatch.setattr(datasets, "_content_sha256", lambda path: hashed.append(path) or content_sha256(path))
+    first = scan_dataset(root).fingerprint()
+    assert len(hashed) == 9
+    assert scan_dataset(root).fingerprint() == first and len(hashed) == 9  # remembered: only stats
+    os.utime(root / "red" / "red_00.jpg")
+    assert scan_dataset(root).fingerprint() == first and len(hashed) == 18
+    assert scan_dataset(root, verify_content=True).fingerprint() == first and len(hashed) == 27
 
 
 def test_empty_or_missing_folders_are_refused(tmp_path):

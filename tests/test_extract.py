@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from featx.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, DataError, SchemaError
 from featx.extraction import extract
 from featx.store import CacheLock, load_embeddings
@@ -44,6 +46,23 @@ def test_changed_inputs_make_a_new_key(image_folder, tiny_config):
     added = extract(image_folder, tiny_config, progress=False)
     assert added.path != first and added.rows == 19
 
+
+
+def test_a_copy_of_the_images_with_new_file_times_finds_the_cached_file(image_folder, tiny_config, tmp_path):
+    first = extract(image_folder, tiny_config, progress=False)
+    copy = shutil.copytree(image_folder, tmp_path / "restored" / image_folder.name, copy_function=shutil.copyfile)
+    again = extract(copy, tiny_config, progress=False)
+    assert again.cached and again.path == first.path
+
+
+def test_files_cached_by_featx_before_0_3_are_still_found(image_folder, tiny_config, monkeypatch):
+    with monkeypatch.context() as before_0_3:  # whose dataset fingerprint hashed file sizes and times
+        before_0_3.setattr(ImageDataset, "fingerprint", ImageDataset.fingerprint_by_times)
+        older = extract(image_folder, tiny_config, progress=False)
+    again = extract(image_folder, tiny_config, progress=False)
+    assert again.cached and again.path == older.path
+    verified = extract(scan_dataset(image_folder, verify_content=True), tiny_config, progress=False)
+    assert not verified.cached and verified.path != older.path  # asked to hash every file: not on times
 
 def test_rows_follow_dataset_order_whatever_the_workers(image_folder, tiny_config):
     threads = load_embeddings(extract(image_folder, tiny_config, progress=False).path)
