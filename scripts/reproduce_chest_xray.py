@@ -99,6 +99,11 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0+1+2 full + copies averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
               [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="mixture",
               remedy={"smooth_test": 10}, ensemble=True),
+        Lever("lite0 full + copies + 4 xray views (--tta-views 4) + --smooth-test 10 + --threshold mixture",
+              [cfg(tta_views=4, **COPIES)], threshold="mixture", remedy={"smooth_test": 10}),
+        Lever("lite0+1+2 full + copies + 4 xray views averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
+              [cfg(backbone=f"efficientnet_lite{i}", tta_views=4, **COPIES) for i in range(3)], threshold="mixture",
+              remedy={"smooth_test": 10}, ensemble=True),
     ]
     for path in checkpoints:
         name = f"fine-tuned {Path(path).parent.name}"
@@ -270,6 +275,7 @@ def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 + --prior-shift auto", [lite0], remedy={"prior_shift": "auto"}),
         Lever("lite0 + AdaBN (--adapt-bn)", [cfg(adapt_bn=True)]),
         Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10}),
+        Lever("lite0 + 4 natural views (--tta-views 4)", [cfg(tta_views=4)]),
     ]
     for path in checkpoints:  # as on the chest X-rays, less the two-class cut
         name = f"fine-tuned {Path(path).parent.name}"
