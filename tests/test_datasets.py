@@ -113,6 +113,13 @@ def test_fingerprint_reads_the_images_again_only_when_their_files_changed(tmp_pa
     assert scan_dataset(root, verify_content=True).fingerprint() == first and len(hashed) == 27
 
 
+@pytest.mark.parametrize("split", ["0.5,0.6,0.1", "1,2,3,4", "-0.1,0.6,0.5", "abc"])
+def test_bad_split_fractions(tmp_path, split):
+    root = make_class_folders(tmp_path / "d", per_class=2)
+    with pytest.raises(ConfigError, match="The 'split' parameter"):
+        scan_dataset(root, split=split)
+
+
 def test_empty_or_missing_folders_are_refused(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         scan_dataset(tmp_path / "nope")
