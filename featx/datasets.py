@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +24,8 @@ from featx.errors import ConfigError, DataError
 from featx.memo import file_sha256, remembered
 from featx.remote import is_url, read_bytes, require_fsspec, state
 from featx.vocab import invalid
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -99,7 +103,12 @@ class ImageDataset:
                 stats = [_stat(p) for p in places]
 
                 def by_content():
-                    return self._digest(st if is_url(p) else _content_sha256(p) for p, st in zip(places, stats))
+                    from tqdm.auto import tqdm  # imported only to hash: a warm scan stays light
+
+                    hashes = (st if is_url(p) else _content_sha256(p) for p, st in zip(places, stats))
+                    shown = log.isEnabledFor(logging.INFO) and sys.stderr.isatty()  # as the CLI's progress bars
+                    return self._digest(list(tqdm(hashes, total=len(places), desc="fingerprint", unit="img", delay=2,
+                                                  disable=not shown)))
 
                 self._fingerprint = remembered(f"dataset:{self.root.resolve()}:{self._digest(stats)}", by_content)
         return self._fingerprint
