@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["featx", "featx.*"]),
-    package_data={"featx": ["sample_data/**/*"]},
+    package_data={"featx.data": ["sample_data/**/*"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -22,7 +22,7 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
         "scikit-learn>=1.3",
-        # featx.audit and featx.adapt call scipy themselves (expit, logit, rankdata, minimize); scikit-learn
+        # featx.shift.audit and featx.shift.adapt call scipy themselves (expit, logit, rankdata, minimize); scikit-learn
         # brings it too, but a direct import deserves a declared floor.
         "scipy>=1.10",
         "lightgbm>=4.7",  # eval_X/eval_y in the scikit-learn API
@@ -50,5 +50,5 @@ setup(
         # tests run on a LocalCluster.
         "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1", "pandas>=1.5"],
     },
-    entry_points={"console_scripts": ["featx=featx.cli:main"]},
+    entry_points={"console_scripts": ["featx=featx.cli.commands:main"]},
 )

@@ -3,20 +3,20 @@
 import importlib
 import logging
 
-from featx.backbones import list_backbones
-from featx.datasets import scan_dataset
+from featx.embed.backbones import list_backbones
+from featx.data.datasets import scan_dataset
 from featx.errors import ConfigError, DataError, FeatxError, SchemaError, WeightsError
-from featx.store import load_embeddings
+from featx.store.embeddings import load_embeddings
 from featx.version import __version__
 
 # Imported on first use: extraction, fine-tuning and prediction pull in torch, heads pull in scikit-learn;
 # `import featx` needs neither. No module is named like a function here, so none can shadow one.
 _LAZY = {
-    "extract": "featx.extraction", "ExtractConfig": "featx.planning",
-    "finetune": "featx.finetuning", "FinetuneConfig": "featx.finetuning",
-    "compare": "featx.evaluate", "list_heads": "featx.heads",
-    "save_run": "featx.runs", "load_run": "featx.runs",
-    "Predictor": "featx.predict", "write_report": "featx.report", "advise": "featx.advisor",
+    "extract": "featx.embed.extraction", "ExtractConfig": "featx.embed.planning",
+    "finetune": "featx.finetuning.training", "FinetuneConfig": "featx.finetuning.training",
+    "compare": "featx.comparison.evaluate", "list_heads": "featx.heads.registry",
+    "save_run": "featx.comparison.runs", "load_run": "featx.comparison.runs",
+    "Predictor": "featx.use.predict", "write_report": "featx.use.report", "advise": "featx.use.advisor",
 }
 __all__ = [
     "ConfigError", "DataError", "FeatxError", "SchemaError", "WeightsError", "__version__",

@@ -1,6 +1,6 @@
 """The words featx understands and the constraints on its parameters, declared once and torch-free.
 
-Click options (``featx.options``) and the configs' own checks (``__post_init__``) are both made
+Click options (``featx.cli.options``) and the configs' own checks (``__post_init__``) are both made
 from ``PARAMETERS``, after scikit-learn's ``_param_validation``: one constraint per parameter
 name, and one sentence for a value that breaks it, made in ``invalid``.
 """
@@ -24,7 +24,7 @@ UNFREEZE = tuple(str(n) for n in range(STAGE_GROUPS + 1)) + ("all",)
 STAGE_NAMES = tuple(f"stage{n}" for n in range(1, STAGE_GROUPS + 1))
 OPEN_SET_SCORES = ("knn", "centroid", "max_prob")
 SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")  # validation metrics that rank
-ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.adapt)
+ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.shift.adapt)
 PRIOR_SHIFTS = ("off", "estimate", "auto")  # the test split's class balance: ignored, reported, applied if it helps
 
 

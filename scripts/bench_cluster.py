@@ -62,7 +62,7 @@ def standing_cluster(folder: Path):
             time.sleep(0.1)
         started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
                                          str(file), "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
-                                         "--preload", "featx.extraction"],
+                                         "--preload", "featx.embed.extraction"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         address = json.loads(file.read_text())["address"]
         from distributed import Client
@@ -127,7 +127,7 @@ def idle_tail(published: Path) -> float:
 
     import h5py
 
-    from featx.shards import shard_folder
+    from featx.embed.shards import shard_folder
 
     with h5py.File(published, "r") as handle:
         shards = json.loads(handle.attrs["shards"])
@@ -176,7 +176,7 @@ def thread_shares(data: Path, backbone: str, root: Path, window: float = 8.0) ->
 
 
 def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
-    from featx.store import EmbeddingWriter, consolidate, load_embeddings, publish_shards
+    from featx.store.embeddings import EmbeddingWriter, consolidate, load_embeddings, publish_shards
 
     print(f"publishing ({rows_per_shard} rows × {dim} float16 per shard):")
     print("  shards    rows   publish s   open s   read s  consolidate s  read after s   per million rows: "
@@ -231,7 +231,7 @@ def publishing(root: Path, rows_per_shard: int = 100, dim: int = 1280) -> None:
 @click.option("--shard-rows", type=int, multiple=True, help="Also run local:2 with shards of this many rows "
               "(repeatable), against its default size.")
 def main(images, backbone, repeats, skip_extraction, no_standing, skip_threads, skip_publishing, shard_rows):
-    from featx.hardware import cpu_model
+    from featx.embed.hardware import cpu_model
 
     print(f"{cpu_model()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 Prints images/s of
   (a) the bare model forward on pre-decoded tensors already on the device (the ceiling),
   (b) `featx extract` end to end (read, decode, resize, forward, HDF5 write), once per decoder:
-      pillow (one image per CPU thread) and tensor (JPEG batches decoded on the device, featx.decoding),
+      pillow (one image per CPU thread) and tensor (JPEG batches decoded on the device, featx.embed.decoding),
   (c) a plain tutorial pipeline: torchvision ImageFolder + transforms + DataLoader, fp32 NCHW, no_grad,
 and the ratios b/a and b/c; (d) decoding alone, each decoder, no model: the ceiling that decoding puts on (b);
 and with --tta-views K, (e) `featx extract --tta-views K --aug xray` with the first decoder, and e/b against the
@@ -31,13 +31,13 @@ import click
 import numpy as np
 import torch
 
-from featx.backbones import RANDOM_INIT, get_backbone, resolve_weights
+from featx.embed.backbones import RANDOM_INIT, get_backbone, resolve_weights
 from featx.errors import WeightsError
-from featx.extraction import ImageRows, decoded_batches, extract
-from featx.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
-from featx.hardware import cpu_model, resolve_precision
-from featx.images import load_image
-from featx.planning import ExtractConfig
+from featx.embed.extraction import ImageRows, decoded_batches, extract
+from featx.embed.feature_model import autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.embed.hardware import cpu_model, resolve_precision
+from featx.data.images import load_image
+from featx.embed.planning import ExtractConfig
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray"
 

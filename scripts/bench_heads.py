@@ -50,7 +50,7 @@ def middle(grid: dict) -> dict:
 def time_one_head(args) -> dict:
     """Runs in its own process so that ru_maxrss is this head's peak."""
     name, source, n_predict = args
-    from featx.heads import get_head
+    from featx.heads.registry import get_head
 
     X, y = np.load(source)["X"], np.load(source)["y"]
     plan = get_head(name).plan(len(X), X.shape[1], 0)
@@ -84,7 +84,7 @@ def shortcut_costs(emb) -> None:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC, LinearSVC
 
-    from featx.heads import EarlyStoppedLightGBM
+    from featx.heads.registry import EarlyStoppedLightGBM
 
     X, y = emb.features("train"), emb.labels("train")
     X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=0.15, random_state=0, stratify=y)
@@ -112,7 +112,7 @@ def shortcut_costs(emb) -> None:
 # Runs `featx compare` in this process and reports its peak memory: featx is imported from the working folder.
 COMPARE = """
 import json, resource, sys, time
-from featx.cli import main
+from featx.cli.commands import main
 began = time.perf_counter()
 try:
     main(sys.argv[1:])
@@ -125,7 +125,7 @@ print(json.dumps({"seconds": time.perf_counter() - began,
 
 def sixty_thousand(tmp: Path, baseline_rev: str | None) -> None:
     """`featx compare` at the shape analysts iterate on, now and (optionally) at ``baseline_rev``, one run."""
-    from featx.store import EmbeddingWriter
+    from featx.store.embeddings import EmbeddingWriter
 
     X, y = synthetic(70_000, noise=2.4)
     split = ["train"] * 60_000 + ["test"] * 10_000
@@ -174,7 +174,7 @@ def main(chest_xray, quick, sixty_thousand_only, baseline_rev):
     import os
     import tempfile
 
-    from featx.hardware import cpu_model
+    from featx.embed.hardware import cpu_model
 
     print(f"{cpu_model()}, {os.cpu_count()} cores")
     if sixty_thousand_only:
@@ -182,9 +182,9 @@ def main(chest_xray, quick, sixty_thousand_only, baseline_rev):
             sixty_thousand(Path(tmp), baseline_rev)
         return
 
-    from featx.evaluate import compare
-    from featx.heads import list_heads
-    from featx.store import load_embeddings
+    from featx.comparison.evaluate import compare
+    from featx.heads.registry import list_heads
+    from featx.store.embeddings import load_embeddings
 
     fixture = load_embeddings(FIXTURE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +197,7 @@ def main(chest_xray, quick, sixty_thousand_only, baseline_rev):
         emb = load_embeddings(chest_xray)
         label = f"{chest_xray.name} (chest X-ray train {len(emb.rows('train'))} rows)"
     else:
-        from featx.store import Embeddings
+        from featx.store.embeddings import Embeddings
 
         X, y = synthetic(5216 + 624, n_classes=2)
         split = np.array(["train"] * 5216 + ["test"] * 624)

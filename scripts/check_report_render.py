@@ -23,7 +23,7 @@ def main(run_dir, out, width, height):
         raise click.ClickException("chromium not found; apt-get install chromium")
     report = run_dir / "report.html"
     if not report.exists():
-        from featx.report import write_report
+        from featx.use.report import write_report
 
         write_report(run_dir)
     out = out or run_dir / "report.png"

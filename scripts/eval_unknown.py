@@ -16,10 +16,10 @@ import click
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from featx.evaluate import split_arrays
-from featx.heads import fit_head
-from featx.openset import OpenSet
-from featx.store import load_embeddings
+from featx.comparison.evaluate import split_arrays
+from featx.heads.registry import fit_head
+from featx.heads.openset import OpenSet
+from featx.store.embeddings import load_embeddings
 
 
 def direction(known, other, coverage: float) -> None:

@@ -1,4 +1,4 @@
-"""Build the chest X-ray sample bundled with featx (featx/sample_data/chest_xray_sample) from ../shared/data.
+"""Build the chest X-ray sample bundled with featx (featx/data/sample_data/chest_xray_sample) from ../shared/data.
 
 200 images (train 70+70, test 30+30 NORMAL/PNEUMONIA), chosen with a fixed seed and
 downsized to 128 px, so `featx extract --sample` and `featx demo` work right after install.
@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 SOURCE = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/chest_xray")
-TARGET = Path(__file__).resolve().parents[1] / "featx" / "sample_data" / "chest_xray_sample"
+TARGET = Path(__file__).resolve().parents[1] / "featx" / "data" / "sample_data" / "chest_xray_sample"
 PER_CLASS = {"train": 70, "test": 30}
 
 rng = random.Random(0)

@@ -1,31 +1,38 @@
-"""Reproducible results table: frozen (and fine-tuned) featx on the chest X-ray test set, next to published figures.
+"""Reproducible results tables: frozen (and fine-tuned) featx on the chest X-ray test set next to published
+figures, flowers5, and what each remedy for shift did on each dataset.
 
-One command extracts every configuration (cached: a second run only re-fits heads), compares
-heads, and writes a markdown table. Every choice — hyper-parameters, decision threshold, the best
-configuration — is made on a validation split carved from train (15 %, stratified, seeded); the
-624 test images are scored once per configuration and never used to choose (asserted below).
+One command extracts every configuration (cached: a second run only re-fits heads), compares heads, and
+writes the tables into docs/results/ (chest_xray.md, flowers5.md, remedies.md), each opening with the
+command that regenerates it and the machine it ran on: the tables are generated, never edited by hand.
+Every choice (hyper-parameters, decision threshold, the best configuration, each remedy's settings) is
+made on a validation split carved from train (15 %, stratified, seeded) or on unlabelled test images; the
+test images are scored once per configuration and never used to choose (asserted below).
 
 Usage:
   python scripts/reproduce_chest_xray.py [--data ../shared/data/chest_xray] [--cache cache]
          [--checkpoint runs/ft-lite0/best.pt ...] [--flowers ../shared/data/flowers5]
-         [--flowers-checkpoint runs/ft-flowers/best.pt ...] [--out runs/reproduce]
+         [--flowers-checkpoint runs/ft-flowers/best.pt ...] [--docs docs/results]
          [--only REGEX] [--no-chest]
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
+from datetime import date
 from pathlib import Path
 
 import click
 import numpy as np
 
-from featx.evaluate import compare
-from featx.extraction import ExtractConfig, extract
-from featx.store import concat_embeddings, load_embeddings
+from featx.comparison.evaluate import compare
+from featx.embed.extraction import ExtractConfig, extract
+from featx.store.embeddings import concat_embeddings, load_embeddings
 
 PUBLISHED = [
     ("Kermany et al. 2018, InceptionV3 fine-tuned", "92.8 %", "0.968"),
@@ -45,8 +52,16 @@ class Lever:
     head_params: dict | None = None  # heads' settings fixed instead of tuned
     remedy: dict = field(default_factory=dict)  # compare's options against shift and leakage (no test labels)
     ensemble: bool = False  # each head fitted on every file and averaged (compare --ensemble): only that row shown
+    remedy_of: str | None = None  # a remedy for shift: the name of the lever it is measured against ("" for none)
     extract_seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+
+
+def remedies(against: str, found: list[Lever]) -> list[Lever]:
+    """Marks levers as remedies for shift, each measured against the lever named ``against``."""
+    for lever in found:
+        lever.remedy_of = against
+    return found
 
 
 def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
@@ -80,7 +95,7 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
               [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="balanced_accuracy"),
     ]
     full = cfg(fit="full")
-    found += [  # remedies for the shift between train and test images, each chosen without test labels
+    found += remedies("lite0, whole image (--fit full)", [  # for the shift between train and test, no test label
         Lever("lite0 full, test without images leaked from train (cosine ≥ 0.943)", [full],
               remedy={"exclude_leaked": True, "duplicate_cosine": 0.943}),
         Lever("lite0 full + per-domain standardisation (--align standardize)", [full],
@@ -93,43 +108,48 @@ def levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 full + spread over 10 neighbours (--smooth-test 10)", [full], remedy={"smooth_test": 10}),
         Lever("lite0 full + --smooth-test 10 + --threshold mixture", [full], threshold="mixture",
               remedy={"smooth_test": 10}),
+    ]) + remedies("lite0 full + 2 xray copies (--augment 2)", [
         Lever("lite0 full + copies + --threshold mixture", [cfg(**COPIES)], threshold="mixture"),
         Lever("lite0 full + copies + --smooth-test 10 + --threshold mixture", [cfg(**COPIES)], threshold="mixture",
               remedy={"smooth_test": 10}),
+        Lever("lite0 full + copies + 4 xray views (--tta-views 4) + --smooth-test 10 + --threshold mixture",
+              [cfg(tta_views=4, **COPIES)], threshold="mixture", remedy={"smooth_test": 10}),
+    ]) + remedies("", [  # several backbones averaged: no single-file lever to measure against
         Lever("lite0+1+2 full + copies averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
               [cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)], threshold="mixture",
               remedy={"smooth_test": 10}, ensemble=True),
-        Lever("lite0 full + copies + 4 xray views (--tta-views 4) + --smooth-test 10 + --threshold mixture",
-              [cfg(tta_views=4, **COPIES)], threshold="mixture", remedy={"smooth_test": 10}),
         Lever("lite0+1+2 full + copies + 4 xray views averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
               [cfg(backbone=f"efficientnet_lite{i}", tta_views=4, **COPIES) for i in range(3)], threshold="mixture",
               remedy={"smooth_test": 10}, ensemble=True),
-    ]
+    ])
     for path in checkpoints:
         name = f"fine-tuned {Path(path).parent.name}"
-        found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
+        frozen = f"{name}, frozen afterwards"
+        found.append(Lever(frozen, [cfg(checkpoint=path)]))
         found.append(Lever(f"{name} + threshold on val", [cfg(checkpoint=path)], threshold="balanced_accuracy"))
-        found.append(Lever(f"{name} + AdaBN (--adapt-bn)", [cfg(checkpoint=path, adapt_bn=True)]))
-        found.append(Lever(f"{name} + AdaBN + threshold on val", [cfg(checkpoint=path, adapt_bn=True)],
-                           threshold="balanced_accuracy"))
-        found.append(Lever(f"{name} + --align standardize", [cfg(checkpoint=path)], remedy={"align": "standardize"}))
-        found.append(Lever(f"{name} + --align standardize + threshold on val", [cfg(checkpoint=path)],
-                           threshold="balanced_accuracy", remedy={"align": "standardize"}))
-        found.append(Lever(f"{name} + --threshold mixture", [cfg(checkpoint=path)], threshold="mixture"))
-        found.append(Lever(f"{name} + --smooth-test 10 + --threshold mixture", [cfg(checkpoint=path)],
-                           threshold="mixture", remedy={"smooth_test": 10}))
-        found.append(Lever(f"lite0+1+2 full + copies and {name} averaged (--ensemble) + --smooth-test 10 + "
-                           "--threshold mixture", [*(cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)),
-                                                   cfg(checkpoint=path)],
-                           threshold="mixture", remedy={"smooth_test": 10}, ensemble=True))
+        found += remedies(frozen, [
+            Lever(f"{name} + AdaBN (--adapt-bn)", [cfg(checkpoint=path, adapt_bn=True)]),
+            Lever(f"{name} + AdaBN + threshold on val", [cfg(checkpoint=path, adapt_bn=True)],
+                  threshold="balanced_accuracy"),
+            Lever(f"{name} + --align standardize", [cfg(checkpoint=path)], remedy={"align": "standardize"}),
+            Lever(f"{name} + --align standardize + threshold on val", [cfg(checkpoint=path)],
+                  threshold="balanced_accuracy", remedy={"align": "standardize"}),
+            Lever(f"{name} + --threshold mixture", [cfg(checkpoint=path)], threshold="mixture"),
+            Lever(f"{name} + --smooth-test 10 + --threshold mixture", [cfg(checkpoint=path)],
+                  threshold="mixture", remedy={"smooth_test": 10}),
+        ]) + remedies("", [
+            Lever(f"lite0+1+2 full + copies and {name} averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
+                  [*(cfg(backbone=f"efficientnet_lite{i}", **COPIES) for i in range(3)), cfg(checkpoint=path)],
+                  threshold="mixture", remedy={"smooth_test": 10}, ensemble=True),
+        ])
     if len(checkpoints) > 1:
         found.append(Lever("fine-tuned checkpoints concatenated + threshold on val",
                            [cfg(checkpoint=path) for path in checkpoints], threshold="balanced_accuracy"))
         # runs of one recipe with several --seed values (one --val-seed): an ensemble over training seeds
         names = " + ".join(Path(path).parent.name for path in checkpoints)
-        found.append(Lever(f"fine-tuned {names} averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
-                           [cfg(checkpoint=path) for path in checkpoints], threshold="mixture",
-                           remedy={"smooth_test": 10}, ensemble=True))
+        found += remedies("", [Lever(f"fine-tuned {names} averaged (--ensemble) + --smooth-test 10 + --threshold mixture",
+                                     [cfg(checkpoint=path) for path in checkpoints], threshold="mixture",
+                                     remedy={"smooth_test": 10}, ensemble=True)])
     return found
 
 
@@ -183,9 +203,16 @@ def pneumonia(board, row) -> dict:
     return board.result_of(row).test["per_class"]["PNEUMONIA"]
 
 
-def table(results, title: str) -> str:
-    lines = [f"### {title}", "",
-             "| configuration | head | val bal. acc | test acc | test bal. acc | PNEUMONIA P / R / F1 | test AUC [95 % CI] "
+LEGEND = ("Every choice (head hyper-parameters, decision threshold, every remedy's settings) is made on a "
+          "validation split carved from train (15 %, stratified, seed 0) or on unlabelled test images; the test "
+          "images are scored once per configuration. \"shift AUC\" is the audit's train → test two-sample AUC of "
+          "the file (0.5: alike), and after aligning where aligned; \"extract s\" is the extraction time recorded "
+          "in the cache (0 when the file was extracted before and found).")
+
+
+def table(results) -> str:
+    """The chest X-ray rows: one per configuration × head."""
+    lines = ["| configuration | head | val bal. acc | test acc | test bal. acc | PNEUMONIA P / R / F1 | test AUC [95 % CI] "
              "| shift AUC | extract s | head fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for lever, rows, board in results:
         for row in rows:
@@ -197,6 +224,39 @@ def table(results, title: str) -> str:
                 f"{row['test_roc_auc']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] | {shift_score(board, row)} | "
                 f"{lever.extract_seconds:.0f} | {row['fit_s']:.1f} |")
     return "\n".join(lines)
+
+
+def picked(rows: list[dict]) -> dict:
+    """The row a user would keep: the best by validation balanced accuracy (never by test)."""
+    return max(rows, key=lambda r: r["val_balanced_accuracy"])
+
+
+def remedy_tables(datasets: dict) -> list[str]:
+    """Per dataset: what each remedy did to the validation-picked head's test figures, then every row."""
+    parts = [LEGEND, "",
+             "Each remedy is measured against the same configuration without it; the figures are those of the head "
+             "validation picks in each. A remedy that lowers test accuracy on any dataset is an option to measure "
+             "on your own data, not advice."]
+    for name, (results, rows_table) in datasets.items():
+        remedies_run = [r for r in results if r[0].remedy_of is not None]
+        if not remedies_run:
+            continue
+        by_name = {lever.name: rows for lever, rows, _ in results}
+        lines = ["| remedy | measured against | test acc (picked head) | Δ test acc | test AUC | Δ test AUC |",
+                 "|---|---|---|---|---|---|"]
+        for lever, rows, _ in remedies_run:
+            with_it, base = picked(rows), by_name.get(lever.remedy_of)
+            if base:
+                without = picked(base)
+                delta = (f"{100 * (with_it['test_accuracy'] - without['test_accuracy']):+.2f} points",
+                         f"{with_it['test_roc_auc'] - without['test_roc_auc']:+.4f}")
+                against = f"{lever.remedy_of} ({without['test_accuracy']:.2%}, {without['test_roc_auc']:.4f})"
+            else:
+                delta, against = ("", ""), "—"
+            lines.append(f"| {lever.name} | {against} | {with_it['head']} {with_it['test_accuracy']:.2%} | {delta[0]} | "
+                         f"{with_it['test_roc_auc']:.4f} | {delta[1]} |")
+        parts += ["", f"## {name}", "", *lines, "", f"### {name}: every row", "", rows_table(remedies_run)]
+    return parts
 
 
 def shift_score(board, row) -> str:
@@ -214,46 +274,85 @@ def shift_score(board, row) -> str:
 
 
 @click.command()
-@click.option("--data", default="../shared/data/chest_xray", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", default="../shared/data/chest_xray", show_default=True,
+              type=click.Path(exists=True, path_type=Path), help="The chest X-ray set: its table goes to "
+              "DOCS/chest_xray.md, its remedy rows to DOCS/remedies.md.")
 @click.option("--cache", default="cache", show_default=True)
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A fine-tuned best.pt to add (repeatable); rows are named after its run folder. Several "
                    "are also compared side by side and averaged (runs of one recipe over seeds).")
-@click.option("--flowers", type=click.Path(exists=True, path_type=Path), help="Also the smaller flowers5 table.")
-@click.option("--out", default="runs/reproduce", show_default=True, type=click.Path(path_type=Path))
-@click.option("--only", metavar="REGEX", help="Only the configurations whose name matches REGEX, e.g. 'AdaBN|--align'.")
+@click.option("--flowers", type=click.Path(exists=True, path_type=Path),
+              help="Also flowers5 (e.g. ../shared/data/flowers5): its table goes to DOCS/flowers5.md, its remedy "
+                   "rows to DOCS/remedies.md.")
+@click.option("--docs", default="docs/results", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the tables are written (chest_xray.md, flowers5.md, remedies.md); a table whose dataset "
+                   "did not run is left as it was.")
+@click.option("--only", metavar="REGEX", help="Only the configurations whose name matches REGEX, e.g. 'AdaBN|--align' "
+              "(with, for a remedy, the configuration it is measured against).")
 @click.option("--flowers-checkpoint", "flower_checkpoints", multiple=True,
               type=click.Path(exists=True, dir_okay=False), help="A best.pt fine-tuned on flowers5 to add (repeatable).")
-@click.option("--no-chest", is_flag=True, help="Skip the chest X-ray table (with --flowers: only flowers5's).")
-def main(data, cache, checkpoints, flowers, flower_checkpoints, out, only, no_chest):
+@click.option("--no-chest", is_flag=True, help="Skip the chest X-ray set (with --flowers: only flowers5's tables).")
+def main(data, cache, checkpoints, flowers, flower_checkpoints, docs, only, no_chest):
+    """Extract, compare and write featx's results tables into docs/results/, every choice made without test
+    labels. Each table opens with this command and the machine it ran on."""
     began = time.perf_counter()
-    results, parts = [], []
-    for lever in [] if no_chest else levers(cache, checkpoints):
-        if only and not re.search(only, lever.name):
-            continue
+    chest = [] if no_chest else run_levers(selected(levers(cache, checkpoints), only), data)
+    flower = run_levers(selected(flower_levers(cache, flower_checkpoints), only), flowers) if flowers else []
+    docs.mkdir(parents=True, exist_ok=True)
+    header = provenance(time.perf_counter() - began)
+    written = []
+    if chest:
+        written.append(write(docs / "chest_xray.md", header, "Chest X-ray (Kermany et al. 2018 test set, 624 images)",
+                             chest_tables([r for r in chest if r[0].remedy_of is None])))
+    if flower:
+        written.append(write(docs / "flowers5.md", header, "flowers5 (featx's own stratified 70/15/15 split, seed 0)",
+                             [LEGEND, "", flowers_table([r for r in flower if r[0].remedy_of is None])]))
+    if any(r[0].remedy_of is not None for r in chest + flower):
+        written.append(write(docs / "remedies.md", header, "Remedies for shift, measured on every dataset at hand",
+                             remedy_tables({"chest X-ray": (chest, table), "flowers5": (flower, flowers_table)})))
+    for path in written:
+        print(f"wrote {path}")
+
+
+def selected(found: list[Lever], only: str | None) -> list[Lever]:
+    """The levers whose name matches ``only``, and for each remedy the lever it is measured against."""
+    if not only:
+        return found
+    wanted = {lever.name for lever in found if re.search(only, lever.name)}
+    wanted |= {lever.remedy_of for lever in found if lever.name in wanted and lever.remedy_of}
+    return [lever for lever in found if lever.name in wanted]
+
+
+def run_levers(found: list[Lever], data: Path) -> list:
+    results = []
+    for lever in found:
         rows, board = run_lever(lever, data)
         results.append((lever, rows, board))
         say_best(lever, rows)
+    return results
 
-    if results:
-        parts = chest_tables(results)
-    if flowers:
-        flower_results = []
-        for lever in flower_levers(cache, flower_checkpoints):
-            if only and not re.search(only, lever.name):
-                continue
-            rows, board = run_lever(lever, flowers)
-            flower_results.append((lever, rows, board))
-            say_best(lever, rows)
-        parts += ["", _flowers_table(flower_results)]
-    out.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(parts) + f"\n\n(total {time.perf_counter() - began:.0f} s)\n"
-    (out / "results.md").write_text(text)
-    print(text)
+
+def provenance(seconds: float) -> list[str]:
+    """The opening lines of every table file: the command that regenerates it and the machine it ran on."""
+    import torch
+
+    from featx.embed.hardware import cpu_model
+    from featx.version import __version__
+
+    command = " ".join(["python scripts/reproduce_chest_xray.py", *map(shlex.quote, sys.argv[1:])])
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return [f"Generated by `{command}` on {date.today().isoformat()}; do not edit by hand.",
+            f"Machine: {cpu_model()}, {os.cpu_count()} cores, {gpu}; featx {__version__}, torch {torch.__version__}; "
+            f"{seconds:.0f} s in all."]
+
+
+def write(path: Path, header: list[str], title: str, parts: list[str]) -> Path:
+    path.write_text("\n".join([f"# {title}", "", *header, "", *parts]).rstrip() + "\n")
+    return path
 
 
 def say_best(lever: Lever, rows: list[dict]) -> None:
-    best = max(rows, key=lambda r: r["val_balanced_accuracy"])
+    best = picked(rows)
     print(f"{lever.name}: best by val {best['head']} → test accuracy {best['test_accuracy']:.2%}, "
           f"AUC {best['test_roc_auc']:.4f}", flush=True)
 
@@ -268,7 +367,7 @@ def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite1", [cfg(backbone="efficientnet_lite1")]),
         Lever("lite0 stages + penultimate", [cfg(layer="stages,penultimate")]),
         Lever("lite0 + 2 natural copies (--augment 2)", [cfg(augment=2, aug="natural")]),
-        # the remedies for shift must do no harm where there is none
+    ] + remedies("lite0", [  # the remedies for shift must do no harm where there is none
         Lever("lite0, test without images leaked from train (cosine ≥ 0.88)", [lite0], remedy={"exclude_leaked": True}),
         Lever("lite0 + --align standardize", [lite0], remedy={"align": "standardize"}),
         Lever("lite0 + --align coral", [lite0], remedy={"align": "coral"}),
@@ -276,14 +375,15 @@ def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 + AdaBN (--adapt-bn)", [cfg(adapt_bn=True)]),
         Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10}),
         Lever("lite0 + 4 natural views (--tta-views 4)", [cfg(tta_views=4)]),
-    ]
+    ])
     for path in checkpoints:  # as on the chest X-rays, less the two-class cut
         name = f"fine-tuned {Path(path).parent.name}"
         found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
-        found.append(Lever(f"{name} + --smooth-test 10", [cfg(checkpoint=path)], remedy={"smooth_test": 10}))
-        found.append(Lever(f"lite0+1+2 and {name} averaged (--ensemble) + --smooth-test 10",
-                           [*(cfg(backbone=f"efficientnet_lite{i}") for i in range(3)), cfg(checkpoint=path)],
-                           remedy={"smooth_test": 10}, ensemble=True))
+        found += remedies(f"{name}, frozen afterwards", [
+            Lever(f"{name} + --smooth-test 10", [cfg(checkpoint=path)], remedy={"smooth_test": 10})])
+        found += remedies("", [Lever(f"lite0+1+2 and {name} averaged (--ensemble) + --smooth-test 10",
+                                     [*(cfg(backbone=f"efficientnet_lite{i}") for i in range(3)), cfg(checkpoint=path)],
+                                     remedy={"smooth_test": 10}, ensemble=True)])
     return found
 
 
@@ -308,12 +408,12 @@ def chest_tables(results) -> list[str]:
                     + "), so those seeds' choices are optimistic; their test figures are still held out.")
     published = "\n".join(["| published | test accuracy | AUC |", "|---|---|---|"] +
                           [f"| {n} | {a} | {u} |" for n, a, u in PUBLISHED])
-    return [table(results, "Chest X-ray (Kermany et al. 2018 test set, 624 images)"), "", summary, "", published]
+    return [LEGEND, "", table(results), "", summary, "", "Published figures on the same 624 test images:", "",
+            published]
 
 
-def _flowers_table(results) -> str:
-    lines = ["### flowers5 (featx's own stratified 70/15/15 split, seed 0)", "",
-             "| configuration | head | val bal. acc | test acc | test macro F1 | test AUC (OvR) | shift AUC | extract s |",
+def flowers_table(results) -> str:
+    lines = ["| configuration | head | val bal. acc | test acc | test macro F1 | test AUC (OvR) | shift AUC | extract s |",
              "|---|---|---|---|---|---|---|---|"]
     for lever, rows, board in results:
         for row in rows:

@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
 # Tests never reach the network: weight resolution stops at the local caches; and what featx remembers
-# between commands (featx.memo) goes to a folder of this test session's, not the user's.
+# between commands (featx.store.memo) goes to a folder of this test session's, not the user's.
 os.environ["FEATX_OFFLINE"] = "1"
 os.environ["FEATX_HOME"] = tempfile.mkdtemp(prefix="featx-home-")
 
@@ -46,7 +46,7 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path):
     """resnet18 with random weights at 64 px: a real backbone, fast enough for every test."""
-    from featx.extraction import ExtractConfig
+    from featx.embed.extraction import ExtractConfig
 
     return ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4,
                          cache_dir=str(tmp_path / "cache"))
@@ -67,9 +67,9 @@ class TinyRun(NamedTuple):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
     """One small dataset, its embeddings and a run folder, made once; tests that change them work on copies."""
-    from featx.evaluate import compare
-    from featx.extraction import ExtractConfig, extract
-    from featx.runs import save_run
+    from featx.comparison.evaluate import compare
+    from featx.embed.extraction import ExtractConfig, extract
+    from featx.comparison.runs import save_run
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = make_class_folders(root / "colours", per_class=10, splits=("train", "val", "test"))

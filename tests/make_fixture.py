@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from featx.extraction import ExtractConfig, extract
+from featx.embed.extraction import ExtractConfig, extract
 
 SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"
 TARGET = Path(__file__).resolve().parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"

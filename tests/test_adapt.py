@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from featx.adapt import (em_priors, fit_alignment, mixture_threshold, prior_shift, reweight, smooth_over_neighbours,
+from featx.shift.adapt import (em_priors, fit_alignment, mixture_threshold, prior_shift, reweight, smooth_over_neighbours,
                          target_threshold)
 from featx.errors import DataError
-from featx.metrics import choose_threshold
+from featx.heads.metrics import choose_threshold
 
 
 def correlated(rng, n, dim=16, scale=1.0, offset=0.0):
@@ -70,7 +70,7 @@ def test_em_recovers_a_changed_class_balance_and_reweighting_makes_the_right_cal
 
 
 def write_file(tmp_path, features, labels, splits, name="e.h5"):
-    from featx.store import EmbeddingWriter
+    from featx.store.embeddings import EmbeddingWriter
 
     n = len(labels)
     writer = EmbeddingWriter(tmp_path / name, dim=features.shape[1], paths=[f"{i}.jpg" for i in range(n)],
@@ -87,7 +87,7 @@ def blobs(rng, n, dim=32, shift=0.0, contrast=1.0, separation=1.2):
 
 
 def test_compare_excludes_test_images_leaked_from_train_and_reports_both_figures(tmp_path):
-    from featx.evaluate import compare
+    from featx.comparison.evaluate import compare
 
     rng = np.random.default_rng(2)
     X_train, y_train = blobs(rng, 300, separation=0.25)  # classes that overlap: test accuracy well below 1
@@ -105,7 +105,7 @@ def test_compare_excludes_test_images_leaked_from_train_and_reports_both_figures
 
 
 def test_compare_aligns_train_to_the_test_images(tmp_path):
-    from featx.cli import main
+    from featx.cli.commands import main
 
     rng = np.random.default_rng(3)
     X_train, y_train = blobs(rng, 400)
@@ -127,7 +127,7 @@ def test_compare_aligns_train_to_the_test_images(tmp_path):
 
 
 def test_compare_estimates_the_test_images_class_balance_and_reweights_only_when_asked(tmp_path):
-    from featx.evaluate import compare
+    from featx.comparison.evaluate import compare
 
     rng = np.random.default_rng(4)
     X_train, y_train = blobs(rng, 2000, separation=0.25)
@@ -195,10 +195,10 @@ def test_the_mixture_threshold_follows_target_scores_that_moved_and_is_kept_only
 def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_reads_test_labels(tmp_path):
     from dataclasses import replace
 
-    from featx.cli import main
-    from featx.evaluate import compare
-    from featx.heads import load_head
-    from featx.store import load_embeddings
+    from featx.cli.commands import main
+    from featx.comparison.evaluate import compare
+    from featx.heads.registry import load_head
+    from featx.store.embeddings import load_embeddings
 
     rng = np.random.default_rng(8)
     X_train, y_train = blobs(rng, 2000, separation=0.35)

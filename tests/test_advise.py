@@ -2,10 +2,10 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from featx.advisor import SIMILAR_GAP, SMALL_PER_CLASS, measure, recommend
-from featx.cli import main
-from featx.datasets import scan_dataset
-from featx.sample import sample_path
+from featx.use.advisor import SIMILAR_GAP, SMALL_PER_CLASS, measure, recommend
+from featx.cli.commands import main
+from featx.data.datasets import scan_dataset
+from featx.data.sample import sample_path
 from tests.conftest import make_class_folders
 
 

@@ -1,4 +1,5 @@
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ def test_import_featx_is_light():
 
 
 def test_public_api_as_an_analyst_types_it(image_folder, tiny_config):
-    importlib.import_module("featx.extraction")  # once loaded, the submodule must not shadow featx.extract()
+    importlib.import_module("featx.embed.extraction")  # once loaded, the submodule must not shadow featx.extract()
 
     result = featx.extract(image_folder, tiny_config, progress=False)
     emb = featx.load_embeddings(result.path)
@@ -26,15 +27,26 @@ def test_public_api_as_an_analyst_types_it(image_folder, tiny_config):
 
 
 def test_the_public_api_needs_no_reaching_into_modules(tmp_path):
-    import featx.advisor
-    import featx.finetuning  # importing the modules must not replace the functions of the same purpose
+    import featx.use.advisor
+    import featx.finetuning.training  # importing the modules must not replace the functions of the same purpose
 
     for name in featx.__all__:
         assert getattr(featx, name) is not None, name
-    assert featx.finetune is featx.finetuning.finetune and featx.advise is featx.advisor.advise
+    assert featx.finetune is featx.finetuning.training.finetune and featx.advise is featx.use.advisor.advise
     assert featx.FinetuneConfig().unfreeze == "all" and featx.ExtractConfig().fit == "crop"
     board = featx.compare([FIXTURE], ["logreg"])
     run = featx.load_run(featx.save_run(board, tmp_path / "run"))
     assert run.rows[0]["head"] == "logreg" and run.info["inputs"][0]["cache_key"] == board.inputs[0].cache_key
     assert featx.write_report(tmp_path / "run").name == "report.html"
     assert callable(featx.Predictor)
+
+
+def test_every_name_the_api_docs_list_is_on_featx():
+    """docs/api.md's table of public names and featx.__all__ are the same list, and each name resolves."""
+    table = (Path(__file__).parents[1] / "docs" / "api.md").read_text().split("## Public names")[1]
+    documented = set()
+    for cell in re.findall(r"^\| (.+?) \|", table, flags=re.M):
+        documented |= set(re.findall(r"`(\w+)(?:\(|`)", cell))
+    assert documented - {"name"} == set(featx.__all__) - {"__version__"}
+    for name in documented - {"name"}:
+        assert getattr(featx, name) is not None, name

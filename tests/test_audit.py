@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from featx.audit import DUPLICATE_COSINE, leaked_rows, near_duplicates, shift_between, two_sample_test
-from featx.cli import audit, main
-from featx.store import Embeddings
+from featx.shift.audit import DUPLICATE_COSINE, leaked_rows, near_duplicates, shift_between, two_sample_test
+from featx.cli.commands import audit, main
+from featx.store.embeddings import Embeddings
 
 
 def embeddings(features, labels, splits, tmp_path=None) -> Embeddings:
@@ -60,7 +60,7 @@ def test_near_duplicates_across_splits_are_leaks_and_distinct_rows_are_not():
 
 
 def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
-    from featx.store import EmbeddingWriter
+    from featx.store.embeddings import EmbeddingWriter
 
     rng = np.random.default_rng(4)
     features = np.concatenate([cnn_like(rng, 200), cnn_like(rng, 100, contrast=0.7, brightness=0.8)])
@@ -85,8 +85,8 @@ def test_the_audit_command_reports_shift_and_writes_the_pairs(tmp_path):
 
 
 def test_compare_warns_about_shift_and_records_it_only_when_there_is_some(tmp_path, caplog):
-    from featx.evaluate import compare
-    from featx.store import EmbeddingWriter
+    from featx.comparison.evaluate import compare
+    from featx.store.embeddings import EmbeddingWriter
 
     def write(name, test_contrast, test_brightness):
         rng = np.random.default_rng(5)
@@ -108,7 +108,7 @@ def test_compare_warns_about_shift_and_records_it_only_when_there_is_some(tmp_pa
 
 
 def test_flipped_labels_are_found_among_the_likely_label_errors():
-    from featx.audit import label_issues, outliers
+    from featx.shift.audit import label_issues, outliers
 
     rng = np.random.default_rng(6)
     centres = rng.normal(0, 1, (2, 32)) * 1.5
@@ -136,13 +136,13 @@ def smooth_image(seed: int, size: int = 256):
 
 
 def _distance(root: Path, a: str, b: str) -> int:
-    from featx.audit import difference_hash
+    from featx.shift.audit import difference_hash
 
     return bin(difference_hash(root / a) ^ difference_hash(root / b)).count("1")
 
 
 def test_perceptual_hash_confirms_copies_and_identical_files_are_found(tmp_path):
-    from featx.audit import audit as run_audit
+    from featx.shift.audit import audit as run_audit
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -183,7 +183,7 @@ def test_on_alike_images_the_hash_confirms_only_close_copies(tmp_path):
     """Chest X-rays are alike to a perceptual hash: a fixed photo threshold would confirm distinct ones."""
     from PIL import Image
 
-    from featx.audit import COPY_BITS, calibrate_hash, difference_hash
+    from featx.shift.audit import COPY_BITS, calibrate_hash, difference_hash
 
     shared = np.asarray(smooth_image(0), dtype=float)  # 70 % of every image: one anatomy, many patients
     for seed in range(1, 41):
@@ -200,7 +200,7 @@ def test_on_alike_images_the_hash_confirms_only_close_copies(tmp_path):
 def test_the_permutation_tests_logistic_regressions_are_scikit_learns():
     from sklearn.linear_model import LogisticRegression
 
-    from featx.audit import _fit_logistic
+    from featx.shift.audit import _fit_logistic
 
     rng = np.random.default_rng(6)
     X = rng.normal(0, 1, (120, 5))

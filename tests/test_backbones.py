@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from featx.backbones import BACKBONES, get_backbone, resolve_weights
-from featx.feature_model import build_classifier, build_feature_model
+from featx.embed.backbones import BACKBONES, get_backbone, resolve_weights
+from featx.embed.feature_model import build_classifier, build_feature_model
 from featx.vocab import parse_layer
 from featx.errors import ConfigError, DataError, WeightsError
-from featx.images import resize_and_crop
+from featx.data.images import resize_and_crop
 
 REQUIRED = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet34", "resnet50",
             "resnet101", "resnet152", "vgg16", "vgg19", "densenet121", "efficientnet_b0", "mobilenet_v3_large",
@@ -123,7 +123,7 @@ def test_offline_weights_are_real_imagenet_weights(name):
 def test_the_registry_refuses_a_taken_name_unless_told_to_replace():
     from dataclasses import replace
 
-    from featx.backbones import register_backbone
+    from featx.embed.backbones import register_backbone
 
     original = BACKBONES["resnet18"]
     with pytest.raises(ConfigError, match="a backbone named 'resnet18' is already registered; pass replace=True"):

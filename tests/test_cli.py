@@ -4,8 +4,8 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
-from featx.cli import main
-from featx.store import load_embeddings
+from featx.cli.commands import main
+from featx.store.embeddings import load_embeddings
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "4"]
 

@@ -17,9 +17,9 @@ distributed = pytest.importorskip("distributed")  # the cluster extra; CI instal
 
 from featx.cluster import connect  # noqa: E402
 from featx.errors import ConfigError, DataError  # noqa: E402
-from featx.extraction import ExtractConfig, extract  # noqa: E402
-from featx.shards import default_ranges, extract_on_cluster, shard_folder  # noqa: E402
-from featx.store import consolidate, load_embeddings, publish_shards  # noqa: E402
+from featx.embed.extraction import ExtractConfig, extract  # noqa: E402
+from featx.embed.shards import default_ranges, extract_on_cluster, shard_folder  # noqa: E402
+from featx.store.embeddings import consolidate, load_embeddings, publish_shards  # noqa: E402
 from tests.conftest import make_class_folders  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
@@ -109,8 +109,8 @@ def test_a_worker_that_dies_mid_shard_loses_no_row(cluster, data, sequential, tm
 
 CLIENT = """
 import sys
-from featx.extraction import ExtractConfig
-from featx.shards import extract_on_cluster
+from featx.embed.extraction import ExtractConfig
+from featx.embed.shards import extract_on_cluster
 config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=8, augment=1, aug="xray",
                        cache_dir=sys.argv[3])
 if __name__ == "__main__":
@@ -223,7 +223,7 @@ def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(
 def test_the_cli_extracts_on_a_cluster_and_info_shows_the_shards(cluster, data, tmp_path):
     from click.testing import CliRunner
 
-    from featx.cli import main
+    from featx.cli.commands import main
 
     address, _ = cluster
     args = ["extract", str(data), "--backbone", "resnet18", "--weights", "none", "--image-size", "48",
@@ -251,7 +251,7 @@ def same_leaderboard(a, b) -> None:
 
 
 def test_compare_on_the_cluster_gives_the_sequential_leaderboard(cluster):
-    from featx.evaluate import compare
+    from featx.comparison.evaluate import compare
 
     address, _ = cluster
     heads = ["logreg", "knn"]
@@ -262,8 +262,8 @@ def test_compare_on_the_cluster_gives_the_sequential_leaderboard(cluster):
 def test_lightgbm_on_the_cluster_gives_the_sequential_leaderboard(cluster):
     """Large enough for BLAS to thread its sums (1,500 × 512): with two threads here and one on the workers,
     lightgbm's bins moved and it tuned another num_leaves, until both ways fitted with one thread."""
-    from featx.evaluate import compare
-    from featx.store import Embeddings
+    from featx.comparison.evaluate import compare
+    from featx.store.embeddings import Embeddings
 
     address, _ = cluster
     rng = np.random.default_rng(0)
@@ -277,8 +277,8 @@ def test_lightgbm_on_the_cluster_gives_the_sequential_leaderboard(cluster):
 
 
 def test_lightgbm_out_of_core_learns_as_well_as_in_memory(cluster, tmp_path):
-    from featx.evaluate import compare
-    from featx.runs import load_run, save_run
+    from featx.comparison.evaluate import compare
+    from featx.comparison.runs import load_run, save_run
 
     address, _ = cluster
     in_memory = compare([FIXTURE], ["lightgbm"]).rows[0]
@@ -294,8 +294,8 @@ def test_lightgbm_out_of_core_learns_as_well_as_in_memory(cluster, tmp_path):
 
 
 def test_max_train_rows_is_a_stratified_sample_recorded_with_the_run(tmp_path):
-    from featx.evaluate import compare, subsample_train
-    from featx.runs import load_run, save_run
+    from featx.comparison.evaluate import compare, subsample_train
+    from featx.comparison.runs import load_run, save_run
 
     y = np.repeat([0, 1], [60, 140])
     kept = subsample_train(y, 50, seed=0)
@@ -305,7 +305,7 @@ def test_max_train_rows_is_a_stratified_sample_recorded_with_the_run(tmp_path):
 
 
 def test_a_csv_of_urls_is_read_where_the_images_are(cluster, tmp_path):
-    from featx.datasets import scan_dataset
+    from featx.data.datasets import scan_dataset
     from tests.conftest import make_image
 
     address, _ = cluster

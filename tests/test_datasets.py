@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from featx import datasets
-from featx.datasets import scan_dataset
+from featx.data import datasets
+from featx.data.datasets import scan_dataset
 from featx.errors import ConfigError, DataError
 from tests.conftest import make_class_folders, make_image
 
@@ -129,7 +129,7 @@ def test_empty_or_missing_folders_are_refused(tmp_path):
 
 
 def test_one_image_listing_for_datasets_and_predict(tmp_path):
-    from featx.datasets import list_images
+    from featx.data.datasets import list_images
 
     root = make_class_folders(tmp_path / "d", per_class=2)
     (root / "red" / "._red_00.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork, not an image

@@ -1,4 +1,4 @@
-"""The tensor pipeline (featx.decoding): the same inputs as the Pillow path, and the Pillow path for what it refuses."""
+"""The tensor pipeline (featx.embed.decoding): the same inputs as the Pillow path, and the Pillow path for what it refuses."""
 
 import io
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from featx.decoding import BatchDecoder, batchable, orient
-from featx.extraction import extract
-from featx.images import Preprocess, load_image
-from featx.planning import ExtractConfig, plan_extraction
-from featx.store import load_embeddings
+from featx.embed.decoding import BatchDecoder, batchable, orient
+from featx.embed.extraction import extract
+from featx.data.images import Preprocess, load_image
+from featx.embed.planning import ExtractConfig, plan_extraction
+from featx.store.embeddings import load_embeddings
 
 
 def photo(size, seed):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featx.cli import main
+from featx.cli.commands import main
 from featx.errors import ConfigError
-from featx.evaluate import Leaderboard, compare
-from featx.metrics import choose_threshold, classification_metrics
-from featx.runs import save_run
-from featx.store import load_embeddings
+from featx.comparison.evaluate import Leaderboard, compare
+from featx.heads.metrics import choose_threshold, classification_metrics
+from featx.comparison.runs import save_run
+from featx.store.embeddings import load_embeddings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
 
@@ -116,7 +116,7 @@ def copy_as(tmp_path, label: str, key: str) -> Path:
 
 def test_concatenated_backbones_are_one_more_row(tmp_path):
     from featx.errors import DataError
-    from featx.store import concat_embeddings
+    from featx.store.embeddings import concat_embeddings
 
     emb = load_embeddings(FIXTURE)
     other_path = copy_as(tmp_path, "other", "0123456789")
@@ -145,8 +145,8 @@ def noisy_copy(tmp_path, label: str, key: str, noise: float = 1.5) -> Path:
 
 
 def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
-    from featx.heads import load_head, save_head
-    from featx.store import concat_embeddings
+    from featx.heads.registry import load_head, save_head
+    from featx.store.embeddings import concat_embeddings
 
     other = noisy_copy(tmp_path, "noisy", "0123456789")
     board = compare([FIXTURE, other], ["logreg", "knn"], ensemble=True)
@@ -203,7 +203,7 @@ def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
     from dataclasses import replace
 
     from featx.errors import DataError
-    from featx.store import AUGMENTED
+    from featx.store.embeddings import AUGMENTED
 
     plain = load_embeddings(noisy_copy(tmp_path, "noisy", "0123456789"))
     train = plain.rows("train")[:20]
@@ -231,8 +231,8 @@ def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
 def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(tmp_path, tiny_config):
     from dataclasses import replace
 
-    from featx.evaluate import split_arrays
-    from featx.extraction import extract
+    from featx.comparison.evaluate import split_arrays
+    from featx.embed.extraction import extract
     from tests.conftest import make_class_folders
 
     folder = make_class_folders(tmp_path / "xray", per_class=8, splits=("train", "test"))
@@ -250,7 +250,7 @@ def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(
 
 @pytest.mark.parametrize("n_classes, n_rows", [(2, 40), (3, 12), (5, 300)])
 def test_bootstrap_aucs_equal_the_auc_of_each_resample(n_classes, n_rows):
-    from featx.metrics import _auc, bootstrap_aucs
+    from featx.heads.metrics import _auc, bootstrap_aucs
 
     rng = np.random.default_rng(n_classes)
     y = rng.integers(0, n_classes, n_rows)

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from featx.datasets import ImageDataset, scan_dataset
+from featx.data.datasets import ImageDataset, scan_dataset
 from featx.errors import ConfigError, DataError, SchemaError
-from featx.extraction import extract
-from featx.store import CacheLock, load_embeddings
+from featx.embed.extraction import extract
+from featx.store.embeddings import CacheLock, load_embeddings
 from tests.conftest import make_image
 
 META_ATTRS = {
@@ -114,8 +114,8 @@ def test_test_time_views_make_features_one_function_of_the_image_whatever_its_ba
 
 CRASHING_CHILD = textwrap.dedent("""
     import os, signal, sys
-    from featx import store
-    from featx.extraction import ExtractConfig, extract
+    from featx.store import embeddings as store
+    from featx.embed.extraction import ExtractConfig, extract
     write = store.EmbeddingWriter.write
     def write_then_die(self, *args):
         write(self, *args)
@@ -189,8 +189,8 @@ def test_full_fit_keeps_the_image_edges_and_its_own_cache_key(image_folder, tiny
 def test_adapt_bn_embeds_each_split_with_its_own_statistics_and_never_reads_labels(tmp_path, tiny_config):
     from PIL import Image
 
-    from featx.extraction import _adaptation_images, load_model
-    from featx.planning import plan_extraction
+    from featx.embed.extraction import _adaptation_images, load_model
+    from featx.embed.planning import plan_extraction
     from tests.conftest import COLOURS
 
     root = tmp_path / "scanners"  # test: the training images again, at 60 % contrast (another scanner)
@@ -235,8 +235,8 @@ def emb_paths_match(emb) -> bool:
 def torch_batch(path, plan):
     import torch
 
-    from featx.feature_model import to_tensor
-    from featx.images import load_image
+    from featx.embed.feature_model import to_tensor
+    from featx.data.images import load_image
 
     with torch.inference_mode():
         return to_tensor(load_image(path, plan.preprocess)).unsqueeze(0)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from featx.errors import ConfigError, DataError
-from featx.extraction import ExtractConfig, extract
-from featx.checkpoints import read_checkpoint
-from featx.finetuning import (FinetuneConfig, Trainer, WeightAverage, finetune, group_learning_rates, lr_find,
+from featx.embed.extraction import ExtractConfig, extract
+from featx.embed.checkpoints import read_checkpoint
+from featx.finetuning.training import (FinetuneConfig, Trainer, WeightAverage, finetune, group_learning_rates, lr_find,
                               lr_sweep, stage_groups, suggest_lr)
 from featx.vocab import STAGE_GROUPS
-from featx.store import load_embeddings
+from featx.store.embeddings import load_embeddings
 from tests.conftest import SHARED_DATA, make_class_folders, needs_shared_data
 
 TINY = FinetuneConfig(backbone="resnet18", weights="none", image_size=32, batch_size=8, epochs=2, head_epochs=1,
@@ -172,7 +172,7 @@ def test_checkpoint_round_trip_into_the_cache(colours, tmp_path):
                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
     assert emb.label.startswith("resnet18+ft-") and emb.meta["image_size"] == 32 and emb.meta["fit"] == "full"
     first = trainer.dataset.absolute_path(trainer.dataset.samples[0])
-    from featx.images import load_image
+    from featx.data.images import load_image
 
     image = torch.from_numpy(load_image(first, trainer.preprocess).copy()).permute(2, 0, 1)[None]
     trainer.model.eval()
@@ -202,9 +202,9 @@ def test_foreign_checkpoints_are_refused(colours, tmp_path):
 
 
 def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
-    from featx.evaluate import compare
-    from featx.heads import load_head
-    from featx.runs import save_run
+    from featx.comparison.evaluate import compare
+    from featx.heads.registry import load_head
+    from featx.comparison.runs import save_run
 
     emb = load_embeddings(extract(colours, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
                                                          cache_dir=str(tmp_path / "cache")), progress=False).path)
@@ -222,9 +222,9 @@ def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_te
 
     from click.testing import CliRunner
 
-    from featx.cli import main
-    from featx.evaluate import compare
-    from featx.runs import predictions_path, save_run
+    from featx.cli.commands import main
+    from featx.comparison.evaluate import compare
+    from featx.comparison.runs import predictions_path, save_run
 
     data = make_class_folders(tmp_path / "colours", per_class=4, splits=("train", "val", "test"))
     emb = load_embeddings(extract(data, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
@@ -257,7 +257,7 @@ def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_te
     student = load_embeddings(extract(data, ExtractConfig(checkpoint=str(tmp_path / "student" / "best.pt"),
                                                           cache_dir=str(tmp_path / "cache")), progress=False).path)
     assert student.meta["backbone_pseudo_labels"] == record
-    from featx.planning import plan_extraction
+    from featx.embed.planning import plan_extraction
 
     unmarked = tmp_path / "unmarked"  # the same weights without the record must not reuse the marked file
     shutil.copytree(tmp_path / "student", unmarked)
@@ -267,11 +267,11 @@ def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_te
     (unmarked / "best.json").write_text(json.dumps({**sidecar, "pseudo_labels": "many"}))
     with pytest.raises(DataError, match="pseudo_labels is not the record featx finetune writes"):
         plan_extraction(data, ExtractConfig(checkpoint=str(unmarked / "best.pt")))
-    with caplog.at_level("WARNING", logger="featx.evaluate"):
+    with caplog.at_level("WARNING", logger="featx.comparison.evaluate"):
         board = compare([student, emb], ["logreg"])
     assert "trained on 12 test images with guessed labels" in caplog.text and caplog.text.count("guessed") == 1
     assert board.settings["transductive"] == {student.path.name: {"test_images_trained_on": 12}}
-    from featx.report import write_report
+    from featx.use.report import write_report
 
     save_run(board, tmp_path / "judged")
     assert "Transductive test figures" in write_report(tmp_path / "judged").read_text()
@@ -290,7 +290,7 @@ def test_a_checkpoint_is_embedded_only_under_the_split_it_trained_on(tmp_path):
     checkpoint fine-tuned on another split of the same images is refused (it would score images it trained on)."""
     from click.testing import CliRunner
 
-    from featx.cli import main
+    from featx.cli.commands import main
 
     flat = make_class_folders(tmp_path / "flat", per_class=10)
     one_epoch = replace(TINY, head_epochs=0, epochs=1)
@@ -317,9 +317,9 @@ def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone
     """finetune carves validation with its --seed; compare carving with another one validates on images the
     backbone trained on: it warns, records it and the report says so. With the fine-tune's seed it is silent,
     and a checkpoint applied to other images records nothing to check against."""
-    from featx.evaluate import compare
-    from featx.report import write_report
-    from featx.runs import save_run
+    from featx.comparison.evaluate import compare
+    from featx.use.report import write_report
+    from featx.comparison.runs import save_run
 
     data = make_class_folders(tmp_path / "data", per_class=20, splits=("train", "test"))
     finetune(data, replace(TINY, head_epochs=0, epochs=1), out=tmp_path / "ft", progress=False)
@@ -328,7 +328,7 @@ def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone
     held_out = emb.meta["backbone_validation"]
     assert (held_out["seed"], held_out["val_fraction"], len(held_out["images"])) == (0, 0.15, 9)
 
-    with caplog.at_level("WARNING", logger="featx.evaluate"):
+    with caplog.at_level("WARNING", logger="featx.comparison.evaluate"):
         assert "validation_trained_on" not in compare([emb], ["logreg"], seed=0).settings
         assert "trained its fine-tuned backbone" not in caplog.text
         board = compare([emb], ["logreg"], seed=1)
@@ -347,8 +347,8 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
     --val-seed fixes the carve while --seed still moves the head's start and the batch order."""
     from click.testing import CliRunner
 
-    from featx.cli import main
-    from featx.evaluate import compare
+    from featx.cli.commands import main
+    from featx.comparison.evaluate import compare
 
     data = make_class_folders(tmp_path / "data", per_class=20, splits=("train", "test"))
     one_epoch = replace(TINY, head_epochs=0, epochs=1)
@@ -373,7 +373,7 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
     assert all(f"32 px crop, from {tmp_path / f'seed{seed}' / 'best.pt'}" in listing for seed in (0, 1))
     assert members[0].meta["backbone_validation"] == members[1].meta["backbone_validation"]
     assert members[1].meta["backbone_validation"]["seed"] == 0
-    with caplog.at_level("WARNING", logger="featx.evaluate"):
+    with caplog.at_level("WARNING", logger="featx.comparison.evaluate"):
         board = compare(members, ["logreg"], seed=0, ensemble=True)
     assert "validation_trained_on" not in board.settings and "trained its fine-tuned backbone" not in caplog.text
     assert any("averaged" in row["backbone"] for row in board.rows)
@@ -383,7 +383,7 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
     own = load_embeddings(extract(data, ExtractConfig(checkpoint=str(tmp_path / "own" / "best.pt"),
                                                       cache_dir=str(cache)), progress=False).path)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="featx.evaluate"):
+    with caplog.at_level("WARNING", logger="featx.comparison.evaluate"):
         compare([members[0], own], ["logreg"], seed=0, ensemble=True)
     assert "held out different validation images (carved with seeds 0 (fraction 0.15), 1 (fraction 0.15))" \
         in caplog.text and "one --val-seed" in caplog.text
@@ -451,7 +451,7 @@ def test_real_chest_xray_subset_fine_tunes(tmp_path):
 
 def test_fine_tuning_validates_on_the_images_the_heads_validate_on(tmp_path):
     """Without a val split both carve one from train: the same images, so their validation figures compare."""
-    from featx.evaluate import split_arrays
+    from featx.comparison.evaluate import split_arrays
 
     data = make_class_folders(tmp_path / "colours", per_class=10, splits=("train", "test"))
     trainer = Trainer(data, TINY, tmp_path / "ft")

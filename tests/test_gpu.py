@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from featx.extraction import extract
-from featx.planning import ExtractConfig
-from featx.store import load_embeddings
+from featx.embed.extraction import extract
+from featx.embed.planning import ExtractConfig
+from featx.store.embeddings import load_embeddings
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -44,7 +44,7 @@ def test_gpu_tensor_decoding_matches_the_pillow_path(tmp_path):
 
 def test_a_local_gpu_cluster_extracts_what_one_process_does(image_folder, tiny_config, tmp_path):
     pytest.importorskip("distributed")
-    from featx.shards import extract_on_cluster
+    from featx.embed.shards import extract_on_cluster
 
     config = replace(tiny_config, device="cuda", precision="fp32", decode="pillow", cache_dir=str(tmp_path / "seq"))
     one = load_embeddings(extract(image_folder, config, progress=False).path)
@@ -56,7 +56,7 @@ def test_a_local_gpu_cluster_extracts_what_one_process_does(image_folder, tiny_c
 
 
 def test_fine_tuning_on_a_gpu_decodes_in_worker_processes_by_default(tmp_path):
-    from featx.finetuning import FinetuneConfig, Trainer
+    from featx.finetuning.training import FinetuneConfig, Trainer
     from tests.conftest import make_class_folders
 
     data = make_class_folders(tmp_path / "colours", per_class=4)

@@ -15,15 +15,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from featx.backbones import get_backbone
-from featx.cli import main
-from featx.datasets import scan_dataset
+from featx.embed.backbones import get_backbone
+from featx.cli.commands import main
+from featx.data.datasets import scan_dataset
 from featx.errors import ConfigError, DataError, FeatxError
-from featx.evaluate import compare
-from featx.extraction import extract
-from featx.images import ImageError, Preprocess, load_image
-from featx.runs import save_run
-from featx.store import load_embeddings
+from featx.comparison.evaluate import compare
+from featx.embed.extraction import extract
+from featx.data.images import ImageError, Preprocess, load_image
+from featx.comparison.runs import save_run
+from featx.store.embeddings import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
@@ -79,7 +79,7 @@ def test_3_csv_paths_must_stay_inside_the_csv_folder(tmp_path):
 # --- data lost --------------------------------------------------------------------------------------------
 
 def test_4_a_full_disk_stops_in_one_line_and_the_run_resumes_to_identical_rows(tiny_run, tmp_path, monkeypatch):
-    import featx.store
+    import featx.store.embeddings
 
     data, emb_path, _, config = tiny_run
     real = shutil.disk_usage
@@ -90,14 +90,14 @@ def test_4_a_full_disk_stops_in_one_line_and_the_run_resumes_to_identical_rows(t
         usage = real(path)
         return usage._replace(free=usage.free if calls["n"] <= 3 else 1_000_000)  # full after two batches
 
-    monkeypatch.setattr(featx.store.shutil, "disk_usage", filling_up)
+    monkeypatch.setattr(featx.store.embeddings.shutil, "disk_usage", filling_up)
     small = replace(config, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FeatxError, match=r"^disk full: \d+ MB needed, 1 MB free at .*; free some space"):
         extract(data, small, progress=False)
     partial = next((tmp_path / "cache").rglob("*.partial"))
     with h5py.File(partial) as handle:
         assert handle.attrs["rows_done"] == 8  # the two batches that were written and flushed
-    monkeypatch.setattr(featx.store.shutil, "disk_usage", real)
+    monkeypatch.setattr(featx.store.embeddings.shutil, "disk_usage", real)
     resumed = extract(data, small, progress=False)
     assert resumed.resumed_from == 8
     np.testing.assert_array_equal(load_embeddings(resumed.path).features(), load_embeddings(emb_path).features())
@@ -210,7 +210,7 @@ def test_6_a_path_listed_twice_is_refused(tmp_path):
 
 def test_6_clamped_cv_says_so(caplog):
     X, y = np.random.default_rng(0).normal(size=(30, 4)), np.repeat([0, 1], 15)
-    from featx.heads import fit_head
+    from featx.heads.registry import fit_head
 
     fitted = fit_head("logreg", X, y, cv=1000)
     assert fitted.tuned_on == "15-fold stratified CV on train"
@@ -279,7 +279,7 @@ def test_9_one_class_and_a_class_missing_from_train_are_refused(tmp_path):
     for name in ("green", "blue"):
         shutil.rmtree(data / name)
     one_line_error(invoke("advise", data, "--backbone", "resnet18", "--weights", "none"), 2, "fewer than two classes")
-    from featx.finetuning import FinetuneConfig, Trainer
+    from featx.finetuning.training import FinetuneConfig, Trainer
 
     with pytest.raises(DataError, match="one class; fine-tuning needs at least two"):
         Trainer(data, FinetuneConfig(backbone="resnet18", weights="none"), tmp_path / "ft")
@@ -538,7 +538,7 @@ def test_any_csv_is_scanned_or_refused_in_one_line(rows, header, junk):
 def test_any_file_names_are_scanned_and_stored_to_the_byte(names):
     import tempfile
 
-    from featx.store import EmbeddingWriter
+    from featx.store.embeddings import EmbeddingWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

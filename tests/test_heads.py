@@ -8,7 +8,7 @@ import pytest
 from sklearn.utils.estimator_checks import check_estimator
 
 from featx.errors import ConfigError, DataError
-from featx.heads import EarlyStoppedLightGBM, fit_head, get_head, list_heads, load_head, resolve_heads
+from featx.heads.registry import EarlyStoppedLightGBM, fit_head, get_head, list_heads, load_head, resolve_heads
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
 
@@ -60,9 +60,9 @@ def test_cv_tuning_and_svm_kernel_choice_is_recorded():
 
 
 def test_saved_head_is_checked_against_the_embeddings(tmp_path):
-    from featx.evaluate import compare
-    from featx.runs import save_run
-    from featx.store import load_embeddings
+    from featx.comparison.evaluate import compare
+    from featx.comparison.runs import save_run
+    from featx.store.embeddings import load_embeddings
 
     emb = load_embeddings(FIXTURE)
     board = compare([emb], ["logreg"])
@@ -83,8 +83,8 @@ def test_saved_head_is_checked_against_the_embeddings(tmp_path):
 
 @pytest.mark.parametrize("name", ["logreg", "svm", "lightgbm", "knn", "mlp"])
 def test_every_head_round_trips_through_the_safe_format(tmp_path, name):
-    from featx.heads import save_head
-    from featx.store import load_embeddings
+    from featx.heads.registry import save_head
+    from featx.store.embeddings import load_embeddings
 
     emb = load_embeddings(FIXTURE)
     X, y = emb.features("train"), emb.labels("train")
@@ -95,8 +95,8 @@ def test_every_head_round_trips_through_the_safe_format(tmp_path, name):
 
 @pytest.mark.parametrize("planted", ["os.system", "builtins.eval", "subprocess.Popen", "tests.conftest.make_image"])
 def test_a_head_file_naming_any_other_type_is_refused_before_anything_runs(tmp_path, planted):
-    from featx.heads import save_head
-    from featx.store import load_embeddings
+    from featx.heads.registry import save_head
+    from featx.store.embeddings import load_embeddings
 
     emb = load_embeddings(FIXTURE)
     path = save_head(tmp_path / "h.json", fit_head("logreg", emb.features("train"), emb.labels("train"), cv=3), emb)
@@ -104,7 +104,7 @@ def test_a_head_file_naming_any_other_type_is_refused_before_anything_runs(tmp_p
     path.write_text(text)
     with pytest.raises(DataError, match=f"refused: it holds a {planted}, which is not a type a featx head holds"):
         load_head(path)
-    from featx import serialize
+    from featx.heads import serialize
 
     with pytest.raises(DataError, match="cannot save a builtins.builtin_function_or_method: not a type a featx"):
         serialize.dump({"callback": print}, tmp_path / "bad.json", {})
@@ -114,7 +114,7 @@ def test_the_head_path_never_imports_torch(tmp_path):
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from featx.cli import main\n"
+        "from featx.cli.commands import main\n"
         f"result = CliRunner().invoke(main, ['compare', r'{FIXTURE}', '--heads', 'logreg,knn', '--out', r'{tmp_path}'])\n"
         "assert result.exit_code == 0, result.output\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -134,7 +134,7 @@ def test_fixed_parameters_leave_the_search_space():
 
 
 def test_the_registry_refuses_a_taken_name_unless_told_to_replace():
-    from featx.heads import HEADS, register_head
+    from featx.heads.registry import HEADS, register_head
 
     original = HEADS["knn"]
     with pytest.raises(ConfigError, match="a head named 'knn' is already registered; pass replace=True"):
@@ -177,7 +177,7 @@ class SizeRecorder(EarlyStoppedLightGBM):
 def test_successive_halving_narrows_on_fractions_then_fits_the_best_on_every_row():
     from sklearn.metrics import get_scorer
 
-    from featx.heads import _halving_search
+    from featx.heads.registry import _halving_search
 
     X, y = blobs(n_per_class=90, n_classes=3, dim=8)
     SizeRecorder.sizes = []
@@ -190,7 +190,7 @@ def test_successive_halving_narrows_on_fractions_then_fits_the_best_on_every_row
 def test_successive_halving_caps_the_first_round(monkeypatch):
     from sklearn.metrics import get_scorer
 
-    from featx import heads
+    from featx.heads import registry as heads
 
     monkeypatch.setattr(heads, "HALVING_FIRST_ROWS", 20)
     X, y = blobs(n_per_class=90, n_classes=3, dim=8)
@@ -201,7 +201,8 @@ def test_successive_halving_caps_the_first_round(monkeypatch):
 
 
 def test_large_training_sets_get_the_sgd_linear_svm_and_halved_lightgbm(tmp_path, monkeypatch):
-    from featx import heads, serialize
+    from featx.heads import registry as heads
+    from featx.heads import serialize
 
     monkeypatch.setattr(heads, "RBF_MAX_ROWS", 100)
     monkeypatch.setattr(heads, "HALVING_MIN_ROWS", 100)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.images import ImageError, Preprocess, load_image, open_rgb
+from featx.data.images import ImageError, Preprocess, load_image, open_rgb
 from tests.conftest import make_image
 
 PRE = Preprocess(size=32, resize=36)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featx.cli import main
-from featx.evaluate import compare
-from featx.runs import save_run
-from featx.extraction import extract
-from featx.openset import OpenSet
-from featx.predict import Predictor
-from featx.store import load_embeddings
+from featx.cli.commands import main
+from featx.comparison.evaluate import compare
+from featx.comparison.runs import save_run
+from featx.embed.extraction import extract
+from featx.heads.openset import OpenSet
+from featx.use.predict import Predictor
+from featx.store.embeddings import load_embeddings
 from tests.conftest import make_class_folders, make_image
 
 
@@ -106,17 +106,17 @@ def test_predict_silences_only_its_own_unsafe_file_warning(tiny_run, monkeypatch
 
     from sklearn.exceptions import InconsistentVersionWarning
 
-    import featx.predict
+    import featx.use.predict
 
     data, _, run, _ = tiny_run
-    original = featx.predict.load_head
+    original = featx.use.predict.load_head
 
     def load_head_made_elsewhere(path, **options):
         warnings.warn(InconsistentVersionWarning(estimator_name="LogisticRegression", current_sklearn_version="1.9",
                                                  original_sklearn_version="0.24"), stacklevel=2)
         return original(path, **options)
 
-    monkeypatch.setattr(featx.predict, "load_head", load_head_made_elsewhere)
+    monkeypatch.setattr(featx.use.predict, "load_head", load_head_made_elsewhere)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = CliRunner().invoke(main, ["predict", str(run), str(next((data / "test" / "red").glob("*.jpg")))])
@@ -176,7 +176,7 @@ def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
     from dataclasses import replace
 
     from featx.errors import ConfigError, DataError
-    from featx.extraction import ExtractConfig
+    from featx.embed.extraction import ExtractConfig
 
     data = make_class_folders(tmp_path / "colours", per_class=12, splits=("train", "val", "test"))
     config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=4, adapt_bn=True,
@@ -212,7 +212,7 @@ def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
 
 def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_its_own_images(tiny_run, tmp_path,
                                                                                               caplog):
-    from featx.adapt import smooth_over_neighbours
+    from featx.shift.adapt import smooth_over_neighbours
 
     save_run(compare([tiny_run.embeddings], ["logreg"], smooth_test=5), tmp_path / "run")
     predictor = Predictor(tmp_path / "run")
@@ -234,8 +234,8 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
 def test_a_head_on_several_backbones_embeds_new_images_with_each(tiny_run, tmp_path):
     from dataclasses import replace
 
-    from featx.evaluate import Leaderboard
-    from featx.store import concat_embeddings
+    from featx.comparison.evaluate import Leaderboard
+    from featx.store.embeddings import concat_embeddings
 
     smaller = extract(tiny_run.data, replace(tiny_run.config, image_size=48, fit="full"), progress=False).path
     board = compare([tiny_run.embeddings, smaller], ["logreg"], ensemble=True)
@@ -260,7 +260,7 @@ def test_new_images_are_embedded_in_the_precision_the_extraction_recorded(tiny_r
     images are another domain to the drift check (AUC 1.0 on this run before predict followed the record)."""
     from dataclasses import replace
 
-    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: True)  # bf16 is emulated where it is not native
+    monkeypatch.setattr("featx.embed.hardware.cpu_has_bf16", lambda: True)  # bf16 is emulated where it is not native
     config = replace(tiny_run.config, precision="bf16", cache_dir=str(tmp_path / "cache"))
     embeddings = load_embeddings(extract(tiny_run.data, config, progress=False).path)
     assert embeddings.meta["precision"] == "bf16"

@@ -6,8 +6,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from featx.extraction import ExtractConfig, extract
-from featx.store import load_embeddings
+from featx.embed.extraction import ExtractConfig, extract
+from featx.store.embeddings import load_embeddings
 from tests.conftest import SHARED_DATA, needs_shared_data
 
 

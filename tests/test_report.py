@@ -3,11 +3,11 @@ import shutil
 
 from click.testing import CliRunner
 
-from featx.cli import main
-from featx.evaluate import compare
-from featx.runs import save_run
-from featx.extraction import extract
-from featx.store import load_embeddings
+from featx.cli.commands import main
+from featx.comparison.evaluate import compare
+from featx.comparison.runs import save_run
+from featx.embed.extraction import extract
+from featx.store.embeddings import load_embeddings
 from tests.conftest import make_class_folders
 
 
@@ -31,8 +31,8 @@ def test_report_has_every_section_and_escapes_user_strings(tmp_path, tiny_config
 
 
 def test_report_of_a_fine_tuned_backbone_shows_its_curves(tmp_path):
-    from featx.extraction import ExtractConfig
-    from featx.finetuning import FinetuneConfig, finetune
+    from featx.embed.extraction import ExtractConfig
+    from featx.finetuning.training import FinetuneConfig, finetune
 
     data = make_class_folders(tmp_path / "data", per_class=8, splits=("train", "val", "test"))
     finetune(data, FinetuneConfig(backbone="resnet18", weights="none", image_size=32, epochs=1, aug="none"),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from featx.errors import DataError, SchemaError
-from featx.store import SCHEMA, CacheLock, EmbeddingWriter, cache_key, list_cache, load_embeddings
+from featx.store.embeddings import SCHEMA, CacheLock, EmbeddingWriter, cache_key, list_cache, load_embeddings
 
 
 def write_file(path, n=6, dim=4, complete=True, rows=None):

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from featx.hardware import cpu_model, resolve_precision
-from featx.memo import memo_path, remembered_sha256
+from featx.embed.hardware import cpu_model, resolve_precision
+from featx.store.memo import memo_path, remembered_sha256
 
 from .conftest import make_class_folders
 
 # Runs one featx command and says on its last line whether torch (or torchvision) got imported.
 PROBE = """
 import sys
-from featx.cli import main
+from featx.cli.commands import main
 try:
     main(sys.argv[1:])
 except SystemExit as stop:
@@ -69,10 +69,10 @@ def test_a_remembered_hash_is_recomputed_when_the_file_changes(tmp_path, monkeyp
 
 
 def test_benchmarks_name_the_cpu_and_its_bf16(monkeypatch):
-    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("featx.embed.hardware.cpu_has_bf16", lambda: True)
     named = cpu_model()
     assert named.endswith(" (native bf16)") and len(named) > len(" (native bf16)")
-    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("featx.embed.hardware.cpu_has_bf16", lambda: False)
     assert cpu_model() == named.replace("(native bf16)", "(no native bf16)")
 
 
@@ -87,6 +87,6 @@ def test_benchmarks_name_the_cpu_and_its_bf16(monkeypatch):
 ])
 def test_precision_auto_picks_bf16_only_where_native_and_worth_it(monkeypatch, precision, device, architecture,
                                                                    bf16, expected):
-    monkeypatch.setattr("featx.hardware.cpu_has_bf16", lambda: bf16)
+    monkeypatch.setattr("featx.embed.hardware.cpu_has_bf16", lambda: bf16)
     chosen, reason = resolve_precision(precision, device, architecture)
     assert chosen == expected and reason

@@ -9,9 +9,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from featx.cli import main
+from featx.cli.commands import main
 from featx.errors import ConfigError
-from featx.options import param_type
+from featx.cli.options import param_type
 from featx.vocab import PARAMETERS, Interval, Maybe, OneOf, check, parse_layer
 
 FIXTURE = "tests/fixtures/chest_xray_efficientnet_lite0.h5"
@@ -68,10 +68,10 @@ def test_every_option_is_typed_from_the_table(command, option):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from featx.evaluate import compare
-    from featx.extraction import ExtractConfig
-    from featx.finetuning import FinetuneConfig
-    from featx.predict import Predictor
+    from featx.comparison.evaluate import compare
+    from featx.embed.extraction import ExtractConfig
+    from featx.finetuning.training import FinetuneConfig
+    from featx.use.predict import Predictor
 
     library = {
         "extract": {f.name: f.default for f in dataclasses.fields(ExtractConfig)},
@@ -95,9 +95,9 @@ def test_cli_defaults_are_the_library_defaults():
 
 
 def test_configs_refuse_bad_values_when_made_not_deep_inside():
-    from featx.evaluate import compare
-    from featx.extraction import ExtractConfig
-    from featx.finetuning import FinetuneConfig
+    from featx.comparison.evaluate import compare
+    from featx.embed.extraction import ExtractConfig
+    from featx.finetuning.training import FinetuneConfig
 
     with pytest.raises(ConfigError, match="The 'batch_size' parameter of extract must be a positive int. Got 0"):
         ExtractConfig(batch_size=0)

@@ -1,0 +1,709 @@
+"""The ``featx`` command line: parse options, call one library function, print the outcome.
+
+Library errors (``FeatxError``) become ``featx: error: …`` on one line with exit code 2 for
+bad input or usage and 1 for failed work. torch is imported only inside the commands that
+need it, so ``featx --help`` and the cache commands start fast.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from featx.cli import options
+from featx.embed.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
+from featx.errors import DataError, FeatxError
+from featx.data.images import MAX_PIXELS
+from featx.version import __version__
+
+
+def echo(message: str = "", err: bool = False) -> None:
+    """``click.echo`` for text that may hold file names that are not UTF-8: their odd bytes show as ``\\xNN``."""
+    click.echo(message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+
+
+class FeatxGroup(click.Group):
+    """Turns library errors, and the system's (a folder without permission, a full disk), into one line and an
+    exit code; keeps tracebacks for real bugs."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatxError as err:
+            echo(f"featx: error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except OSError as err:
+            if err.filename is None:
+                raise
+            echo(f"featx: error: {os.fsdecode(err.filename)}: {err.strerror}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="featx")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Transfer learning the cheap way first: pretrained CNNs run once as frozen feature
+    extractors, embeddings are cached in HDF5, and light heads are trained on top.
+
+    \b
+    Typical session:
+      featx demo                                # the bundled sample, end to end
+      featx advise data/chest_xray              # which strategy, and why
+      featx extract data/chest_xray             # embeddings into cache/chest_xray/
+      featx audit cache/chest_xray/*.h5         # shift between splits, leaked duplicates
+      featx compare cache/chest_xray/*.h5 --out runs/xray
+      featx report runs/xray                    # runs/xray/report.html
+      featx predict runs/xray new_images/       # top-3 classes, or unknown
+      featx finetune data/chest_xray --unfreeze 2 --out runs/ft
+      featx doctor runs/xray                    # is everything sound? what to do if not
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)
+    logging.getLogger("featx").setLevel(level)
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+    atexit.register(gc.freeze)  # a process that loaded torch would spend ~1 s at exit collecting its objects
+
+
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--sample", is_flag=True, help="Use the chest X-ray sample bundled with featx instead of DATA_DIR.")
+@options.backbone(multiple=True)
+@options.weights
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A fine-tuned best.pt from `featx finetune`: its backbone, cached under a key of its own.")
+@click.option("--out", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
+              help="Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.")
+@options.option("layer", default="penultimate", show_default=True, metavar="LAYER",
+                help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
+@click.option("--tta", is_flag=True, help="Average the features of the image and its horizontal flip.")
+@options.option("tta_views", default=0, show_default=True, metavar="K",
+                help="Test-time augmentation: average every image's features over the image and K views of it "
+                     "under the --aug transforms, the same K for every image (and for `featx predict`). K+1 "
+                     "times the work.")
+@options.precision
+@options.option("dtype", default="float16", show_default=True, help="Storage type of the features in the HDF5 file.")
+@options.image_size
+@options.fit
+@options.option("augment", default=0, show_default=True, metavar="K",
+                help="Also embed K augmented copies of each train image; heads then train on them too "
+                     "(never on copies of validation images).")
+@options.aug("Transforms of the --augment copies and --tta-views; xray varies contrast, exposure, sharpness and "
+             "position and never flips.")
+@options.batch_size
+@click.option("--adapt-bn", is_flag=True,
+              help="AdaBN: embed each split with BatchNorm statistics re-estimated on its own images (up to 1,000 "
+                   "of them; no labels read), for test images unlike the training ones. Weights stay frozen.")
+@options.option("workers", help="DataLoader decoding worker processes (default: a thread pool on CPU, 8 on GPU).")
+@options.decode
+@options.device
+@click.option("--split", metavar="TRAIN,VAL,TEST",
+              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
+@options.seed("Seed of the stratified split.")
+@click.option("--split-from", type=click.Path(exists=True, path_type=Path),
+              help="CSV with path,split columns giving each image's split.")
+@options.option("max_pixels", default=MAX_PIXELS, show_default=True,
+                help="Pixel budget per image: larger images are recorded as skipped, never decoded.")
+@click.option("--verify-content", is_flag=True,
+              help="Hash every file again for the dataset's fingerprint instead of trusting the hashes remembered "
+                   "while files keep their sizes, modification and change times.")
+@click.option("--allow-outside-root", is_flag=True, help="Accept CSV paths that resolve outside the CSV's folder.")
+@click.option("--force", is_flag=True, help="Extract again even if the file is cached (or damaged).")
+@options.cluster
+@options.option("shard_rows", metavar="N", help="Rows per shard with --cluster (default: shards of up to a minute "
+                                                "of one worker's work that shrink to a few seconds' towards the end; "
+                                                "a re-run keeps the shards the first run planned).")
+@click.pass_context
+def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, tta_views, precision, dtype,
+            image_size, fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from,
+            max_pixels, verify_content, allow_outside_root, force, cluster, shard_rows):
+    """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
+    of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
+
+    Runs once: a second call with nothing changed returns the cached file at once, and an
+    interrupted run resumes where it stopped. Unreadable images are recorded and skipped.
+    """
+    from featx.cluster import cluster_address
+    from featx.data.datasets import scan_dataset
+    from featx.embed.planning import ExtractConfig, cached_result, plan_extraction
+    from featx.data.sample import sample_path
+
+    if sample == (data_dir is not None):
+        raise click.UsageError("give either DATA_DIR or --sample")
+    source = sample_path() if sample else data_dir
+    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from,
+                           allow_outside_root=allow_outside_root, verify_content=verify_content)
+    summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
+    echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "
+               f"split: {dataset.split_source}")
+    _list_some(f"{dataset.name}: {len(dataset.skipped)} entries left out of the scan (recorded in the file's "
+               "'scan_skipped'):", dataset.skipped)
+    if checkpoint and backbones != (DEFAULT_BACKBONE,):
+        raise click.UsageError("--checkpoint sets the backbone; drop --backbone")
+    address = cluster_address(cluster)
+    if shard_rows and not address:
+        raise click.UsageError("--shard-rows needs --cluster")
+    for name in backbones:
+        config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
+                               layer=layer, tta=tta, tta_views=tta_views, precision=precision,
+                               dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
+                               batch_size=batch_size, adapt_bn=adapt_bn, workers=workers, decode=decode,
+                               device=device, cache_dir=str(cache_dir), max_pixels=max_pixels)
+        try:
+            if address:
+                from featx.embed.shards import extract_on_cluster
+
+                result = extract_on_cluster(dataset, config, address, shard_rows=shard_rows,
+                                            progress=ctx.obj["progress"], force=force)
+            else:  # the plan and a cache hit need no torch: the model side is imported only for work to do
+                plan = plan_extraction(dataset, config)
+                result = None if force else cached_result(plan.path, plan.key)
+                if result is None:
+                    from featx.embed.extraction import extract_planned
+
+                    result = extract_planned(plan, progress=ctx.obj["progress"], force=force)
+        except KeyboardInterrupt:
+            echo("featx: interrupted; run the same command again to resume", err=True)
+            ctx.exit(1)
+        name = result.label
+        if result.cached:
+            echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
+            continue
+        resumed = f", resumed at row {result.resumed_from}" if result.resumed_from else ""
+        echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
+                   f"{result.images_per_second:.1f} img/s{resumed})")
+        _list_some(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", result.failed,
+                   f"see `featx info {result.path}`")
+
+
+def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None:
+    """A count and the first ten (path, reason) pairs on stderr; nothing when there are none."""
+    if not items:
+        return
+    echo(title, err=True)
+    for path, reason in items[:10]:
+        echo(f"  {path}: {reason}", err=True)
+    if len(items) > 10:
+        echo(f"  … and {len(items) - 10} more{'; ' + more if more else ''}", err=True)
+
+
+@main.command(name="ls")
+@click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
+def list_cache(cache_dir):
+    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete, how each was made
+    (input size and fit, augmented copies, AdaBN, TTA and test-time views, the fine-tuned checkpoint it came from)."""
+    from featx.store.embeddings import list_cache as entries_of
+
+    if not cache_dir.is_dir():
+        raise DataError(f"{cache_dir}: no such folder")
+    entries = entries_of(cache_dir)
+    if not entries:
+        echo(f"{cache_dir}: no embedding files")
+        return
+    rows = [("dataset", "backbone", "rows", "dim", "MB", "complete", "path", "made with")]
+    for e in entries:
+        if "problem" in e:
+            rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"], ""))
+            continue
+        state = "yes" if e["complete"] else f"no ({e['rows_done']}/{e['rows']})"
+        if not e["complete"] and e["resumes_at"] < e["rows_done"]:
+            state = f"damaged after row {e['resumes_at']} (resumes there)"
+        rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
+                     e["path"], e["made_with"]))
+    echo(_table(rows))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--from", "source", default="train", show_default=True, help="The split the heads learn from.")
+@click.option("--to", "target", default="test", show_default=True, help="The split whose figures are in question.")
+@options.option("duplicate_cosine", default=0.88, show_default=True, metavar="COSINE",
+                help="Cosine similarity of embeddings from which two images count as near-duplicates.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for duplicates.csv (every pair), label_issues.csv and audit.json.")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="Where the dataset is at hand: find identical files (SHA-256) and check the closest pairs by a "
+                   "perceptual hash, whose confirming distance is calibrated on 200 of the images drawn at random.")
+@options.seed("Seed of the balanced samples, folds and permutations, and of the images the hash is calibrated on.")
+def audit(file, source, target, duplicate_cosine, out, images, seed):
+    """Check an embedding file for what makes figures optimistic: shift between two splits (can a
+    classifier tell them apart? within each class too), near-duplicate images leaked across splits,
+    likely label errors and outliers. Reads the cached embeddings, and the image files where they are at
+    hand (--no-images to skip): seconds, no torch."""
+    from featx.shift.audit import HASH_SIZE, SHIFT_AUC, SHIFT_P, audit as run_audit
+    from featx.store.embeddings import load_embeddings
+
+    found = run_audit(load_embeddings(file), source, target, duplicate_cosine=duplicate_cosine, seed=seed,
+                      images=images)
+    report, emb = found.shift, found.embeddings
+    test = report.overall
+    echo(f"shift {source} → {target}: AUC {test.auc:.3f} (p = {test.p_value:.3f}, {test.n} rows a side; "
+         "0.5 = alike)")
+    for name, per_class in report.per_class.items():
+        echo(f"  within {name}: AUC {per_class.auc:.3f} (p = {per_class.p_value:.3f}, {per_class.n} rows a side)")
+    if report.shifted:
+        echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p ≤ {SHIFT_P}): figures measured "
+             f"on validation carved from {source} are likely optimistic for {target}", err=True)
+        echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
+        echo("  remedies that read no test label: compare --threshold mixture --smooth-test 10, --align standardize, "
+             "extract --adapt-bn (README: Remedies)")
+    echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
+         f"images have one in {source}")
+    hashes = found.hashes
+    if hashes and hashes.distances:
+        rate = hashes.false_positive_rate
+        calibration = "" if not hashes.random_pairs else (
+            f"; {'none' if rate == 0 else f'{rate:.2%}'} of {hashes.random_pairs:,} random pairs of these images")
+        echo(f"  confirmed by perceptual hash (≤ {hashes.same_image_bits} of {HASH_SIZE ** 2} bits differ"
+             f"{calibration}): {hashes.confirmed} of the {len(hashes.distances)} closest pairs; "
+             f"{len(found.leaked_and_confirmed)} of the {len(found.leaked)} {target} images")
+    if found.exact:
+        echo(f"identical files: {len(found.exact)} groups, {sum(map(len, found.exact))} rows")
+    suggested = found.threshold_too_low
+    if suggested:
+        echo(f"featx: warning: more pairs than images: these images are alike in general, and cosine "
+             f"{duplicate_cosine} (measured on photos) is too low for them; try --duplicate-cosine {suggested}",
+             err=True)
+    for pair in sorted(found.pairs, key=lambda p: -p.cosine)[:5]:
+        echo(f"  {emb.paths[pair.first]} ({emb.splits[pair.first]}) ~ {emb.paths[pair.second]} "
+             f"({emb.splits[pair.second]}): {pair.cosine:.3f}")
+    echo(f"likely label errors in {source}: {len(found.issues)} rows (out-of-fold probabilities, confident learning)")
+    for issue in found.issues[:5]:
+        echo(f"  {emb.paths[issue.row]}: labelled {emb.classes[issue.given]} (p {issue.p_given:.2f}), looks "
+             f"{emb.classes[issue.suggested]} (p {issue.p_suggested:.2f})")
+    echo(f"least like any class in {source}: " + ", ".join(f"{emb.paths[row]} ({distance:.2f})"
+                                                           for row, distance in found.far[:3]))
+    if out:
+        found.save(out)
+        echo(f"wrote {out / 'duplicates.csv'}, {out / 'label_issues.csv'} and {out / 'audit.json'}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--full", is_flag=True, help="Print long lists in the metadata (e.g. a fine-tuned backbone's "
+              "validation images) whole instead of counting them.")
+def info(file, full):
+    """Show how an embedding file was made and what is in it (splits, classes, failures)."""
+    import numpy as np
+
+    from featx.store.embeddings import AUGMENTED, load_embeddings, read_meta
+
+    meta = read_meta(file)
+    skip = {"recipe", "config", "n_rows", "dim", "classes", "shards"}
+    echo(f"{file}")
+    echo(f"  rows × dim: {meta['n_rows']} × {meta['dim']}")
+    for key in sorted(k for k in meta if k not in skip):
+        echo(f"  {key}: {meta[key] if full else _brief(meta[key])}")
+    if not meta["complete"]:
+        echo(f"  incomplete: {meta['rows_done']} of {meta['n_rows']} rows; run `featx extract` again to resume")
+        return
+    if meta.get("shards"):
+        echo(f"  {len(meta['shards'])} shards (a virtual file over {file.name.removesuffix('.h5')}.shards/; "
+             "`featx consolidate` makes it one file):")
+        rows = [("shard", "rows", "seconds", "img/s", "worker")]
+        rows += [(s["file"], f"{s['rows'][0]}-{s['rows'][1]}", f"{s['seconds']:.1f}", f"{s['images_per_second']:.1f}",
+                  s["worker"]) for s in meta["shards"]]
+        echo(_table(rows, indent="    "))
+    emb = load_embeddings(file)
+    rows = [("split", *emb.classes, "unlabelled", "unreadable")]
+    for split in (emb.split_names + [AUGMENTED] * bool(emb.n_copies)) or [""]:
+        labels = emb.labels(split or None)
+        counts = np.bincount(labels[labels >= 0], minlength=len(emb.classes))
+        unreadable = int(((emb.splits == split) & ~emb.ok).sum())
+        rows.append((split or "-", *(str(c) for c in counts), str(int((labels < 0).sum())), str(unreadable)))
+    echo(_table(rows, indent="  "))
+    for i in [int(i) for i in (~emb.ok).nonzero()[0][:10]]:
+        echo(f"  {emb.paths[i]}: {emb.errors[i]}")
+
+
+def _head_options(command):
+    """Options shared by train and compare: how to tune and rank, where to save."""
+    for option in reversed([
+        options.run_folder("Run folder for run.json, leaderboard.{csv,md,json}, heads/, plots/ and best/."),
+        options.option("cv", help="Tune by stratified K-fold CV on train instead of on the validation split."),
+        options.seed("Seed for the carved validation split, CV folds and the heads."),
+        options.option("threshold", metavar="OBJECTIVE",
+                       help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, f1 "
+                            "or sensitivity=0.95; or (mixture) cut the test images' own scores where they part into "
+                            "two groups (no test labels read), where the same rule on validation costs at most 0.02 "
+                            "of balanced accuracy, else validation's balanced_accuracy threshold."),
+        options.val_fraction,
+        options.option("sort_by", default="balanced_accuracy", show_default=True,
+                       help="Validation metric that ranks the leaderboard."),
+        options.option("max_train_rows", metavar="N",
+                       help="Train on a stratified, seeded sample of N training rows (recorded in run.json)."),
+        options.cluster,
+        click.option("--out-of-core", is_flag=True,
+                     help="With --cluster: train the lightgbm head over the file on the workers, for training rows "
+                          "that do not fit in this machine's memory."),
+        click.option("--exclude-leaked", is_flag=True,
+                     help="Score test without its images that have a near-duplicate among train and val (cosine of "
+                          "embeddings ≥ --duplicate-cosine); the figures with them are reported too."),
+        options.option("duplicate_cosine", metavar="COSINE",
+                       help="Near-duplicate threshold for --exclude-leaked [default: 0.88, measured on photos; "
+                            "`featx audit` suggests one for alike images such as X-rays]."),
+        options.option("align", default="none", show_default=True,
+                       help="Map train and val features towards the test images before fitting (no test labels "
+                            "read): per-dimension moments (standardize) or covariance too (coral)."),
+        options.option("prior_shift", default="off", show_default=True,
+                       help="The test images' class balance by EM on each head's probabilities: report it "
+                            "(estimate), or also re-weight to it where a simulated change on validation helps "
+                            "(auto)."),
+        options.option("smooth_test", metavar="K", default=0, show_default=True,
+                       help="Spread each scored split's probabilities over its K nearest images of the same split "
+                            "(cosine; label spreading, no labels read): alike images get alike scores. Val is "
+                            "smoothed too, so the threshold is chosen on scores like the test ones. 0: off."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_compare(files, heads, out, concat=False, ensemble=False, **settings):
+    from featx.comparison.evaluate import compare
+    from featx.comparison.runs import prepare_out, save_run
+
+    if out:
+        prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
+    board = compare(list(files), heads, concat=concat, ensemble=ensemble, **settings)
+    if out:
+        save_run(board, out)
+    echo(board.to_markdown())
+    best = board.best()
+    echo(f"best by validation {settings['sort_by']}: {best['backbone']} + {best['head']} "
+         f"(test accuracy {best.get('test_accuracy', float('nan')):.4f}, "
+         f"AUC {best.get('test_roc_auc', float('nan')):.4f})")
+    if out:
+        echo(f"saved run to {out}/ (run.json, leaderboard.*, heads/, plots/)")
+
+
+@main.command()
+@click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@options.heads("--head", "logreg")
+@_head_options
+def train(embeddings, heads, out, **settings):
+    """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
+
+    Hyper-parameters are chosen on the validation split (carved from train when the file has
+    none) or by --cv; the test split is scored once, at the end.
+    """
+    _run_compare([embeddings], heads, out, **settings)
+
+
+@main.command(name="compare")
+@click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@options.heads("--heads", "logreg,svm,lightgbm")
+@_head_options
+@click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
+                                             "of the same images) as one more input.")
+@click.option("--ensemble", is_flag=True, help="Also average each head over the files (several backbones of the "
+                                               "same images) in logit space, as one more row per head; "
+                                               "--smooth-test finds its neighbours in all the files' features.")
+def compare_command(embeddings, heads, out, concat, ensemble, **settings):
+    """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
+    F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
+    _run_compare(embeddings, heads, out, concat, ensemble, **settings)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@options.backbone()
+@options.weights
+@options.option("unfreeze", default="all", show_default=True,
+                help="Backbone stages trained after the head-only epochs, from the top; 0 trains the head only.")
+@options.option("epochs", default=4, show_default=True, help="Epochs with the stages unfrozen.")
+@options.option("head_epochs", default=1, show_default=True,
+                help="Epochs training the new head alone first (fastai's freeze_epochs).")
+@options.option("lr", default=3e-4, show_default=True, help="Peak one-cycle LR of the head and the top stage.")
+@options.option("lr_min", help="Peak LR of the earliest stage (default lr/100); stages in between are spaced "
+                               "geometrically.")
+@click.option("--lr-find", is_flag=True, help="Only run the LR finder: plot, suggested LRs, weights untouched.")
+@options.option("weight_decay", default=0.01, show_default=True, help="AdamW weight decay (not on norms, biases).")
+@options.option("bn", default="frozen", show_default=True,
+                help="BatchNorm: keep pretrained statistics and affine (frozen) or train them.")
+@options.option("dropout", default=0.0, show_default=True,
+                help="Dropout before the new head while training (fastai's ps; Noisy Student used 0.5).")
+@options.option("drop_path", metavar="RATE",
+                help="Stochastic depth while training: residual blocks skipped at a rate rising with depth to "
+                     "about RATE (EfficientNets, ConvNeXt, most timm: models; Noisy Student used 0.2). Default: the "
+                     "architecture's own (none; torchvision's EfficientNets 0.2).")
+@options.aug("Training augmentation; xray never flips left-right.")
+@options.batch_size
+@options.image_size
+@options.fit
+@options.option("patience", default=2, show_default=True,
+                help="Early stop after this many epochs without a better validation loss.")
+@options.option("ema", metavar="DECAY",
+                help="Keep an exponential moving average of the weights (e.g. 0.997: about the last 330 steps); "
+                     "validation, early stopping and best.pt use it. Default: the weights as trained.")
+@click.option("--class-weights/--no-class-weights", default=True, show_default=True,
+              help="Weight the loss by inverse class frequency.")
+@click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A featx train/compare run whose logreg head (same backbone) starts the new head.")
+@click.option("--pseudo-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Self-training: also train on DATA_DIR's images outside train and val (test, or unlabelled), "
+                   "each labelled by a featx run's prediction: a CSV with path and predicted columns, such as "
+                   "compare's RUN/predictions/<file>__<head>_test.csv (its truth column is never read). Test "
+                   "figures of the result are then transductive.")
+@click.option("--split", metavar="TRAIN,VAL,TEST",
+              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15), as featx "
+                   "extract's --split: give both commands the same split.")
+@options.option("split_seed", default=0, show_default=True,
+                help="Seed of that split (featx extract's --seed); --seed never moves it.")
+@click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with path,split columns giving each image's split, as featx extract's --split-from.")
+@options.val_fraction
+@options.seed("Seed for the head's initialisation, the batch order and augmentation, and the carved "
+              "validation split unless --val-seed is given.")
+@options.option("val_seed", help="Seed for the carved validation split alone, when runs with several --seed values "
+                                 "must hold out the same images: then `compare --seed VAL_SEED --ensemble` averages "
+                                 "them on validation none of them trained on.  [default: --seed]")
+@options.device
+@options.precision
+@options.option("workers", help="DataLoader worker processes for decoding and augmentation (default: 8 on a GPU, "
+                                "none on a CPU).")
+@options.run_folder("Run folder for best.pt, last.pt and the curves (default runs/finetune-<backbone>).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
+@click.pass_context
+def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
+             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, ema, class_weights, init_head_from,
+             pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers,
+             out, resume):
+    """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
+    validation split (the data's own, or carved from train; never test).
+
+    \b
+    Then cache its embeddings and compare them with the frozen ones:
+      featx extract DATA_DIR --checkpoint OUT/best.pt
+      featx compare cache/<dataset>/*.h5
+    """
+    from featx.finetuning.training import FinetuneConfig, Trainer, finetune as run_finetune, lr_find as run_lr_find
+
+    config = FinetuneConfig(
+        backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
+        lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
+        image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience, ema=ema,
+        val_fraction=val_fraction, seed=seed, val_seed=val_seed, device=device, precision=precision, workers=workers,
+        init_head_from=str(init_head_from) if init_head_from else None,
+        pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
+        split_from=str(split_from) if split_from else None,
+    )
+    out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
+    progress = ctx.obj["progress"]
+    if lr_find:
+        found = run_lr_find(Trainer(data_dir, config, out))
+        echo(f"suggested LR: {found['valley']:.1e} (valley), {found['steepest']:.1e} (steepest descent); "
+                   f"plot: {found['plot']}")
+        return
+    try:
+        result = run_finetune(data_dir, config, out=out, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        echo(f"featx: interrupted; continue with the same command and --resume --out {out}", err=True)
+        ctx.exit(1)
+    rows = [("epoch", "unfreeze", "train loss", "val loss", "val acc", "val bal acc")]
+    for h in result.history:
+        rows.append((str(h["epoch"]), h["unfreeze"], f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
+                     f"{h['val_accuracy']:.4f}", f"{h['val_balanced_accuracy']:.4f}"))
+    echo(_table(rows))
+    echo(f"best epoch {result.best_epoch}: val loss {result.best_metrics['val_loss']:.4f}, "
+               f"val accuracy {result.best_metrics['val_accuracy']:.4f} ({result.seconds:.0f} s)")
+    echo(f"checkpoint: {out}/best.pt; next: featx extract {data_dir} --checkpoint {out}/best.pt")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@options.option("top_k", default=3, show_default=True, help="Classes shown per image.")
+@options.option("score", default="knn", show_default=True,
+                help="Open-set score deciding 'unknown' (threshold calibrated on validation data).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the predictions to this CSV file.")
+@options.batch_size
+@click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
+                                            "code it holds: only for folders whose source you trust.")
+@click.option("--adapt-to", "adapt_to", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="For a run extracted with --adapt-bn: unlabelled images (files or folders) of the new images' "
+                   "domain whose BatchNorm statistics the backbone takes; default: IMAGES themselves (at least "
+                   "32). Repeatable.")
+def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust, adapt_to):
+    """Classify IMAGES (files or folders) with the best head of RUN_DIR (a `featx compare --out`
+    folder, or its best/ subfolder): top-k classes with probabilities, or 'unknown' for inputs
+    far from every known class. Unreadable files are reported per file."""
+    import csv
+    import json
+    import warnings
+
+    from featx.errors import UnsafeFileWarning
+    from featx.use.predict import Predictor
+
+    if csv_path and not csv_path.parent.is_dir():  # refuse before the work, not after it
+        raise DataError(f"{csv_path.parent}: no such folder for --csv")
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            predictor = Predictor(run_dir, score=score, trust=trust, adapt_to=list(adapt_to))
+    finally:  # however loading ended, the user hears what trusting the file meant
+        for warning in caught:
+            if issubclass(warning.category, UnsafeFileWarning):  # printed here: no warnings filter can hide it
+                echo(f"featx: warning: {warning.message}", err=True)
+            else:  # other libraries' warnings (a head from another scikit-learn) go on as they came
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    results = predictor.predict(list(images), top_k=top_k, batch_size=batch_size)
+    drift = predictor.drift()
+    if drift is not None:
+        tested = "no permutations needed at or below 0.6" if drift.p_value is None else f"p = {drift.p_value:.3f}"
+        echo(f"featx: these {drift.n} images against the training ones: shift AUC {drift.auc:.3f} ({tested}; "
+             "0.5 = alike)", err=True)
+        if drift.shifted:
+            echo("featx: warning: these images differ from the ones the head was trained on: expect lower accuracy "
+                 "than the run's test figures", err=True)
+    if as_json:
+        echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        rows = [("image", "prediction", f"top {top_k}", score)]
+        for r in results:
+            top = ", ".join(f"{c} {p:.3f}" for c, p in r.top_k) if not r.error else f"error: {r.error}"
+            rows.append((r.path, r.prediction or "-", top, "" if r.unknown_score is None else f"{r.unknown_score:.3f}"))
+        echo(_table(rows))
+    if csv_path:
+        with open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # names as bytes
+            writer = csv.writer(handle)
+            writer.writerow(["path", "prediction", "unknown_score", "error"] +
+                            [f"{kind}_{i + 1}" for i in range(top_k) for kind in ("class", "probability")])
+            for r in results:
+                flat = [x for c, p in r.top_k for x in (c, f"{p:.6f}")]
+                writer.writerow([r.path, r.prediction or "", r.unknown_score if r.unknown_score is not None else "",
+                                 r.error] + flat)
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        echo(f"featx: {failed} of {len(results)} images could not be read", err=True)
+    if failed == len(results):
+        raise FeatxError(f"none of the {len(results)} images could be read")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run_dir):
+    """Write RUN_DIR/report.html: leaderboard, confusion matrices, ROC curves, per-class scores,
+    example and most confidently wrong images, fine-tune curves and provenance, all in one file."""
+    from featx.use.report import write_report
+
+    echo(f"report: {write_report(run_dir)}")
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@options.backbone()
+@options.weights
+@options.option("sample_per_class", default=60, show_default=True, help="Training images per class measured.")
+@options.seed("Seed of the sample (and of the split when the data has none).")
+def advise(data_dir, backbone, weights, sample_per_class, seed):
+    """Recommend strategy 1, 2 or 3 for DATA_DIR from its size (images per class) and its measured
+    similarity to ImageNet (early-layer statistics gap, linear-probe accuracy), with the commands."""
+    from featx.use.advisor import advise as run_advise
+
+    echo(run_advise(data_dir, backbone, sample_per_class=sample_per_class, seed=seed,
+                          weights=weights).as_text())
+
+
+@main.command()
+@options.run_folder("Run folder for the leaderboard, heads, plots and report.", default="runs/demo")
+@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
+              help="Cache folder for the embeddings.")
+@options.backbone()
+@options.weights
+@options.image_size
+@options.heads("--heads", "logreg,svm,lightgbm")
+@click.pass_context
+def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
+    """The whole product on the bundled chest X-ray sample: extract, compare heads, write the
+    HTML report; prints the leaderboard and where the report is. About a minute on 2 CPU cores."""
+    from featx.comparison.evaluate import compare
+    from featx.embed.extraction import extract as run_extract
+    from featx.embed.planning import ExtractConfig
+    from featx.use.report import write_report
+    from featx.comparison.runs import prepare_out, save_run
+    from featx.data.sample import sample_path
+
+    prepare_out(out)
+    result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
+                                                     cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
+    echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
+    board = compare([result.path], heads)
+    save_run(board, out)
+    echo("2/3 leaderboard (validation carved from train; test scored once):")
+    echo(board.to_markdown())
+    echo(f"3/3 report: {write_report(out)}")
+    echo(f"try: featx predict {out} {sample_path() / 'test' / 'NORMAL'}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def doctor(path):
+    """Check PATH, an embedding file, a run folder or a fine-tuned checkpoint: checksums, every chunk, schema,
+    row counts, heads (loaded without running code), plots and calibration. Says what is wrong and what to
+    do; exits 1 when anything is."""
+    from featx.use.doctor import diagnose
+
+    found = diagnose(path)
+    for line in found.checked:
+        echo(f"ok: {line}")
+    for line in found.problems:
+        echo(f"problem: {line}")
+    echo(f"{path}: {'healthy' if found.healthy else f'{len(found.problems)} problems'} ({found.kind})")
+    if not found.healthy:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def consolidate(file):
+    """Copy FILE, a virtual file published over shards by `featx extract --cluster`, into one contiguous file
+    at the same path, and remove its shards. Worth it beyond about a thousand shards, where opening the virtual
+    file gets slow."""
+    from featx.store.embeddings import consolidate as run_consolidate
+
+    echo(f"consolidated {run_consolidate(file)}")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["backbones", "heads"]), default="backbones")
+def list_registry(what):
+    """List the registered backbones (feature size, input size, weights source) or heads."""
+    if what == "heads":
+        from featx.heads.registry import HEADS
+
+        echo(_table([("name", "what")] + [(h.name, h.description) for h in HEADS.values()]))
+        return
+    rows = [("name", "dim", "input", "resize", "weights")]
+    for name in BACKBONES:
+        spec = get_backbone(name)
+        source = f"pip {spec.offline_package[2]}" if spec.offline_package else f"torchvision {spec.weights}"
+        rows.append((name, str(spec.dim), str(spec.input_size), str(spec.resize), source))
+    echo(_table(rows))
+    echo("Any timm model also works as timm:<name> (weights via the Hugging Face hub cache or --weights).")
+
+
+def _brief(value, longest: int = 6, nested: bool = False) -> str:
+    """``value`` printed with every list longer than ``longest`` shown by its length and first items: one screen
+    a key. Top-level strings print bare, nested values as their repr, as ``str`` of a container would."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_brief(v, longest, True)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)) and len(value) > longest:
+        first = ", ".join(_brief(v, longest, True) for v in value[:2])
+        return f"[{len(value)} items: {first}, …; --full lists them]"
+    return repr(value) if nested else str(value)
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

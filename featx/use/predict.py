@@ -1,0 +1,205 @@
+"""A run's best head and its backbone applied to new images: top-k classes, or ``unknown`` far from every class.
+
+Images are preprocessed exactly as at extraction: the recipe is read from the embeddings'
+provenance saved with the head, and the weights' hash is checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featx.shift.adapt import smooth_over_neighbours
+from featx.shift.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
+from featx.data.augment import fixed_views
+from featx.embed.checkpoints import backbone_source
+from featx.data.datasets import list_images
+from featx.errors import ConfigError, DataError
+from featx.embed.feature_model import adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.embed.hardware import resolve_precision
+from featx.heads.registry import load_head
+from featx.data.images import ImageError, Preprocess, load_image
+from featx.heads.metrics import predict_labels
+from featx.heads.openset import DEFAULT_SCORE, OpenSet
+from featx.embed.planning import ADAPT_BN_BATCH, ADAPT_BN_MIN_IMAGES, adaptation_sample
+from featx.comparison.runs import best_head
+from featx.vocab import check
+
+log = logging.getLogger(__name__)
+UNKNOWN = "unknown"
+
+
+@dataclass
+class Prediction:
+    path: str
+    prediction: str | None
+    top_k: list[tuple[str, float]]
+    unknown_score: float | None = None
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "prediction": self.prediction,
+                "top_k": [{"class": c, "probability": p} for c, p in self.top_k],
+                "unknown_score": self.unknown_score, "error": self.error}
+
+
+class Backbone:
+    """One backbone a head's features come from: its model, built exactly as at extraction, and its preprocessing.
+
+    It runs on the CPU in the precision the extraction recorded (bf16 where that was it and the CPU computes it
+    natively): features from another precision differ enough for the drift check to call them another domain.
+    An ``--adapt-bn`` one takes its BatchNorm statistics from new images (see ``Predictor``).
+    """
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = folder, meta
+        self.preprocess = Preprocess.from_dict(meta)
+        config = meta.get("config") or {}
+        self.adapts_bn = bool(config.get("adapt_bn"))
+        # the extraction's test-time views: the same fixed draws, so new images' features are made as its rows were
+        self.views = fixed_views(config.get("aug", "natural"), self.preprocess.size, config.get("tta_views", 0))
+        self.precision = "fp32"  # resolved when the model is built
+        self._model = None
+
+    def model(self, adapt_to: list[Path] = ()):
+        """The feature model, built the first time (an ``--adapt-bn`` one with the statistics of ``adapt_to``);
+        refuses weights whose hash differs from the recorded one."""
+        if self._model is None:
+            config = self.meta.get("config") or {}
+            source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
+            if source.weights.sha256 != self.meta["weights_sha256"]:
+                raise DataError(f"{self.folder}: the head was trained on features of weights "
+                                f"{self.meta['weights_sha256'][:12]}…, but the weights found now hash to "
+                                f"{source.weights.sha256[:12]}…; re-extract and retrain")
+            model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
+            if self.adapts_bn:
+                adapt_batchnorm(model, self._adaptation_batches(list(adapt_to)))
+            self.precision = resolve_precision(self.meta.get("precision", "fp32"), "cpu", source.spec.architecture)[0]
+            self._model = optimise_for_cpu(model, self.preprocess.size, self.precision)
+        return self._model
+
+    def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:
+        """Readable images of a seeded sample of ``files``, in batches, as the extraction sampled each split's."""
+        pixels = []
+        for path in adaptation_sample(files):
+            try:
+                pixels.append(load_image(path, self.preprocess))
+            except ImageError:
+                pass  # reported per file when it is classified
+        if len(pixels) < ADAPT_BN_MIN_IMAGES:
+            raise DataError(f"{self.folder}: its features were embedded with BatchNorm statistics of their own images "
+                            f"(--adapt-bn), and new images need theirs: at least {ADAPT_BN_MIN_IMAGES} readable ones, "
+                            f"{len(pixels)} given; classify more at once, or name a folder of them with --adapt-to")
+        return [to_tensor(np.stack(pixels[i:i + ADAPT_BN_BATCH])) for i in range(0, len(pixels), ADAPT_BN_BATCH)]
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        model = self.model()
+        with torch.inference_mode(), autocast(torch.device("cpu"), self.precision):
+            out = embed(model, to_tensor(pixels), tta=bool(self.meta.get("tta")), views=self.views)
+        # Round as the cache stored them, so the head sees the numbers it was trained on.
+        return out.float().numpy().astype(self.meta.get("dtype", "float32")).astype(np.float32)
+
+
+class Predictor:
+    """Loads a run's best head (``RUN/best``, or a folder holding ``head.json``) and the backbones it was trained on.
+
+    ``trust`` is needed only for heads of older featx saved as joblib pickles, which run code when loaded.
+    A head on several backbones' features (``compare --concat`` or ``--ensemble``) embeds each image with each
+    backbone, as its files were made, and joins the features side by side.
+    A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
+    new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
+    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. A run
+    compared with ``--smooth-test K`` spreads each ``predict`` call's probabilities over that call's own images,
+    as its test images' were (at least K + 1 of them; fewer are classified each alone, with a warning).
+    """
+
+    def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
+                 adapt_to: list[str | Path] | None = None):
+        check("Predictor", score=score)
+        head_file = best_head(folder)
+        self.folder, self.score = head_file.parent, score
+        self.head = load_head(head_file, trust=trust)
+        self.meta = self.head["embeddings_meta"]
+        if "parts" in self.meta and "part_meta" not in self.meta:
+            raise DataError(f"{self.folder}: this head uses the features of several backbones "
+                            f"({self.meta['label']}) and was saved by an older featx that did not record how each "
+                            "was made; run `featx compare` again")
+        self.backbones = [Backbone(self.folder, meta) for meta in self.meta.get("part_meta") or [self.meta]]
+        if adapt_to and not any(b.adapts_bn for b in self.backbones):
+            raise ConfigError(f"{self.folder}: adapting BatchNorm statistics is for runs extracted with --adapt-bn; "
+                              "this run's features use the pretrained statistics")
+        self.adapt_to = list_images(adapt_to) if adapt_to else None
+        self.classes = self.head["classes"]
+        self.open_set = OpenSet.load(self.folder)
+        self._seen: list[np.ndarray] = []
+
+    def features(self, paths: list[Path]) -> tuple[list[Path], np.ndarray | None, list[Prediction]]:
+        """The readable images among ``paths``, their features (every backbone's, side by side), and a
+        ``Prediction`` with the error for each unreadable one. Each backbone decodes the file itself: JPEG draft
+        decoding depends on the size it resizes to, and each must see the pixels its extraction saw."""
+        readable, failed, pixels = [], [], [[] for _ in self.backbones]
+        for path in paths:
+            try:
+                loaded = [load_image(path, b.preprocess) for b in self.backbones]
+            except ImageError as err:
+                failed.append(Prediction(str(path), None, [], error=str(err)))
+                continue
+            readable.append(path)
+            for kept, image in zip(pixels, loaded):
+                kept.append(image)
+        if not readable:
+            return readable, None, failed
+        return readable, np.hstack([b.features(np.stack(p)) for b, p in zip(self.backbones, pixels)]), failed
+
+    def predict(self, paths: list[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
+        check("Predictor.predict", top_k=top_k, batch_size=batch_size)
+        files = list_images(paths)
+        for backbone in self.backbones:  # built (and adapted, for an --adapt-bn run) before the first batch
+            backbone.model(self.adapt_to or files)
+        results: list[Prediction] = []
+        self._seen = []  # this call's features, for drift() and the spreading
+        readable = []
+        for start in range(0, len(files), batch_size):
+            read, features, failed = self.features(files[start:start + batch_size])
+            results += failed
+            readable += read
+            if read:
+                self._seen.append(features)
+        if readable:
+            results += self._classify(readable, np.concatenate(self._seen), top_k)
+        order = {str(p): i for i, p in enumerate(files)}
+        return sorted(results, key=lambda r: order[r.path])
+
+    def drift(self) -> ShiftTest | None:
+        """How far the images of the last ``predict`` call are from the training images (a drift check without
+        labels: the audit's two-sample test against the training rows the run keeps for its open-set scores).
+        None when the run keeps none or fewer than ``audit.MIN_ROWS`` images were read."""
+        if not self.open_set or sum(map(len, self._seen)) < MIN_ROWS:
+            return None
+        batch = np.concatenate(self._seen)
+        unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
+        return two_sample_test(self.open_set.reference, unit, permute_above=SHIFT_AUC)  # permutations only if it matters
+
+    def _classify(self, paths, features, top_k) -> list[Prediction]:
+        proba = self.head["pipeline"].predict_proba(features)
+        neighbours = self.head.get("smooth_test") or 0
+        if neighbours and len(features) > neighbours:
+            proba = smooth_over_neighbours(features, proba, neighbours)
+        elif neighbours:
+            log.warning("%s: the run spread its test scores over %d neighbours (--smooth-test), and %d images have "
+                        "too few to spread over: each is classified alone", self.folder, neighbours, len(features))
+        chosen = predict_labels(proba, self.head.get("threshold"))
+        unknown = self.open_set.scores(features, proba)[self.score] if self.open_set else None
+        out = []
+        for i, path in enumerate(paths):
+            order = np.argsort(-proba[i])[:top_k]
+            label = self.classes[chosen[i]]
+            score = None if unknown is None else float(unknown[i])
+            if score is not None and score > self.open_set.thresholds[self.score]:
+                label = UNKNOWN
+            out.append(Prediction(str(path), label, [(self.classes[k], float(proba[i, k])) for k in order], score))
+        return out
