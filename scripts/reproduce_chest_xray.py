@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import date
 from pathlib import Path
 
@@ -41,6 +42,8 @@ PUBLISHED = [
     ("Keras VGG16, frozen base + dense head", "90.06 %", ""),
 ]
 HEADS = ["logreg", "svm", "lightgbm"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- results: written by scripts/reproduce_chest_xray.py -->", "<!-- end of results -->"
 COPIES = {"fit": "full", "augment": 2, "aug": "xray"}  # whole image, two augmented copies of each train image
 
 
@@ -207,7 +210,7 @@ LEGEND = ("Every choice (head hyper-parameters, decision threshold, every remedy
           "validation split carved from train (15 %, stratified, seed 0) or on unlabelled test images; the test "
           "images are scored once per configuration. \"shift AUC\" is the audit's train → test two-sample AUC of "
           "the file (0.5: alike), and after aligning where aligned; \"extract s\" is the extraction time recorded "
-          "in the cache (0 when the file was extracted before and found).")
+          "in the cache file, from when it was extracted (by this run or an earlier one).")
 
 
 def table(results) -> str:
@@ -277,41 +280,78 @@ def shift_score(board, row) -> str:
 @click.option("--data", default="../shared/data/chest_xray", show_default=True,
               type=click.Path(exists=True, path_type=Path), help="The chest X-ray set: its table goes to "
               "DOCS/chest_xray.md, its remedy rows to DOCS/remedies.md.")
-@click.option("--cache", default="cache", show_default=True)
+@click.option("--cache", default="cache", show_default=True,
+              help="The embedding cache: configurations cached there are not extracted again.")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A fine-tuned best.pt to add (repeatable); rows are named after its run folder. Several "
                    "are also compared side by side and averaged (runs of one recipe over seeds).")
 @click.option("--flowers", type=click.Path(exists=True, path_type=Path),
               help="Also flowers5 (e.g. ../shared/data/flowers5): its table goes to DOCS/flowers5.md, its remedy "
                    "rows to DOCS/remedies.md.")
+@click.option("--fashion", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Also a Fashion-MNIST subset made by scripts/make_fashion_mnist.py (no shift: each remedy must do no "
+                   "harm): its table goes to DOCS/fashion_mnist.md, its remedy rows to DOCS/remedies.md.")
 @click.option("--docs", default="docs/results", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the tables are written (chest_xray.md, flowers5.md, remedies.md); a table whose dataset "
-                   "did not run is left as it was.")
+              help="Where the tables are written (chest_xray.md, flowers5.md, remedies.md). A dataset that does not "
+                   "run leaves its own table as it was; remedies.md holds the datasets of the last run.")
 @click.option("--only", metavar="REGEX", help="Only the configurations whose name matches REGEX, e.g. 'AdaBN|--align' "
               "(with, for a remedy, the configuration it is measured against).")
 @click.option("--flowers-checkpoint", "flower_checkpoints", multiple=True,
               type=click.Path(exists=True, dir_okay=False), help="A best.pt fine-tuned on flowers5 to add (repeatable).")
 @click.option("--no-chest", is_flag=True, help="Skip the chest X-ray set (with --flowers: only flowers5's tables).")
-def main(data, cache, checkpoints, flowers, flower_checkpoints, docs, only, no_chest):
-    """Extract, compare and write featx's results tables into docs/results/, every choice made without test
-    labels. Each table opens with this command and the machine it ran on."""
+def main(data, cache, checkpoints, flowers, fashion, flower_checkpoints, docs, only, no_chest):
+    """Extract, compare and write featx's results tables into docs/results/ (and README.md's short table when
+    both datasets run), every choice made without test labels. Each opens with this command and the machine."""
     began = time.perf_counter()
-    chest = [] if no_chest else run_levers(selected(levers(cache, checkpoints), only), data)
-    flower = run_levers(selected(flower_levers(cache, flower_checkpoints), only), flowers) if flowers else []
     docs.mkdir(parents=True, exist_ok=True)
+
+    def measure(found, images, page, title, tables):
+        """Runs one dataset's levers and writes its page at once, so a long run keeps what it finished."""
+        results = run_levers(selected(found, only), images)
+        plain = [r for r in results if r[0].remedy_of is None]
+        if plain:
+            write(docs / page, provenance(time.perf_counter() - began), title, tables(plain))
+        return results
+
+    chest = [] if no_chest else measure(levers(cache, checkpoints), data, "chest_xray.md",
+                                        "Chest X-ray (Kermany et al. 2018 test set, 624 images)", chest_tables)
+    flower = measure(flower_levers(cache, flower_checkpoints), flowers, "flowers5.md",
+                     "flowers5 (featx's own stratified 70/15/15 split, seed 0)",
+                     lambda plain: [LEGEND, "", multiclass_table(plain)]) if flowers else []
+    fashion_results = measure(fashion_levers(cache), fashion, "fashion_mnist.md",
+                              "Fashion-MNIST (a stratified subset, scripts/make_fashion_mnist.py)",
+                              lambda plain: [LEGEND, "", multiclass_table(plain)]) if fashion else []
     header = provenance(time.perf_counter() - began)
-    written = []
-    if chest:
-        written.append(write(docs / "chest_xray.md", header, "Chest X-ray (Kermany et al. 2018 test set, 624 images)",
-                             chest_tables([r for r in chest if r[0].remedy_of is None])))
-    if flower:
-        written.append(write(docs / "flowers5.md", header, "flowers5 (featx's own stratified 70/15/15 split, seed 0)",
-                             [LEGEND, "", flowers_table([r for r in flower if r[0].remedy_of is None])]))
-    if any(r[0].remedy_of is not None for r in chest + flower):
-        written.append(write(docs / "remedies.md", header, "Remedies for shift, measured on every dataset at hand",
-                             remedy_tables({"chest X-ray": (chest, table), "flowers5": (flower, flowers_table)})))
-    for path in written:
-        print(f"wrote {path}")
+    if any(r[0].remedy_of is not None for r in chest + flower + fashion_results):
+        write(docs / "remedies.md", header, "Remedies for shift, measured on every dataset at hand",
+              remedy_tables({"chest X-ray": (chest, table), "flowers5": (flower, multiclass_table),
+                             "Fashion-MNIST": (fashion_results, multiclass_table)}))
+    if chest and flower:
+        pages = {"chest X-ray": (chest, "chest_xray.md"), "flowers5": (flower, "flowers5.md"),
+                 "Fashion-MNIST": (fashion_results, "fashion_mnist.md")}
+        write_headline(README, header, {name: page for name, page in pages.items() if page[0]})
+    else:
+        print("README.md's results left as they were: they are written when both datasets run")
+
+
+def write_headline(readme: Path, header: list[str], datasets: dict) -> None:
+    """README's short results table, between its two markers: per dataset the frozen baseline, the fine-tuned
+    backbone where a checkpoint ran, and the best configuration by validation, each with its picked head."""
+    lines = ["| dataset | configuration, head picked on validation | test accuracy | test AUC | every row |",
+             "|---|---|---|---|---|"]
+    for name, (results, page) in datasets.items():
+        plain = [(lever, picked(rows)) for lever, rows, _ in results if lever.remedy_of is None]
+        best = max(plain, key=lambda pair: pair[1]["val_balanced_accuracy"])
+        shown = [plain[0], *(p for p in plain if p[0].name.endswith("frozen afterwards")), best]
+        for lever, row in dict((p[0].name, p) for p in shown).values():
+            tag = " (best by validation)" if lever is best[0] else ""
+            lines.append(f"| {name} | {lever.name}{tag}, {row['head']} | {row['test_accuracy']:.2%} | "
+                         f"{row['test_roc_auc']:.4f} | [{page}](docs/results/{page}) |")
+    text = readme.read_text()
+    start, end = text.index(HEADLINE_BEGIN) + len(HEADLINE_BEGIN), text.index(HEADLINE_END)
+    block = "\n".join(["", *header, "", *lines, ""])
+    readme.write_text(text[:start] + block + text[end:])
+    print(f"wrote {readme}'s results", flush=True)
 
 
 def selected(found: list[Lever], only: str | None) -> list[Lever]:
@@ -346,9 +386,9 @@ def provenance(seconds: float) -> list[str]:
             f"{seconds:.0f} s in all."]
 
 
-def write(path: Path, header: list[str], title: str, parts: list[str]) -> Path:
+def write(path: Path, header: list[str], title: str, parts: list[str]) -> None:
     path.write_text("\n".join([f"# {title}", "", *header, "", *parts]).rstrip() + "\n")
-    return path
+    print(f"wrote {path}", flush=True)
 
 
 def say_best(lever: Lever, rows: list[dict]) -> None:
@@ -357,17 +397,10 @@ def say_best(lever: Lever, rows: list[dict]) -> None:
           f"AUC {best['test_roc_auc']:.4f}", flush=True)
 
 
-def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
-    def cfg(**kw):
-        return ExtractConfig(cache_dir=cache, **kw)
-
+def no_harm_levers(cfg) -> list[Lever]:
+    """lite0 and each remedy for shift on it: where there is little or no shift, a remedy must do no harm."""
     lite0 = cfg()
-    found = [
-        Lever("lite0", [lite0]),
-        Lever("lite1", [cfg(backbone="efficientnet_lite1")]),
-        Lever("lite0 stages + penultimate", [cfg(layer="stages,penultimate")]),
-        Lever("lite0 + 2 natural copies (--augment 2)", [cfg(augment=2, aug="natural")]),
-    ] + remedies("lite0", [  # the remedies for shift must do no harm where there is none
+    return [Lever("lite0", [lite0])] + remedies("lite0", [
         Lever("lite0, test without images leaked from train (cosine ≥ 0.88)", [lite0], remedy={"exclude_leaked": True}),
         Lever("lite0 + --align standardize", [lite0], remedy={"align": "standardize"}),
         Lever("lite0 + --align coral", [lite0], remedy={"align": "coral"}),
@@ -376,6 +409,24 @@ def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
         Lever("lite0 + --smooth-test 10", [lite0], remedy={"smooth_test": 10}),
         Lever("lite0 + 4 natural views (--tta-views 4)", [cfg(tta_views=4)]),
     ])
+
+
+def fashion_levers(cache: str) -> list[Lever]:
+    return no_harm_levers(partial(ExtractConfig, cache_dir=cache))
+
+
+def flower_levers(cache: str, checkpoints: tuple[str, ...]) -> list[Lever]:
+    def cfg(**kw):
+        return ExtractConfig(cache_dir=cache, **kw)
+
+    baseline, *remedy_levers = no_harm_levers(cfg)
+    found = [
+        baseline,
+        Lever("lite1", [cfg(backbone="efficientnet_lite1")]),
+        Lever("lite0 stages + penultimate", [cfg(layer="stages,penultimate")]),
+        Lever("lite0 + 2 natural copies (--augment 2)", [cfg(augment=2, aug="natural")]),
+        *remedy_levers,
+    ]
     for path in checkpoints:  # as on the chest X-rays, less the two-class cut
         name = f"fine-tuned {Path(path).parent.name}"
         found.append(Lever(f"{name}, frozen afterwards", [cfg(checkpoint=path)]))
@@ -392,9 +443,9 @@ def chest_tables(results) -> list[str]:
     lever, row = max(((lv, r) for lv, rows, _ in results for r in rows), key=lambda t: t[1]["val_balanced_accuracy"])
     seeds, optimistic = [], []
     for seed in (0, 1, 2):
-        picked_rows, board = compared(lever, inputs_of(lever), [row["head"]], seed)
-        picked = picked_rows[0]
-        seeds.append((picked["test_accuracy"], picked["test_roc_auc"], picked["test_f1_macro"]))
+        rows_of_seed, board = compared(lever, inputs_of(lever), [row["head"]], seed)
+        first = rows_of_seed[0]
+        seeds.append((first["test_accuracy"], first["test_roc_auc"], first["test_f1_macro"]))
         for leaked in board.settings.get("validation_trained_on", {}).values():
             optimistic.append(f"seed {seed}: {leaked['images']} of {leaked['of']}")
     acc, auc, f1 = zip(*seeds)
@@ -412,7 +463,7 @@ def chest_tables(results) -> list[str]:
             published]
 
 
-def flowers_table(results) -> str:
+def multiclass_table(results) -> str:
     lines = ["| configuration | head | val bal. acc | test acc | test macro F1 | test AUC (OvR) | shift AUC | extract s |",
              "|---|---|---|---|---|---|---|---|"]
     for lever, rows, board in results:

@@ -254,7 +254,7 @@ def audit(file, source, target, duplicate_cosine, out, images, seed):
              f"on validation carved from {source} are likely optimistic for {target}", err=True)
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
         echo("  remedies that read no test label: compare --threshold mixture --smooth-test 10, --align standardize, "
-             "extract --adapt-bn (README: Remedies)")
+             "extract --adapt-bn (docs/guide.md: Remedies)")
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
     hashes = found.hashes

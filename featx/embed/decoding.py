@@ -6,7 +6,7 @@ and cropped as tensors on the same device with the geometry of the Pillow path (
 Whatever the batch decoder refuses or cannot do faithfully (PNG, CMYK or 12-bit JPEGs, a corrupt file,
 an image over the pixel budget) goes through the Pillow path one image at a time and is recorded exactly
 as there. Not the default: on an H100 with 16 CPU cores, Pillow in DataLoader workers fed the model
-faster (README, Performance).
+faster (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def batchable(data: bytes, max_pixels: int) -> int | None:
     Huffman-coded, grey or three-component, within the pixel budget; None for any other file.
 
     Only the markers before the frame header are read, here rather than by Pillow, whose header parsing in
-    Python took 45 % of the tensor path's time on an H100 (README, Performance)."""
+    Python took 45 % of the tensor path's time on an H100 (docs/performance.md)."""
     if not data.startswith(b"\xff\xd8"):
         return None
     orientation, at = 1, 2

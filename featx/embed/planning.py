@@ -178,7 +178,7 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
     if source.pseudo_labels:  # the same weights trained another way must not pass for a file that says so
         recipe["backbone_pseudo_labels"] = source.pseudo_labels["sha256"]
     # auto is Pillow on every device: on an H100 with 16 cores, DataLoader workers with Pillow fed the model
-    # faster than nvJPEG did, and nvJPEG's colour pixels differ from libjpeg's (README, Performance)
+    # faster than nvJPEG did, and nvJPEG's colour pixels differ from libjpeg's (docs/performance.md)
     decoder = "pillow" if config.decode == "auto" else config.decode
     if decoder == "tensor":  # its pixels differ from Pillow's (draft mode, resampler; on a GPU, nvJPEG's chroma)
         recipe["decoder"] = decoder
