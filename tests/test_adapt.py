@@ -193,8 +193,6 @@ def test_the_mixture_threshold_follows_target_scores_that_moved_and_is_kept_only
 
 
 def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_reads_test_labels(tmp_path):
-    from dataclasses import replace
-
     from featx.cli.commands import main
     from featx.comparison.evaluate import compare
     from featx.heads.registry import load_head
@@ -218,9 +216,9 @@ def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_
     assert np.allclose(spread.results[0].test_proba,
                        smooth_over_neighbours(emb.features("test"), board.results[0].test_proba, 10))
 
-    shuffled = emb._labels.copy()
+    shuffled = emb.labels_at(np.arange(len(emb))).copy()
     shuffled[emb.rows("test")] = rng.permutation(shuffled[emb.rows("test")])
-    blind = compare([replace(emb, _labels=shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
+    blind = compare([emb.with_labels(shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
     seen = spread.rows[0]
     assert blind["test_threshold"] == seen["test_threshold"] and blind["threshold"] == seen["threshold"]
 

@@ -171,7 +171,7 @@ def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
     saved = load_head(tmp_path / "alone" / "head.json")
     both = concat_embeddings([load_embeddings(FIXTURE), load_embeddings(other)])
     test = both.rows("test")
-    assert np.allclose(saved["pipeline"].predict_proba(both._features[test].astype(np.float32)), result.test_proba,
+    assert np.allclose(saved["pipeline"].predict_proba(both.features_at(test)), result.test_proba,
                        atol=1e-5)
     assert [m["cache_key"] for m in saved["embeddings_meta"]["part_meta"]] == [
         load_embeddings(FIXTURE).cache_key, "0123456789"]  # how each backbone made its part, for predict

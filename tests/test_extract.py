@@ -85,7 +85,7 @@ def test_unreadable_images_are_recorded_and_skipped(image_folder, tiny_config):
     emb = load_embeddings(result.path)
     assert len(emb) == 21 and (~emb.ok).sum() == 3
     bad = np.flatnonzero(~emb.ok)
-    assert (emb._features[bad] == 0).all()
+    assert (emb.features_at(bad) == 0).all()
     assert {emb.errors[i].split(" (")[0] for i in bad} == {"empty file", "not an image", "cannot decode"}
     assert len(emb.features()) == 18  # readers see readable rows only
 

@@ -125,5 +125,5 @@ def test_lazy_features_come_back_in_the_order_asked():
     fixture = Path(__file__).parent / "fixtures" / "chest_xray_efficientnet_lite0.h5"
     eager, lazy = load_embeddings(fixture), load_embeddings(fixture, lazy=True)
     rows = np.array([200, 3, 150, 3, 0])  # unsorted, with a repeat: as a carved validation split is
-    np.testing.assert_array_equal(lazy._features[rows], eager._features[rows])
+    np.testing.assert_array_equal(lazy.features_at(rows), eager.features_at(rows))
     np.testing.assert_array_equal(lazy.features("test"), eager.features("test"))

@@ -145,7 +145,7 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
     """
     if "train" not in emb.split_names:
         raise DataError(f"{emb.path}: no 'train' rows; extract with a split (--split) first")
-    finite = np.isfinite(emb._features).all(axis=1) if check_features else None
+    finite = emb.finite_rows() if check_features else None
     rows = {}
     for split in (s for s in ("train", "val", "test") if s in emb.split_names):
         found = labelled_rows(emb, split)
@@ -158,10 +158,10 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
                             f"{emb.paths[broken[0]]}); re-extract with `featx extract … --force --precision fp32`")
         rows[split] = found
     train = rows["train"]
-    _check_classes(emb, emb._labels[train], {split: emb._labels[r] for split, r in rows.items() if split != "train"})
+    _check_classes(emb, emb.labels_at(train), {split: emb.labels_at(r) for split, r in rows.items() if split != "train"})
     if "val" in rows:
         return train, rows["val"], rows.get("test"), "val split of the file"
-    y_train = emb._labels[train]
+    y_train = emb.labels_at(train)
     try:
         kept, carved = carve_validation(y_train, val_fraction, seed)
     except ValueError:  # scikit-learn's "least populated class" and "test_size" refusals
@@ -175,7 +175,7 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
 def labelled_rows(emb: Embeddings, split: str) -> np.ndarray:
     """The readable rows of ``split`` that have a label: the rows a head is trained or scored on."""
     found = emb.rows(split)
-    return found[emb._labels[found] >= 0]
+    return found[emb.labels_at(found) >= 0]
 
 
 def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
@@ -187,7 +187,7 @@ def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: b
     train, val, test, val_source = split_rows(emb, val_fraction, seed)
 
     def arrays(rows):
-        return emb._features[rows].astype(np.float32), emb._labels[rows]
+        return emb.features_at(rows), emb.labels_at(rows)
 
     (X_train, y_train), train_paths = arrays(train), emb.paths[train]
     X_copies, y_copies = emb.augmented_copies(train_paths if with_copies else [])
@@ -276,7 +276,7 @@ def _averaged(name: str, averaged: Embeddings, members: list[Embeddings], outcom
     """One head fitted on each member file, as one head: their probabilities averaged in logit space
     (``heads.AveragedHeads``); every file scored the same images (``averaged_input`` checked)."""
     y_test = splits[averaged.path.name][2][1]
-    ends = np.cumsum([m._features.shape[1] for m in members]).tolist()
+    ends = np.cumsum([m.dim for m in members]).tolist()
     fitted = [outcome[0] for outcome in outcomes]
     head = FittedHead(
         name=name, pipeline=AveragedHeads([f.pipeline for f in fitted], list(zip([0] + ends[:-1], ends))),
@@ -565,17 +565,17 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: di
     with connect(address) as client:
         log.info(describe(client))
         for emb in files:
-            labels = emb._labels
+            labels = emb.labels_at(np.arange(len(emb)))
             train, val, test, val_source = split_rows(emb, settings["val_fraction"], seed, check_features=False)
             train = np.sort(train)  # read block by block in file order
-            X_val, y_val = emb._features[val].astype(np.float32), labels[val]
-            X_test = emb._features[test].astype(np.float32) if test is not None else None
+            X_val, y_val = emb.features_at(val), labels[val]
+            X_test = emb.features_at(test) if test is not None else None
             fitted = fit_lightgbm(client, emb, train, X_val, y_val, seed)
             p_val = fitted.pipeline.predict_proba(X_val)
             began = time.perf_counter()
             p_test = fitted.pipeline.predict_proba(X_test) if X_test is not None else None
             sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, seed)]
-            splits[emb.path.name] = ((emb._features[sample].astype(np.float32), labels[sample]), (X_val, y_val),
+            splits[emb.path.name] = ((emb.features_at(sample), labels[sample]), (X_val, y_val),
                                      (X_test, labels[test] if test is not None else None), val_source)
             outcome = fitted, p_val, p_test, round(time.perf_counter() - began, 3)
             results.append(_head_result(emb, "lightgbm", splits[emb.path.name],

@@ -36,7 +36,7 @@ def rows_array(emb: Embeddings, rows: np.ndarray):
     import dask
     import dask.array as da
 
-    dim = emb._features.shape[1]
+    dim = emb.dim
     blocks = [rows[(rows >= start) & (rows < start + BLOCK_ROWS)] for start in range(0, len(emb), BLOCK_ROWS)]
     parts = [da.from_delayed(dask.delayed(_read_rows)(str(emb.path), block), shape=(len(block), dim),
                              dtype=np.float32) for block in blocks if len(block)]
@@ -55,7 +55,7 @@ def fit_lightgbm(client, emb: Embeddings, train_rows: np.ndarray, X_val: np.ndar
     lightgbm.register_logger(log)  # its messages ("finding random open ports") into featx's log, not stdout
     began = time.perf_counter()
     X = rows_array(emb, train_rows)
-    y = da.from_array(emb._labels[train_rows], chunks=(X.chunks[0],))
+    y = da.from_array(emb.labels_at(train_rows), chunks=(X.chunks[0],))
     best, best_score = None, -np.inf
     for leaves in NUM_LEAVES:
         with warnings.catch_warnings():

@@ -372,6 +372,24 @@ class Embeddings:
     def paths_of(self, split: str | None = None) -> np.ndarray:
         return self.paths[self.rows(split)]
 
+    def features_at(self, rows: np.ndarray) -> np.ndarray:
+        """float32 features of the file rows ``rows`` (indices into the file, augmented copies included)."""
+        return self._features[rows].astype(np.float32)
+
+    def labels_at(self, rows: np.ndarray) -> np.ndarray:
+        """Labels of the file rows ``rows`` (-1 where unlabelled)."""
+        return self._labels[rows]
+
+    def finite_rows(self) -> np.ndarray:
+        """True for each row whose features hold no NaN or infinity (reads every feature)."""
+        return np.isfinite(self._features).all(axis=1)
+
+    def with_labels(self, labels: np.ndarray) -> "Embeddings":
+        """The same rows with other labels, one per row: shuffled test labels show that a choice never read them."""
+        if len(labels) != len(self):
+            raise ValueError(f"{len(labels)} labels for {len(self)} rows")
+        return replace(self, _labels=np.asarray(labels))
+
     def augmented_copies(self, of_paths) -> tuple[np.ndarray, np.ndarray]:
         """Features and labels of the augmented copies of the images ``of_paths`` (none: empty arrays).
 
@@ -402,6 +420,11 @@ class Embeddings:
     @property
     def cache_key(self) -> str:
         return self.meta["cache_key"]
+
+    @property
+    def dim(self) -> int:
+        """The feature size (of several backbones side by side, their sum)."""
+        return int(self._features.shape[1])
 
     @property
     def n_copies(self) -> int:
