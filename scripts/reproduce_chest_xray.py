@@ -23,7 +23,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from datetime import date
 from pathlib import Path
@@ -179,14 +179,14 @@ def run_lever(lever: Lever, data: Path, seed: int = 0):
         assert row["tuned_on"] in ("validation split",) and "test" not in row["val_source"]
     if lever.remedy or lever.threshold == "mixture":
         # and the remedies read no test label: with the test labels shuffled, every choice is the same
-        _, blind = compared(lever, [replace(emb, _labels=shuffled_test_labels(emb, seed)) for emb in inputs_of(lever)],
+        _, blind = compared(lever, [emb.with_labels(shuffled_test_labels(emb, seed)) for emb in inputs_of(lever)],
                             HEADS, seed)
         assert choices(blind) == choices(board), f"{lever.name}: a choice depended on the test labels"
     return rows, board
 
 
 def shuffled_test_labels(emb, seed: int):
-    labels = emb._labels.copy()
+    labels = emb.labels_at(np.arange(len(emb))).copy()
     test = emb.rows("test")
     labels[test] = np.random.default_rng(seed).permutation(labels[test])
     return labels
