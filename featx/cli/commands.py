@@ -253,8 +253,9 @@ def audit(file, source, target, duplicate_cosine, out, images, seed):
         echo(f"featx: warning: {target} differs from {source} (AUC > {SHIFT_AUC}, p ≤ {SHIFT_P}): figures measured "
              f"on validation carved from {source} are likely optimistic for {target}", err=True)
         echo(f"  least like {source}: " + ", ".join(report.least_alike_paths[:5]))
-        echo("  remedies that read no test label: compare --threshold mixture --smooth-test 10, --align standardize, "
-             "extract --adapt-bn (docs/guide.md: Remedies)")
+        echo(f"  the lever to try is fine-tuning: `featx advise {emb.meta.get('dataset_root') or 'DATA_DIR'}` measures "
+             "how far the images are from ImageNet. No option that adapts to the test images without their labels "
+             "helped on every dataset it was measured on (docs/results/remedies.md)")
     echo(f"near-duplicates (cosine ≥ {duplicate_cosine}): {len(found.pairs)} pairs; {len(found.leaked)} {target} "
          f"images have one in {source}")
     hashes = found.hashes
