@@ -216,7 +216,7 @@ def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_
     assert np.allclose(spread.results[0].test_proba,
                        smooth_over_neighbours(emb.features("test"), board.results[0].test_proba, 10))
 
-    shuffled = emb.labels_at(np.arange(len(emb))).copy()
+    shuffled = emb.labels_at().copy()
     shuffled[emb.rows("test")] = rng.permutation(shuffled[emb.rows("test")])
     blind = compare([emb.with_labels(shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
     seen = spread.rows[0]

@@ -66,9 +66,8 @@ def sequential(data, tmp_path_factory):
 def same_rows(a, b) -> None:
     for column in ("paths", "splits", "ok", "errors"):
         assert getattr(a, column).tolist() == getattr(b, column).tolist(), column
-    every = np.arange(len(a))
-    np.testing.assert_array_equal(a.labels_at(every), b.labels_at(every))
-    np.testing.assert_allclose(a.features_at(every), b.features_at(every), rtol=1e-3, atol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(a.labels_at(), b.labels_at())
+    np.testing.assert_allclose(a.features_at(), b.features_at(), rtol=1e-3, atol=1e-3)  # float16 storage
 
 
 def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
@@ -93,8 +92,7 @@ def test_test_time_views_give_the_sequential_rows_in_shards(cluster, data, seque
     sharded = load_embeddings(extract_on_cluster(data, replace(config, cache_dir=str(tmp_path / "shards")), address,
                                                  shard_rows=37, progress=False).path)
     same_rows(sharded, whole)
-    every = np.arange(len(whole))
-    assert not np.allclose(whole.features_at(every), sequential[1].features_at(every), rtol=1e-2, atol=1e-2)
+    assert not np.allclose(whole.features_at(), sequential[1].features_at(), rtol=1e-2, atol=1e-2)
 
 
 def test_a_worker_that_dies_mid_shard_loses_no_row(cluster, data, sequential, tmp_path):
@@ -219,8 +217,7 @@ def test_a_missing_shard_is_never_published_and_consolidate_gives_the_same_file(
     merged = load_embeddings(result.path)
     assert not shard_folder(result.path).exists()
     same_rows(merged, virtual)
-    every = np.arange(len(merged))
-    np.testing.assert_array_equal(merged.features_at(every), virtual.features_at(every))
+    np.testing.assert_array_equal(merged.features_at(), virtual.features_at())
 
 
 def test_the_cli_extracts_on_a_cluster_and_info_shows_the_shards(cluster, data, tmp_path):

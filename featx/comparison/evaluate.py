@@ -565,7 +565,7 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: di
     with connect(address) as client:
         log.info(describe(client))
         for emb in files:
-            labels = emb.labels_at(np.arange(len(emb)))
+            labels = emb.labels_at()
             train, val, test, val_source = split_rows(emb, settings["val_fraction"], seed, check_features=False)
             train = np.sort(train)  # read block by block in file order
             X_val, y_val = emb.features_at(val), labels[val]

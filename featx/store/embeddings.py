@@ -372,12 +372,13 @@ class Embeddings:
     def paths_of(self, split: str | None = None) -> np.ndarray:
         return self.paths[self.rows(split)]
 
-    def features_at(self, rows: np.ndarray) -> np.ndarray:
-        """float32 features of the file rows ``rows`` (indices into the file, augmented copies included)."""
+    def features_at(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """float32 features of the file rows ``rows`` (indices into the file, augmented copies included; every
+        row by default)."""
         return self._features[rows].astype(np.float32)
 
-    def labels_at(self, rows: np.ndarray) -> np.ndarray:
-        """Labels of the file rows ``rows`` (-1 where unlabelled)."""
+    def labels_at(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Labels of the file rows ``rows`` (-1 where unlabelled; every row by default)."""
         return self._labels[rows]
 
     def finite_rows(self) -> np.ndarray:
