@@ -13,8 +13,8 @@ from featx.version import __version__
 # `import featx` needs neither. No module is named like a function here, so none can shadow one.
 _LAZY = {
     "extract": "featx.embed.extraction", "ExtractConfig": "featx.embed.planning",
-    "finetune": "featx.finetuning.training", "FinetuneConfig": "featx.finetuning.training",
-    "compare": "featx.comparison.evaluate", "list_heads": "featx.heads.registry",
+    "finetune": "featx.finetuning.training", "FinetuneConfig": "featx.finetuning.config",
+    "compare": "featx.comparison.evaluate", "CompareConfig": "featx.comparison.config", "list_heads": "featx.heads.registry",
     "save_run": "featx.comparison.runs", "load_run": "featx.comparison.runs",
     "Predictor": "featx.use.predict", "write_report": "featx.use.report", "advise": "featx.use.advisor",
 }

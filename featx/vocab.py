@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from featx.errors import ConfigError
 
@@ -24,7 +24,7 @@ UNFREEZE = tuple(str(n) for n in range(STAGE_GROUPS + 1)) + ("all",)
 STAGE_NAMES = tuple(f"stage{n}" for n in range(1, STAGE_GROUPS + 1))
 OPEN_SET_SCORES = ("knn", "centroid", "max_prob")
 SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")  # validation metrics that rank
-ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.shift.adapt)
+ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.shift.align)
 PRIOR_SHIFTS = ("off", "estimate", "auto")  # the test split's class balance: ignored, reported, applied if it helps
 
 
@@ -89,10 +89,21 @@ class Maybe:
         return f"{self.constraint}, or None"
 
 
+@dataclass(frozen=True)
+class Boolean:
+    """A flag: ``True`` or ``False`` (a command-line flag)."""
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
+
+    def __str__(self) -> str:
+        return "a bool"
+
+
 _LAYER_TOKEN = rf"\s*(?:{'|'.join(STAGE_NAMES)}|stages|penultimate)\s*"
 _UNIT_FLOAT = r"(?:0|1|0?\.\d+|1\.0*)"
 
-PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
+PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean] = {
     # extraction and the backbone at run time
     "precision": OneOf(PRECISIONS),
     "dtype": OneOf(STORAGE_DTYPES),
@@ -138,6 +149,8 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe] = {
     "prior_shift": OneOf(PRIOR_SHIFTS),
     "duplicate_cosine": Maybe(Interval(float, 0.5, 1.0)),
     "smooth_test": Interval(int, 0),
+    "exclude_leaked": Boolean(),
+    "adapt_bn": Boolean(),
     # using a run
     "score": OneOf(OPEN_SET_SCORES),
     "top_k": Interval(int, 1),
@@ -170,3 +183,39 @@ def parse_layer(layer: str, where: str = "extract") -> tuple[str, ...]:
     for token in layer.replace(" ", "").split(","):
         parts.extend(STAGE_NAMES if token == "stages" else [token])
     return tuple(dict.fromkeys(parts))
+
+
+# Help texts of parameters that several commands take, so that each is written once.
+SHARED_HELP = {
+    "weights": "Weights file, or 'none' for random init (tests). Default: the backbone's pretrained weights from its "
+               "offline package, the torch hub cache, or a download.",
+    "image_size": "Input size in pixels instead of the backbone's own (the resize keeps the same crop ratio).",
+    "fit": "crop: shorter side resized, centre crop (ImageNet); full: the whole image squeezed to the input size "
+           "(Keras' target_size), for images whose edges matter such as X-rays.",
+    "batch_size": "Images per batch.",
+    "precision": "Autocast precision. auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 where it is native "
+                 "(AMX, AVX-512 BF16) and the backbone is dense, else fp32.",
+    "device": "Where the backbone runs; auto is the GPU when there is one.",
+    "val_fraction": "Share of train carved out (stratified, seeded) as validation when there is no val split.",
+    "cluster": "Run on Dask distributed: local, local:N (N worker processes here) or a scheduler such as "
+               "tcp://host:8786. Needs pip install 'featx[cluster]'.",
+}
+SHARED_CLI = {"weights": {"metavar": "PATH|none"}, "device": {"metavar": "auto|cpu|cuda[:N]"},
+              "cluster": {"metavar": "ADDRESS", "envvar": "FEATX_CLUSTER"}}
+
+
+def setting(default, help: str, *, metavar: str | None = None, envvar: str | None = None, flag: str | None = None,
+            path: str | None = None, cli: bool = True):
+    """A config field that declares its command-line option too: the help text in the field's metadata, and what
+    the command line needs besides (``metavar``, ``envvar``, ``flag`` where it is not ``--field-name``, ``path``:
+    file, folder or any, for a path that must exist), from which ``featx.cli.options.config_options`` makes the
+    option, typed from ``PARAMETERS``. ``cli=False`` keeps a field out of the command line (the Python API only)."""
+    metadata = {"help": help, "metavar": metavar, "envvar": envvar, "flag": flag, "path": path, "cli": cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def shared_setting(name: str, default):
+    """The field of a parameter that several commands take (``SHARED_HELP``)."""
+    return setting(default, SHARED_HELP[name], **SHARED_CLI.get(name, {}))

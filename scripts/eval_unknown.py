@@ -23,7 +23,10 @@ from featx.store.embeddings import load_embeddings
 
 
 def direction(known, other, coverage: float) -> None:
-    (X_train, y_train), (X_val, y_val), (X_test, _), _ = split_arrays(known, 0.15, 0)
+    splits = split_arrays(known, 0.15, 0)
+    (X_train, y_train), (X_val, y_val) = (splits.train.features, splits.train.labels), (splits.val.features,
+                                                                                        splits.val.labels)
+    X_test = splits.test.features
     head = fit_head("logreg", X_train, y_train, X_val, y_val).pipeline
     open_set = OpenSet.calibrate(X_train, y_train, X_val, head.predict_proba(X_val), coverage=coverage)
     X_out = other.features("test") if "test" in other.split_names else other.features()

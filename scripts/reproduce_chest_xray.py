@@ -195,11 +195,9 @@ def shuffled_test_labels(emb, seed: int):
 def choices(board) -> dict:
     """Everything compare chose: hyper-parameters, thresholds (validation's and test's own), prior-shift decisions,
     alignment, leaked rows."""
-    picked = {(r["file"], r["head"]): (r["params"], r["threshold"], r.get("test_threshold"),
-                                       (r.get("prior_shift") or {}).get("applied"),
-                                       (r.get("prior_shift") or {}).get("target"), r.get("test_leaked_rows"))
+    picked = {(r["file"], r["head"]): (r["params"], r["threshold"], r.get("remedies"), r.get("test_leaked_rows"))
               for r in board.rows}
-    return {"rows": picked, "align": board.settings.get("align"), "leaked": board.settings.get("exclude_leaked")}
+    return {"rows": picked, "remedies": board.settings.get("remedies")}
 
 
 def pneumonia(board, row) -> dict:
@@ -270,7 +268,7 @@ def shift_score(board, row) -> str:
     overall = [s.get("tests", {}).get("overall", {}).get("auc") for f, s in shifts.items()
                if f == row["file"] or row["backbone"].endswith(" averaged")]
     before = max((auc for auc in overall if auc is not None), default=None)
-    after = (config.get("align") or {}).get(row["file"], {}).get("shift_auc_after")
+    after = (config.get("remedies") or {}).get(row["file"], {}).get("align", {}).get("shift_auc_after")
     if before is None:
         return ""
     return f"{before:.3f}" + (f" → {after:.3f}" if after is not None else "")

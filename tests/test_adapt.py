@@ -10,8 +10,10 @@ from click.testing import CliRunner
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from featx.shift.adapt import (em_priors, fit_alignment, mixture_threshold, prior_shift, reweight, smooth_over_neighbours,
-                         target_threshold)
+from featx.shift.align import fit_alignment
+from featx.shift.mixture_threshold import mixture_threshold, target_threshold
+from featx.shift.prior_shift import em_priors, estimate_prior_shift as prior_shift, reweight
+from featx.shift.smooth_test import smooth_over_neighbours
 from featx.errors import DataError
 from featx.heads.metrics import choose_threshold
 
@@ -86,6 +88,23 @@ def blobs(rng, n, dim=32, shift=0.0, contrast=1.0, separation=1.2):
     return (centres[y] + rng.normal(0, 1, (n, dim))) * contrast + shift, y
 
 
+def replayed_like_the_leaderboard(board, file, out):
+    """The run's best head, loaded as predict loads it, replays its remedies on the test features: the leaderboard's
+    probabilities and decisions (the images behind this file are made up, so the features are given)."""
+    from featx.comparison.runs import save_run
+    from featx.heads.metrics import predict_labels
+    from featx.heads.registry import load_head
+    from featx.store.embeddings import load_embeddings
+    from featx.use.predict import head_probabilities
+
+    save_run(board, out)
+    result = board.result_of(board.best())
+    _, proba, threshold = head_probabilities(load_head(out / "best" / "head.json"), load_embeddings(file).features("test"))
+    np.testing.assert_allclose(proba, result.test_proba, atol=1e-6, rtol=0)
+    assert threshold == result.decision_threshold("test")
+    assert np.array_equal(predict_labels(proba, threshold), predict_labels(result.test_proba, threshold))
+
+
 def test_compare_excludes_test_images_leaked_from_train_and_reports_both_figures(tmp_path):
     from featx.comparison.evaluate import compare
 
@@ -96,7 +115,7 @@ def test_compare_excludes_test_images_leaked_from_train_and_reports_both_figures
     file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 300 + ["test"] * 100)
     board = compare([file], ["logreg"], exclude_leaked=True, duplicate_cosine=0.98)
     row = board.rows[0]
-    assert row["test_leaked_rows"] == 12 and board.settings["exclude_leaked"]["e.h5"]["test_rows"] == 12
+    assert row["test_leaked_rows"] == 12 and board.settings["remedies"]["e.h5"]["exclude_leaked"]["test_rows"] == 12
     result = board.result_of(row)
     assert result.test["n"] == 88 and len(result.test_paths) == 88 and not {f"{300 + i}.jpg" for i in range(12)} & set(result.test_paths)
     assert row["test_with_leaked_accuracy"] != row["test_accuracy"]
@@ -119,8 +138,8 @@ def test_compare_aligns_train_to_the_test_images(tmp_path):
         assert result.exit_code == 0, result.output
         runs[align] = json.loads((out / "run.json").read_text())
     aligned = runs["coral"]["config"]
-    assert aligned["align"]["e.h5"]["method"] == "coral"
-    assert aligned["align"]["e.h5"]["shift_auc_after"] < 0.7 < aligned["shift"]["e.h5"]["tests"]["overall"]["auc"]
+    assert aligned["remedies"]["e.h5"]["align"]["method"] == "coral"
+    assert aligned["remedies"]["e.h5"]["align"]["shift_auc_after"] < 0.7 < aligned["shift"]["e.h5"]["tests"]["overall"]["auc"]
     assert runs["coral"]["results"][0]["test_accuracy"] > runs["none"]["results"][0]["test_accuracy"] + 0.2
     refused = CliRunner().invoke(main, ["compare", str(file), "--align", "sideways"])
     assert refused.exit_code == 2 and "sideways" in refused.output
@@ -137,18 +156,21 @@ def test_compare_estimates_the_test_images_class_balance_and_reweights_only_when
                       ["train"] * 2000 + ["test"] * int(keep.sum()))
     plain = compare([file], ["logreg"]).rows[0]
     estimated = compare([file], ["logreg"], prior_shift="estimate").rows[0]
-    assert abs(estimated["prior_shift"]["target"]["b"] - 0.25) < 0.08 and not estimated["prior_shift"]["applied"]
+    assert abs(estimated["remedies"]["prior_shift"]["target"]["b"] - 0.25) < 0.08
+    assert not estimated["remedies"]["prior_shift"]["applied"]
     assert estimated["test_accuracy"] == plain["test_accuracy"]  # reported, not applied
-    auto = compare([file], ["logreg"], prior_shift="auto").rows[0]
-    assert auto["prior_shift"]["applied"] and auto["test_log_loss"] < plain["test_log_loss"]
-    assert auto["prior_shift"]["shift_after_reweighting_train"]["auc"] < 0.6  # the balance explains the shift
+    board = compare([file], ["logreg"], prior_shift="auto")
+    auto = board.rows[0]
+    assert auto["remedies"]["prior_shift"]["applied"] and auto["test_log_loss"] < plain["test_log_loss"]
+    replayed_like_the_leaderboard(board, file, tmp_path / "run")
+    assert auto["remedies"]["prior_shift"]["shift_after_reweighting_train"]["auc"] < 0.6  # the balance explains the shift
 
     X_other = X_test[keep] + 1.0  # the same balance change, and images unlike the training ones besides
     other = write_file(tmp_path, np.r_[X_train, X_other], np.r_[y_train, y_test[keep]],
                        ["train"] * 2000 + ["test"] * int(keep.sum()), name="other.h5")
     refused = compare([other], ["logreg"], prior_shift="auto").rows[0]
-    assert not refused["prior_shift"]["applied"]  # EM assumes the images of a class did not change
-    assert refused["prior_shift"]["shift_after_reweighting_train"]["auc"] > 0.6
+    assert not refused["remedies"]["prior_shift"]["applied"]  # EM assumes the images of a class did not change
+    assert refused["remedies"]["prior_shift"]["shift_after_reweighting_train"]["auc"] > 0.6
 
 
 def test_spreading_over_neighbours_mends_noisy_scores_of_clustered_images():
@@ -206,12 +228,14 @@ def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_
     file = write_file(tmp_path, np.r_[X_train, X_test], np.r_[y_train, y_test], ["train"] * 2000 + ["test"] * 200)
     board = compare([file], ["logreg"], threshold="balanced_accuracy")
     plain = board.rows[0]
-    mixture = compare([file], ["logreg"], threshold="mixture").rows[0]
-    assert mixture["test_threshold"]["applied"] and mixture["threshold"] == plain["threshold"]
+    mixed = compare([file], ["logreg"], threshold="mixture")
+    mixture = mixed.rows[0]
+    replayed_like_the_leaderboard(mixed, file, tmp_path / "mixed")
+    assert mixture["remedies"]["mixture_threshold"]["applied"] and mixture["threshold"] == plain["threshold"]
     assert mixture["test_accuracy"] > plain["test_accuracy"] + 0.2
     assert mixture["val_balanced_accuracy"] == plain["val_balanced_accuracy"]  # validation keeps its own threshold
     spread = compare([file], ["logreg"], threshold="mixture", smooth_test=10)
-    assert spread.settings["smooth_test"] == 10
+    assert spread.settings["smooth_test"] == 10 and spread.rows[0]["not_reproducible_by_predict"] == "smooth_test"
     emb = load_embeddings(file)
     assert np.allclose(spread.results[0].test_proba,
                        smooth_over_neighbours(emb.features("test"), board.results[0].test_proba, 10))
@@ -220,14 +244,14 @@ def test_compare_scores_test_with_its_own_threshold_and_spread_scores_and_never_
     shuffled[emb.rows("test")] = rng.permutation(shuffled[emb.rows("test")])
     blind = compare([emb.with_labels(shuffled)], ["logreg"], threshold="mixture", smooth_test=10).rows[0]
     seen = spread.rows[0]
-    assert blind["test_threshold"] == seen["test_threshold"] and blind["threshold"] == seen["threshold"]
+    assert blind["remedies"] == seen["remedies"] and blind["threshold"] == seen["threshold"]
 
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["compare", str(file), "--heads", "logreg", "--threshold", "mixture",
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     row = json.loads((out / "run.json").read_text())["results"][0]
-    assert row["test_threshold"]["applied"]
-    assert load_head(out / row["model"], trust=True)["threshold"] == row["test_threshold"]["value"]
+    assert row["remedies"]["mixture_threshold"]["applied"]
+    assert load_head(out / row["model"], trust=True)["threshold"] == row["remedies"]["mixture_threshold"]["value"]
     refused = CliRunner().invoke(main, ["compare", str(file), "--smooth-test", "-1"])
     assert refused.exit_code == 2 and "smooth-test" in refused.output

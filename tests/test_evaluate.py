@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from featx.cli.commands import main
 from featx.errors import ConfigError
-from featx.comparison.evaluate import Leaderboard, compare
+from featx.comparison.evaluate import compare
+from featx.comparison.leaderboard import Leaderboard
 from featx.heads.metrics import choose_threshold, classification_metrics
 from featx.comparison.runs import save_run
 from featx.store.embeddings import load_embeddings
@@ -215,7 +216,7 @@ def test_ensemble_members_may_differ_in_their_augmented_copies(tmp_path):
                      _labels=np.concatenate([plain._labels, plain._labels[train]]))
     board = compare([FIXTURE, copies], ["logreg"], ensemble=True)
     averaged = next(r for r in board.rows if r["backbone"].endswith("averaged"))
-    assert board.splits[averaged["file"]][0][0].shape == (170, 2560)  # the images, without either file's copies
+    assert board.splits[averaged["file"]].train.features.shape == (170, 2560)  # the images, without either file's copies
     other = replace(plain, paths=plain.paths[::-1].copy())
     with pytest.raises(DataError, match="rows differ"):
         compare([FIXTURE, other], ["logreg"], ensemble=True)
@@ -237,14 +238,15 @@ def test_augmented_copies_train_the_heads_but_never_copies_of_validation_images(
 
     folder = make_class_folders(tmp_path / "xray", per_class=8, splits=("train", "test"))
     emb = load_embeddings(extract(folder, replace(tiny_config, augment=1, aug="xray"), progress=False).path)
-    (X_train, y_train), (X_val, y_val), _, source = split_arrays(emb, 0.25, seed=0)
+    splits = split_arrays(emb, 0.25, seed=0)
+    (X_train, y_train), y_val, source = (splits.train.features, splits.train.labels), splits.val.labels, splits.val_source
     assert source.startswith("25% of train") and len(y_val) == 6
     assert len(y_train) == 2 * (24 - 6)  # the 18 kept images and one copy of each
     all_copies = emb.augmented_copies(emb.paths_of("train"))[0]
     trained_on = {row.tobytes() for row in X_train}
     left_out = [row for row in all_copies if row.tobytes() not in trained_on]
     assert len(left_out) == 6  # exactly the validation images' copies stayed out
-    (X_plain, _), _, _, _ = split_arrays(emb, 0.25, seed=0, with_copies=False)
+    X_plain = split_arrays(emb, 0.25, seed=0, with_copies=False).train.features
     assert len(X_plain) == 18
 
 

@@ -457,7 +457,7 @@ def test_fine_tuning_validates_on_the_images_the_heads_validate_on(tmp_path):
     trainer = Trainer(data, TINY, tmp_path / "ft")
     emb = load_embeddings(extract(data, ExtractConfig(backbone="resnet18", weights="none", image_size=32,
                                                       cache_dir=str(tmp_path / "cache")), progress=False).path)
-    _, (X_val, _), _, _ = split_arrays(emb, TINY.val_fraction, TINY.seed)
+    X_val = split_arrays(emb, TINY.val_fraction, TINY.seed).val.features
     path_of = {row.tobytes(): path for row, path in zip(emb.features("train"), emb.paths_of("train"))}
     assert len(X_val) == len(trainer.val_samples) == 5  # 15 % of 30, rounded up
     assert {path_of[row.tobytes()] for row in X_val} == {s.path for s in trainer.val_samples}

@@ -212,7 +212,7 @@ def test_an_adapt_bn_run_embeds_new_images_with_their_own_statistics(tmp_path):
 
 def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_its_own_images(tiny_run, tmp_path,
                                                                                               caplog):
-    from featx.shift.adapt import smooth_over_neighbours
+    from featx.shift.smooth_test import smooth_over_neighbours
 
     save_run(compare([tiny_run.embeddings], ["logreg"], smooth_test=5), tmp_path / "run")
     predictor = Predictor(tmp_path / "run")
@@ -234,7 +234,7 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
 def test_a_head_on_several_backbones_embeds_new_images_with_each(tiny_run, tmp_path):
     from dataclasses import replace
 
-    from featx.comparison.evaluate import Leaderboard
+    from featx.comparison.leaderboard import Leaderboard
     from featx.store.embeddings import concat_embeddings
 
     smaller = extract(tiny_run.data, replace(tiny_run.config, image_size=48, fit="full"), progress=False).path

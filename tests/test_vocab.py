@@ -21,14 +21,16 @@ REFUSED = {"precision": "fp8", "dtype": "int8", "device": "gpu", "fit": "stretch
            "epochs": -1, "head_epochs": 1.5, "lr": 0.0, "lr_min": -1e-3, "weight_decay": -0.1, "clip_grad": 0.0, "dropout": 1.0, "drop_path": -0.1,
            "patience": 0, "ema": 1.0, "seed": -1, "split_seed": -1, "val_seed": -1, "val_fraction": 0.9, "cv": 1, "threshold": "youden", "sort_by": "speed",
            "score": "distance", "top_k": 0, "sample_per_class": 1, "max_pixels": 0, "shard_rows": 0, "max_train_rows": 5, "cluster": "my-gpus",
-           "align": "mean", "prior_shift": "on", "duplicate_cosine": 0.3, "smooth_test": -1}
+           "align": "mean", "prior_shift": "on", "duplicate_cosine": 0.3, "smooth_test": -1,
+           "exclude_leaked": "maybe", "adapt_bn": "sometimes"}
 ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": "full", "decode": "tensor", "aug": "xray", "augment": 2,
             "tta_views": 4, "layer": "stage2, penultimate", "image_size": None, "batch_size": 1, "workers": 0, "unfreeze": "all",
             "bn": "train", "epochs": 0, "head_epochs": 1, "lr": 3e-4, "lr_min": None, "weight_decay": 0.0,
             "clip_grad": 1.0, "dropout": 0.5, "drop_path": None, "patience": 1, "ema": 0.997, "seed": 0, "split_seed": 3, "val_seed": None, "val_fraction": 0.05, "cv": 2,
             "threshold": "sensitivity=0.95", "sort_by": "roc_auc", "score": "max_prob", "top_k": 1,
             "sample_per_class": 2, "max_pixels": 1000, "shard_rows": None, "max_train_rows": 10,
-            "cluster": "local:2", "align": "coral", "prior_shift": "auto", "duplicate_cosine": 0.943, "smooth_test": 10}
+            "cluster": "local:2", "align": "coral", "prior_shift": "auto", "duplicate_cosine": 0.943, "smooth_test": 10,
+            "exclude_leaked": True, "adapt_bn": False}
 
 
 def test_every_parameter_has_cases_here():
@@ -68,7 +70,7 @@ def test_every_option_is_typed_from_the_table(command, option):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from featx.comparison.evaluate import compare
+    from featx.comparison.config import CompareConfig
     from featx.embed.extraction import ExtractConfig
     from featx.finetuning.training import FinetuneConfig
     from featx.use.predict import Predictor
@@ -76,7 +78,7 @@ def test_cli_defaults_are_the_library_defaults():
     library = {
         "extract": {f.name: f.default for f in dataclasses.fields(ExtractConfig)},
         "finetune": {f.name: f.default for f in dataclasses.fields(FinetuneConfig)},
-        "compare": {n: p.default for n, p in inspect.signature(compare).parameters.items()},
+        "compare": dataclasses.asdict(CompareConfig()),
         "predict": {**{n: p.default for n, p in inspect.signature(Predictor).parameters.items()},
                     **{n: p.default for n, p in inspect.signature(Predictor.predict).parameters.items()}},
     }

@@ -17,9 +17,11 @@ from pathlib import Path
 import click
 
 from featx.cli import options
+from featx.comparison.config import CompareConfig
+from featx.embed.planning import ExtractConfig
+from featx.finetuning.config import FinetuneConfig
 from featx.embed.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
 from featx.errors import DataError, FeatxError
-from featx.data.images import MAX_PIXELS
 from featx.version import __version__
 
 
@@ -77,41 +79,12 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.argument("data_dir", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--sample", is_flag=True, help="Use the chest X-ray sample bundled with featx instead of DATA_DIR.")
 @options.backbone(multiple=True)
-@options.weights
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A fine-tuned best.pt from `featx finetune`: its backbone, cached under a key of its own.")
-@click.option("--out", "cache_dir", default="cache", show_default=True, type=click.Path(path_type=Path),
-              help="Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.")
-@options.option("layer", default="penultimate", show_default=True, metavar="LAYER",
-                help="penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, concatenated).")
-@click.option("--tta", is_flag=True, help="Average the features of the image and its horizontal flip.")
-@options.option("tta_views", default=0, show_default=True, metavar="K",
-                help="Test-time augmentation: average every image's features over the image and K views of it "
-                     "under the --aug transforms, the same K for every image (and for `featx predict`). K+1 "
-                     "times the work.")
-@options.precision
-@options.option("dtype", default="float16", show_default=True, help="Storage type of the features in the HDF5 file.")
-@options.image_size
-@options.fit
-@options.option("augment", default=0, show_default=True, metavar="K",
-                help="Also embed K augmented copies of each train image; heads then train on them too "
-                     "(never on copies of validation images).")
-@options.aug("Transforms of the --augment copies and --tta-views; xray varies contrast, exposure, sharpness and "
-             "position and never flips.")
-@options.batch_size
-@click.option("--adapt-bn", is_flag=True,
-              help="AdaBN: embed each split with BatchNorm statistics re-estimated on its own images (up to 1,000 "
-                   "of them; no labels read), for test images unlike the training ones. Weights stay frozen.")
-@options.option("workers", help="DataLoader decoding worker processes (default: a thread pool on CPU, 8 on GPU).")
-@options.decode
-@options.device
+@options.config_options(ExtractConfig)
 @click.option("--split", metavar="TRAIN,VAL,TEST",
               help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
 @options.seed("Seed of the stratified split.")
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
-@options.option("max_pixels", default=MAX_PIXELS, show_default=True,
-                help="Pixel budget per image: larger images are recorded as skipped, never decoded.")
 @click.option("--verify-content", is_flag=True,
               help="Hash every file again for the dataset's fingerprint instead of trusting the hashes remembered "
                    "while files keep their sizes, modification and change times.")
@@ -122,9 +95,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                                                 "of one worker's work that shrink to a few seconds' towards the end; "
                                                 "a re-run keeps the shards the first run planned).")
 @click.pass_context
-def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, layer, tta, tta_views, precision, dtype,
-            image_size, fit, augment, aug, batch_size, adapt_bn, workers, decode, device, split, seed, split_from,
-            max_pixels, verify_content, allow_outside_root, force, cluster, shard_rows):
+def extract(ctx, data_dir, sample, backbones, split, seed, split_from, verify_content, allow_outside_root, force,
+            cluster, shard_rows, **recipe):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -133,7 +105,7 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
     """
     from featx.cluster import cluster_address
     from featx.data.datasets import scan_dataset
-    from featx.embed.planning import ExtractConfig, cached_result, plan_extraction
+    from featx.embed.planning import cached_result, plan_extraction
     from featx.data.sample import sample_path
 
     if sample == (data_dir is not None):
@@ -146,17 +118,13 @@ def extract(ctx, data_dir, sample, backbones, weights, checkpoint, cache_dir, la
                f"split: {dataset.split_source}")
     _list_some(f"{dataset.name}: {len(dataset.skipped)} entries left out of the scan (recorded in the file's "
                "'scan_skipped'):", dataset.skipped)
-    if checkpoint and backbones != (DEFAULT_BACKBONE,):
+    if recipe["checkpoint"] and backbones != (DEFAULT_BACKBONE,):
         raise click.UsageError("--checkpoint sets the backbone; drop --backbone")
     address = cluster_address(cluster)
     if shard_rows and not address:
         raise click.UsageError("--shard-rows needs --cluster")
     for name in backbones:
-        config = ExtractConfig(backbone=name, weights=weights, checkpoint=str(checkpoint) if checkpoint else None,
-                               layer=layer, tta=tta, tta_views=tta_views, precision=precision,
-                               dtype=dtype, image_size=image_size, fit=fit, augment=augment, aug=aug,
-                               batch_size=batch_size, adapt_bn=adapt_bn, workers=workers, decode=decode,
-                               device=device, cache_dir=str(cache_dir), max_pixels=max_pixels)
+        config = ExtractConfig(backbone=name, **recipe)
         try:
             if address:
                 from featx.embed.shards import extract_on_cluster
@@ -325,55 +293,16 @@ def info(file, full):
         echo(f"  {emb.paths[i]}: {emb.errors[i]}")
 
 
-def _head_options(command):
-    """Options shared by train and compare: how to tune and rank, where to save."""
-    for option in reversed([
-        options.run_folder("Run folder for run.json, leaderboard.{csv,md,json}, heads/, plots/ and best/."),
-        options.option("cv", help="Tune by stratified K-fold CV on train instead of on the validation split."),
-        options.seed("Seed for the carved validation split, CV folds and the heads."),
-        options.option("threshold", metavar="OBJECTIVE",
-                       help="Binary tasks: choose the decision threshold on validation for balanced_accuracy, f1 "
-                            "or sensitivity=0.95; or (mixture) cut the test images' own scores where they part into "
-                            "two groups (no test labels read), where the same rule on validation costs at most 0.02 "
-                            "of balanced accuracy, else validation's balanced_accuracy threshold."),
-        options.val_fraction,
-        options.option("sort_by", default="balanced_accuracy", show_default=True,
-                       help="Validation metric that ranks the leaderboard."),
-        options.option("max_train_rows", metavar="N",
-                       help="Train on a stratified, seeded sample of N training rows (recorded in run.json)."),
-        options.cluster,
-        click.option("--out-of-core", is_flag=True,
-                     help="With --cluster: train the lightgbm head over the file on the workers, for training rows "
-                          "that do not fit in this machine's memory."),
-        click.option("--exclude-leaked", is_flag=True,
-                     help="Score test without its images that have a near-duplicate among train and val (cosine of "
-                          "embeddings ≥ --duplicate-cosine); the figures with them are reported too."),
-        options.option("duplicate_cosine", metavar="COSINE",
-                       help="Near-duplicate threshold for --exclude-leaked [default: 0.88, measured on photos; "
-                            "`featx audit` suggests one for alike images such as X-rays]."),
-        options.option("align", default="none", show_default=True,
-                       help="Map train and val features towards the test images before fitting (no test labels "
-                            "read): per-dimension moments (standardize) or covariance too (coral)."),
-        options.option("prior_shift", default="off", show_default=True,
-                       help="The test images' class balance by EM on each head's probabilities: report it "
-                            "(estimate), or also re-weight to it where a simulated change on validation helps "
-                            "(auto)."),
-        options.option("smooth_test", metavar="K", default=0, show_default=True,
-                       help="Spread each scored split's probabilities over its K nearest images of the same split "
-                            "(cosine; label spreading, no labels read): alike images get alike scores. Val is "
-                            "smoothed too, so the threshold is chosen on scores like the test ones. 0: off."),
-    ]):
-        command = option(command)
-    return command
+_RUN_FOLDER = options.run_folder("Run folder for run.json, leaderboard.{csv,md,json}, heads/, plots/ and best/.")
 
 
-def _run_compare(files, heads, out, concat=False, ensemble=False, **settings):
+def _run_compare(files, heads, out, **settings):
     from featx.comparison.evaluate import compare
     from featx.comparison.runs import prepare_out, save_run
 
     if out:
         prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
-    board = compare(list(files), heads, concat=concat, ensemble=ensemble, **settings)
+    board = compare(list(files), heads, **settings)
     if out:
         save_run(board, out)
     echo(board.to_markdown())
@@ -388,7 +317,8 @@ def _run_compare(files, heads, out, concat=False, ensemble=False, **settings):
 @main.command()
 @click.argument("embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options.heads("--head", "logreg")
-@_head_options
+@_RUN_FOLDER
+@options.config_options(CompareConfig, skip=("concat", "ensemble"))
 def train(embeddings, heads, out, **settings):
     """Tune and fit heads on one embedding file (CPU, no torch); report val and test metrics.
 
@@ -401,82 +331,22 @@ def train(embeddings, heads, out, **settings):
 @main.command(name="compare")
 @click.argument("embeddings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options.heads("--heads", "logreg,svm,lightgbm")
-@_head_options
-@click.option("--concat", is_flag=True, help="Also compare all files' features side by side (several backbones "
-                                             "of the same images) as one more input.")
-@click.option("--ensemble", is_flag=True, help="Also average each head over the files (several backbones of the "
-                                               "same images) in logit space, as one more row per head; "
-                                               "--smooth-test finds its neighbours in all the files' features.")
-def compare_command(embeddings, heads, out, concat, ensemble, **settings):
+@_RUN_FOLDER
+@options.config_options(CompareConfig)
+def compare_command(embeddings, heads, out, **settings):
     """Leaderboard of every embedding file × head: val and test accuracy, balanced accuracy,
     F1, ROC-AUC with bootstrap 95 % intervals, fit and predict times."""
-    _run_compare(embeddings, heads, out, concat, ensemble, **settings)
+    _run_compare(embeddings, heads, out, **settings)
 
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@options.backbone()
-@options.weights
-@options.option("unfreeze", default="all", show_default=True,
-                help="Backbone stages trained after the head-only epochs, from the top; 0 trains the head only.")
-@options.option("epochs", default=4, show_default=True, help="Epochs with the stages unfrozen.")
-@options.option("head_epochs", default=1, show_default=True,
-                help="Epochs training the new head alone first (fastai's freeze_epochs).")
-@options.option("lr", default=3e-4, show_default=True, help="Peak one-cycle LR of the head and the top stage.")
-@options.option("lr_min", help="Peak LR of the earliest stage (default lr/100); stages in between are spaced "
-                               "geometrically.")
+@options.config_options(FinetuneConfig)
 @click.option("--lr-find", is_flag=True, help="Only run the LR finder: plot, suggested LRs, weights untouched.")
-@options.option("weight_decay", default=0.01, show_default=True, help="AdamW weight decay (not on norms, biases).")
-@options.option("bn", default="frozen", show_default=True,
-                help="BatchNorm: keep pretrained statistics and affine (frozen) or train them.")
-@options.option("dropout", default=0.0, show_default=True,
-                help="Dropout before the new head while training (fastai's ps; Noisy Student used 0.5).")
-@options.option("drop_path", metavar="RATE",
-                help="Stochastic depth while training: residual blocks skipped at a rate rising with depth to "
-                     "about RATE (EfficientNets, ConvNeXt, most timm: models; Noisy Student used 0.2). Default: the "
-                     "architecture's own (none; torchvision's EfficientNets 0.2).")
-@options.aug("Training augmentation; xray never flips left-right.")
-@options.batch_size
-@options.image_size
-@options.fit
-@options.option("patience", default=2, show_default=True,
-                help="Early stop after this many epochs without a better validation loss.")
-@options.option("ema", metavar="DECAY",
-                help="Keep an exponential moving average of the weights (e.g. 0.997: about the last 330 steps); "
-                     "validation, early stopping and best.pt use it. Default: the weights as trained.")
-@click.option("--class-weights/--no-class-weights", default=True, show_default=True,
-              help="Weight the loss by inverse class frequency.")
-@click.option("--init-head-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A featx train/compare run whose logreg head (same backbone) starts the new head.")
-@click.option("--pseudo-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Self-training: also train on DATA_DIR's images outside train and val (test, or unlabelled), "
-                   "each labelled by a featx run's prediction: a CSV with path and predicted columns, such as "
-                   "compare's RUN/predictions/<file>__<head>_test.csv (its truth column is never read). Test "
-                   "figures of the result are then transductive.")
-@click.option("--split", metavar="TRAIN,VAL,TEST",
-              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15), as featx "
-                   "extract's --split: give both commands the same split.")
-@options.option("split_seed", default=0, show_default=True,
-                help="Seed of that split (featx extract's --seed); --seed never moves it.")
-@click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with path,split columns giving each image's split, as featx extract's --split-from.")
-@options.val_fraction
-@options.seed("Seed for the head's initialisation, the batch order and augmentation, and the carved "
-              "validation split unless --val-seed is given.")
-@options.option("val_seed", help="Seed for the carved validation split alone, when runs with several --seed values "
-                                 "must hold out the same images: then `compare --seed VAL_SEED --ensemble` averages "
-                                 "them on validation none of them trained on.  [default: --seed]")
-@options.device
-@options.precision
-@options.option("workers", help="DataLoader worker processes for decoding and augmentation (default: 8 on a GPU, "
-                                "none on a CPU).")
 @options.run_folder("Run folder for best.pt, last.pt and the curves (default runs/finetune-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out exactly where it stopped.")
 @click.pass_context
-def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr, lr_min, lr_find, weight_decay,
-             bn, dropout, drop_path, aug, batch_size, image_size, fit, patience, ema, class_weights, init_head_from,
-             pseudo_labels, split, split_seed, split_from, val_fraction, seed, val_seed, device, precision, workers,
-             out, resume):
+def finetune(ctx, data_dir, lr_find, out, resume, **fields):
     """Fine-tune a backbone on DATA_DIR's train split (strategies 1 and 2), early-stopping on a
     validation split (the data's own, or carved from train; never test).
 
@@ -485,18 +355,10 @@ def finetune(ctx, data_dir, backbone, weights, unfreeze, epochs, head_epochs, lr
       featx extract DATA_DIR --checkpoint OUT/best.pt
       featx compare cache/<dataset>/*.h5
     """
-    from featx.finetuning.training import FinetuneConfig, Trainer, finetune as run_finetune, lr_find as run_lr_find
+    from featx.finetuning.training import Trainer, finetune as run_finetune, lr_find as run_lr_find
 
-    config = FinetuneConfig(
-        backbone=backbone, weights=weights, unfreeze=unfreeze, epochs=epochs, head_epochs=head_epochs, lr=lr,
-        lr_min=lr_min, weight_decay=weight_decay, bn=bn, dropout=dropout, drop_path=drop_path, batch_size=batch_size,
-        image_size=image_size, fit=fit, aug=aug, class_weights=class_weights, patience=patience, ema=ema,
-        val_fraction=val_fraction, seed=seed, val_seed=val_seed, device=device, precision=precision, workers=workers,
-        init_head_from=str(init_head_from) if init_head_from else None,
-        pseudo_labels=str(pseudo_labels) if pseudo_labels else None, split=split, split_seed=split_seed,
-        split_from=str(split_from) if split_from else None,
-    )
-    out = out or Path("runs") / f"finetune-{backbone.replace(':', '_')}"
+    config = FinetuneConfig(**fields)
+    out = out or Path("runs") / f"finetune-{config.backbone.replace(':', '_')}"
     progress = ctx.obj["progress"]
     if lr_find:
         found = run_lr_find(Trainer(data_dir, config, out))
@@ -630,7 +492,6 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     HTML report; prints the leaderboard and where the report is. About a minute on 2 CPU cores."""
     from featx.comparison.evaluate import compare
     from featx.embed.extraction import extract as run_extract
-    from featx.embed.planning import ExtractConfig
     from featx.use.report import write_report
     from featx.comparison.runs import prepare_out, save_run
     from featx.data.sample import sample_path

@@ -7,12 +7,13 @@ accept exactly the same values.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
 from featx.embed.backbones import DEFAULT_BACKBONE
-from featx.vocab import PARAMETERS, Interval, Maybe, OneOf, Pattern
+from featx.vocab import PARAMETERS, SHARED_CLI, SHARED_HELP, Boolean, Interval, Maybe, OneOf, Pattern
 
 
 class _Matching(click.ParamType):
@@ -34,6 +35,8 @@ def param_type(name: str) -> click.ParamType:
     constraint = PARAMETERS[name]
     if isinstance(constraint, Maybe):
         constraint = constraint.constraint
+    if isinstance(constraint, Boolean):
+        return click.BOOL
     if isinstance(constraint, OneOf):
         return click.Choice([str(v) for v in constraint.values])
     if isinstance(constraint, Interval):
@@ -56,9 +59,12 @@ def backbone(multiple: bool = False):
                         help="Registered backbone (see `featx list`) or timm:<model>.")
 
 
-weights = click.option("--weights", metavar="PATH|none",
-                       help="Weights file, or 'none' for random init (tests). Default: the backbone's pretrained "
-                            "weights from its offline package, the torch hub cache, or a download.")
+def shared(name: str, **kwargs):
+    """The option of a parameter that several commands take, with its one help text (``vocab.SHARED_HELP``)."""
+    return option(name, help=SHARED_HELP[name], **{**SHARED_CLI.get(name, {}), **kwargs})
+
+
+weights = click.option("--weights", metavar=SHARED_CLI["weights"]["metavar"], help=SHARED_HELP["weights"])
 
 
 def seed(purpose: str):
@@ -79,29 +85,39 @@ def run_folder(help: str, default: str | None = None):
                         help=help)
 
 
-cluster = option("cluster", metavar="ADDRESS", envvar="FEATX_CLUSTER", show_envvar=True,
-                 help="Run on Dask distributed: local, local:N (N worker processes here) or a scheduler such as "
-                      "tcp://host:8786. Needs pip install 'featx[cluster]'.")
+cluster = shared("cluster", show_envvar=True)
+image_size = shared("image_size")
+batch_size = shared("batch_size", default=32, show_default=True)
+
+def config_options(config, skip: tuple[str, ...] = ()):
+    """An option for every field of the config dataclass ``config`` that declares one (``vocab.setting``), in field
+    order: ``--name-with-dashes``, typed from ``PARAMETERS`` (a flag for a bool), with the field's default and help.
+    A new option of a command is then one field of its config."""
+    def decorate(command):
+        for found in reversed(dataclasses.fields(config)):
+            if found.name not in skip and found.metadata.get("cli"):
+                command = _field_option(found)(command)
+        return command
+
+    return decorate
 
 
-def aug(purpose: str):
-    return option("aug", default="natural", show_default=True, help=purpose)
+PATHS = {"file": {"exists": True, "dir_okay": False}, "folder": {"exists": True, "file_okay": False}, "any": {}}
 
 
-image_size = option("image_size", help="Input size in pixels instead of the backbone's own (the resize keeps the "
-                                       "same crop ratio).")
-fit = option("fit", default="crop", show_default=True,
-             help="crop: shorter side resized, centre crop (ImageNet); full: the whole image squeezed to the input "
-                  "size (Keras' target_size), for images whose edges matter such as X-rays.")
-batch_size = option("batch_size", default=32, show_default=True, help="Images per batch.")
-precision = option("precision", default="auto", show_default=True,
-                   help="Autocast precision. auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 where it "
-                        "is native (AMX, AVX-512 BF16) and the backbone is dense, else fp32.")
-decode = option("decode", default="auto", show_default=True,
-                help="How images are decoded: tensor (JPEGs in batches on the device: nvJPEG on a GPU), pillow "
-                     "(one by one on CPU threads or DataLoader workers), or auto (pillow: the faster of the two "
-                     "where measured).")
-device = option("device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                help="Where the backbone runs; auto is the GPU when there is one.")
-val_fraction = option("val_fraction", default=0.15, show_default=True,
-                      help="Share of train carved out (stratified, seeded) as validation when there is no val split.")
+def _field_option(found: dataclasses.Field):
+    meta = found.metadata
+    flag = meta["flag"] or "--" + found.name.replace("_", "-")
+    described = {"help": meta["help"], "metavar": meta["metavar"], "envvar": meta["envvar"],
+                 "show_envvar": bool(meta["envvar"])}
+    if isinstance(found.default, bool):
+        return click.option(flag, found.name, is_flag=True, default=found.default, show_default="/" in flag,
+                            **described)
+    if meta["path"]:
+        kind = click.Path(**PATHS[meta["path"]])
+    elif found.name in PARAMETERS:
+        kind = param_type(found.name)
+    else:
+        kind = click.STRING if found.default is None else type(found.default)
+    return click.option(flag, found.name, type=kind, default=found.default,
+                        show_default=found.default is not None, **described)

@@ -6,120 +6,31 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
-from featx.shift.adapt import (fit_alignment, prior_shift as estimate_prior_shift, smooth_over_neighbours, target_threshold,
-                          unexplained_shift)
-from featx.shift.audit import DUPLICATE_COSINE, SHIFT_AUC, SHIFT_P, has_near_duplicate, shift_between, two_sample_test
 from featx.cluster import cluster_address, connect, describe
+from featx.comparison.config import CompareConfig
+from featx.comparison.leaderboard import REPORTED_METRICS, HeadResult, Leaderboard
 from featx.data.datasets import carve_validation
 from featx.errors import ConfigError, DataError
-from featx.heads.registry import AveragedHeads, FittedHead, average_in_logit_space, fit_head, resolve_heads
 from featx.heads.metrics import choose_threshold, classification_metrics
+from featx.heads.registry import AveragedHeads, FittedHead, average_in_logit_space, fit_head, resolve_heads
+from featx.shift.audit import SHIFT_AUC, SHIFT_P, shift_between
+from featx.shift.remedies import get_remedy, in_extraction, requested, saved_steps
+from featx.shift.remedy import Context, Fitted, Scores, Split, Splits
 from featx.store.embeddings import Embeddings, concat_embeddings, load_embeddings
-from featx.vocab import check
 
 log = logging.getLogger(__name__)
 SHIFT_CHECK_ROWS = 100  # train and test rows each before compare checks for shift (see check_shift)
-REPORTED_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "accuracy_ci", "roc_auc_ci")
-
-
-@dataclass
-class HeadResult:
-    """One head fitted on one embedding file, with its scores and the per-row probabilities behind them."""
-
-    row: dict  # the leaderboard row (the same object as in ``Leaderboard.rows``)
-    classes: list[str]
-    fitted: FittedHead
-    embeddings: Embeddings
-    val: dict
-    val_truth: np.ndarray
-    val_proba: np.ndarray
-    test: dict | None = None
-    test_truth: np.ndarray | None = None
-    test_proba: np.ndarray | None = None
-    test_paths: np.ndarray | None = None
-
-
-@dataclass
-class Leaderboard:
-    """One row per embedding file × head; printable, sortable, and formatted as CSV, markdown and JSON.
-
-    ``results`` keep the fitted heads and probabilities, ``splits`` the arrays each file was split
-    into, and ``settings`` how the comparison ran: everything a run folder is made from.
-    """
-
-    rows: list[dict]
-    sort_by: str = "balanced_accuracy"
-    results: list[HeadResult] = field(default_factory=list, repr=False)
-    inputs: list[Embeddings] = field(default_factory=list, repr=False)
-    splits: dict = field(default_factory=dict, repr=False)
-    settings: dict = field(default_factory=dict, repr=False)
-
-    COLUMNS = ("backbone", "head", "val_balanced_accuracy", "val_roc_auc", "test_accuracy", "test_accuracy_ci",
-               "test_balanced_accuracy", "test_f1_macro", "test_roc_auc", "test_roc_auc_ci", "fit_s", "predict_s")
-
-    def sorted(self, metric: str | None = None) -> "Leaderboard":
-        """Rows ranked by a validation metric: ranking by test would be choosing on the test split."""
-        metric = metric or self.sort_by
-        check("Leaderboard.sorted", sort_by=metric)
-        sign = 1.0 if metric == "log_loss" else -1.0
-
-        def rank(row):
-            value = row.get(f"val_{metric}", float("nan"))
-            return (bool(np.isnan(value)), sign * np.nan_to_num(value))
-
-        return replace(self, rows=sorted(self.rows, key=rank), sort_by=metric)
-
-    def best(self, metric: str | None = None) -> dict:
-        """The row with the best validation score: choosing by test would tune on the test split."""
-        return self.sorted(metric).rows[0]
-
-    def result_of(self, row: dict) -> HeadResult:
-        return next(r for r in self.results if r.row is row)
-
-    def to_markdown(self) -> str:
-        columns = [c for c in self.COLUMNS if any(c in r for r in self.rows)]
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(format_cell(r.get(c), seconds=c.endswith("_s")) for c in columns) + " |"
-                  for r in self.rows]
-        return "\n".join(lines)
-
-    def to_csv(self) -> str:
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys)
-        writer.writeheader()
-        for r in self.rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-        return buffer.getvalue()
-
-    def to_json(self) -> str:
-        return json.dumps(self.rows, indent=2, default=float)
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-
-def format_cell(value, seconds: bool = False) -> str:
-    """A leaderboard value as printed: 4 decimals, 2 for seconds, intervals as [low, high]."""
-    if isinstance(value, float):
-        return "nan" if np.isnan(value) else f"{value:.2f}" if seconds else f"{value:.4f}"
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
-        return f"[{value[0]:.3f}, {value[1]:.3f}]"
-    return "" if value is None else str(value)
 
 
 def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.ndarray]) -> None:
@@ -178,23 +89,23 @@ def labelled_rows(emb: Embeddings, split: str) -> np.ndarray:
     return found[emb.labels_at(found) >= 0]
 
 
-def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True):
-    """train / val / test arrays of ``split_rows``; test is (None, None) when the file has none.
+def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: bool = True) -> Splits:
+    """The ``Splits`` of ``split_rows``: features, labels and paths of train, val and test (None without one).
 
     Augmented copies in the file (``extract --augment``) join train, but only those of images
     that stayed in train: a validation image's copies would leak it into training.
     """
     train, val, test, val_source = split_rows(emb, val_fraction, seed)
 
-    def arrays(rows):
-        return emb.features_at(rows), emb.labels_at(rows)
+    def split(rows) -> Split:
+        return Split(emb.features_at(rows), emb.labels_at(rows), emb.paths[rows])
 
-    (X_train, y_train), train_paths = arrays(train), emb.paths[train]
-    X_copies, y_copies = emb.augmented_copies(train_paths if with_copies else [])
+    images = split(train)
+    X_copies, y_copies = emb.augmented_copies(images.paths if with_copies else [])
     if len(y_copies):
-        X_train, y_train = np.concatenate([X_train, X_copies]), np.concatenate([y_train, y_copies])
-        log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train_paths), len(y_copies))
-    return (X_train, y_train), arrays(val), arrays(test) if test is not None else (None, None), val_source
+        images = Split(np.concatenate([images.features, X_copies]), np.concatenate([images.labels, y_copies]))
+        log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train), len(y_copies))
+    return Splits(images, split(val), split(test) if test is not None else None, val_source)
 
 
 def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
@@ -225,38 +136,6 @@ def subsample_train(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(kept)
 
 
-def _fit_and_score(name: str, X_train, y_train, X_val, y_val, X_test, *, cv, seed, params):
-    """One head on one file: tune and fit, then its validation and test probabilities (a task on a cluster)."""
-    fitted = fit_head(name, X_train, y_train, X_val, y_val, cv=cv, seed=seed, params=params)
-    p_val = fitted.pipeline.predict_proba(X_val)
-    p_test, predict_s = None, None
-    if X_test is not None:
-        began = time.perf_counter()
-        p_test = fitted.pipeline.predict_proba(X_test)
-        predict_s = round(time.perf_counter() - began, 3)
-    return fitted, p_val, p_test, predict_s
-
-
-def _decided(outcome: tuple, split: tuple, *, threshold, smooth=0) -> tuple:
-    """What is chosen on a fitted head's scores, as ``_head_result`` takes them.
-
-    ``smooth`` spreads each split's probabilities over its own images' neighbours before anything is chosen
-    on them; ``threshold="mixture"`` chooses validation's threshold for balanced accuracy and the test images'
-    own (``adapt.target_threshold``), returned last.
-    """
-    fitted, p_val, p_test, predict_s = outcome
-    (_, _), (X_val, y_val), (X_test, _), _ = split
-    if smooth:
-        p_val = smooth_over_neighbours(X_val, p_val, smooth)
-        p_test = smooth_over_neighbours(X_test, p_test, smooth) if p_test is not None else None
-    binary = threshold and p_val.shape[1] == 2
-    chosen = choose_threshold(y_val, p_val[:, 1], threshold) if binary else None
-    test_cut = None
-    if binary and threshold == "mixture" and p_test is not None:
-        test_cut = target_threshold(p_val, y_val, chosen, p_test)
-    return fitted, p_val, chosen, p_test, predict_s, test_cut
-
-
 def averaged_input(parts: list[Embeddings]) -> Embeddings:
     """The files' features side by side under a name of their own: the rows of ``--ensemble`` (each head
     averaged over the files) are saved under it, and spread over neighbours and calibrated for open-set
@@ -269,137 +148,6 @@ def averaged_input(parts: list[Embeddings]) -> Embeddings:
                             "needs the same images readable in every file")
     return replace(joined, path=joined.path.with_suffix(".averaged.h5"),
                    meta={**joined.meta, "label": f"{joined.label} averaged"})
-
-
-def _averaged(name: str, averaged: Embeddings, members: list[Embeddings], outcomes: list[tuple],
-              splits: dict) -> tuple:
-    """One head fitted on each member file, as one head: their probabilities averaged in logit space
-    (``heads.AveragedHeads``); every file scored the same images (``averaged_input`` checked)."""
-    y_test = splits[averaged.path.name][2][1]
-    ends = np.cumsum([m.dim for m in members]).tolist()
-    fitted = [outcome[0] for outcome in outcomes]
-    head = FittedHead(
-        name=name, pipeline=AveragedHeads([f.pipeline for f in fitted], list(zip([0] + ends[:-1], ends))),
-        best_params={m.label: f.best_params for m, f in zip(members, fitted)},
-        tuning_score=float(np.mean([f.tuning_score for f in fitted])), tuned_on=fitted[0].tuned_on,
-        note=f"the {name} head of each of {len(members)} files, averaged in logit space",
-        fit_seconds=sum(f.fit_seconds for f in fitted))
-    p_val = average_in_logit_space([outcome[1] for outcome in outcomes])
-    p_test = average_in_logit_space([outcome[2] for outcome in outcomes]) if y_test is not None else None
-    predict_s = sum(outcome[3] for outcome in outcomes) if y_test is not None else None
-    return head, p_val, p_test, predict_s
-
-
-def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
-            cv: int | None = None, seed: int = 0, threshold: str | None = None, val_fraction: float = 0.15,
-            sort_by: str = "balanced_accuracy", concat: bool = False, head_params: dict | None = None,
-            max_train_rows: int | None = None, cluster: str | None = None, out_of_core: bool = False,
-            exclude_leaked: bool = False, duplicate_cosine: float | None = None, align: str = "none",
-            prior_shift: str = "off", smooth_test: int = 0, ensemble: bool = False) -> Leaderboard:
-    """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
-
-    Choices (hyper-parameters, decision threshold) use train and val only; the test split is
-    scored once per head, at the end. ``concat`` adds the files' features side by side as one
-    more input (several backbones of the same images); ``ensemble`` adds, for each head, that head fitted on
-    each file and averaged in logit space (``heads.AveragedHeads``). ``head_params`` maps a head name to
-    pipeline parameters fixed instead of tuned (``{"logreg": {"clf__class_weight": None}}``).
-    ``max_train_rows`` trains on a stratified, seeded sample of the training rows. ``cluster`` (a
-    Dask address) fits the file × head grid as parallel tasks; the leaderboard is the same.
-    ``out_of_core`` trains the lightgbm head on the cluster over the file itself, for training rows
-    that do not fit in this machine's memory (``featx.heads.outofcore``).
-
-    Without reading test labels: ``exclude_leaked`` scores test without its images that have a near-duplicate
-    (cosine ≥ ``duplicate_cosine``) among the labelled ones, and reports the figures with them too; ``align``
-    maps train and val features towards the test images (``featx.shift.adapt``); ``prior_shift`` estimates the test
-    images' class balance (``estimate``) and re-weights the probabilities to it where validation shows it helps
-    (``auto``); ``smooth_test`` spreads each scored split's probabilities over its ``smooth_test`` nearest images
-    of the same split (validation's too, so that its choices are made on scores like the test ones); a
-    ``threshold`` of ``mixture`` cuts the test images' scores where they part into two groups, where validation
-    shows the rule holds (``featx.shift.adapt.target_threshold``).
-    """
-    check("compare", cv=cv, seed=seed, threshold=threshold, val_fraction=val_fraction, sort_by=sort_by,
-          max_train_rows=max_train_rows, align=align, prior_shift=prior_shift, duplicate_cosine=duplicate_cosine,
-          smooth_test=smooth_test)
-    names = resolve_heads(heads)
-    files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e, lazy=out_of_core)
-                             for e in embeddings])
-    settings = {"heads": names, "cv": cv, "seed": seed, "threshold": threshold, "val_fraction": val_fraction,
-                "sort_by": sort_by}
-    adapting = exclude_leaked or align != "none" or prior_shift != "off" or smooth_test or threshold == "mixture"
-    if out_of_core and (adapting or ensemble):
-        raise ConfigError("--exclude-leaked, --align, --prior-shift, --smooth-test, --threshold mixture and "
-                          "--ensemble work in memory; leave out --out-of-core")
-    for used, value in (("smooth_test", smooth_test), ("ensemble", ensemble)):
-        if value:  # recorded only when used, so earlier run folders' configs read the same
-            settings[used] = value
-    for emb in files:
-        guessed = guessed_test_images(emb)
-        if guessed:
-            settings.setdefault("transductive", {})[emb.path.name] = {"test_images_trained_on": guessed}
-        leaked = validation_trained_on(emb, val_fraction, seed)
-        if leaked:
-            settings.setdefault("validation_trained_on", {})[emb.path.name] = leaked
-    if ensemble or concat:
-        warn_mixed_validation(files)
-    if out_of_core:
-        return _compare_out_of_core(files, names, settings, cluster)
-    if not files:
-        raise ConfigError("compare needs at least one embedding file")
-    members, averaged = list(files), None
-    if concat:
-        if len(files) < 2:
-            raise ConfigError("--concat needs at least two embedding files")
-        files.append(concat_embeddings(files))
-    if ensemble:
-        if len(members) < 2:
-            raise ConfigError("--ensemble needs at least two embedding files")
-        averaged = averaged_input(members)
-        files.append(averaged)
-    splits, jobs, test_extra = {}, [], {}
-    for emb in files:
-        if cv and emb.n_copies:
-            log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in "
-                        "different folds)", emb.path.name)
-        (X_train, y_train), val, test, val_source = split_arrays(emb, val_fraction, seed, with_copies=not cv)
-        if max_train_rows and max_train_rows < len(y_train):
-            kept = subsample_train(y_train, max_train_rows, seed)
-            log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept),
-                     len(y_train), seed)
-            X_train, y_train = X_train[kept], y_train[kept]
-        shift = check_shift(emb, seed) if emb is not averaged else None  # its members' are checked
-        if shift:  # recorded only when there was a test split to check
-            settings.setdefault("shift", {})[emb.path.name] = shift
-        if adapting:
-            (X_train, y_train), val, test_extra[emb.path.name] = _adapt(
-                emb, (X_train, y_train), val, test, align=align if emb is not averaged else "none",  # members aligned
-                exclude_leaked=exclude_leaked and emb is not averaged,
-                duplicate_cosine=duplicate_cosine or DUPLICATE_COSINE, prior_shift=prior_shift, seed=seed,
-                settings=settings)
-            if exclude_leaked and emb is averaged:  # a test image leaked in any member's features: not scored
-                leaked = np.logical_or.reduce([test_extra[m.path.name]["leaked"] for m in members])
-                test_extra[emb.path.name]["leaked"] = leaked
-                settings["exclude_leaked"][emb.path.name] = {"of_members": True, "test_rows": int(leaked.sum())}
-        splits[emb.path.name] = ((X_train, y_train), val, test, val_source)
-        if threshold and len(emb.classes) != 2:
-            log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
-                        len(emb.classes))
-        for name in names if emb is not averaged else ():
-            log.info("%s × %s: tuning on %d rows", emb.label, name, len(X_train))
-            jobs.append((emb, name))
-    outcomes = _run_jobs([(name, *splits[emb.path.name][0], *splits[emb.path.name][1], splits[emb.path.name][2][0])
-                          for emb, name in jobs], cv=cv, seed=seed, head_params=head_params or {}, cluster=cluster)
-    scored = list(zip(jobs, outcomes))
-    if averaged:
-        of = {(emb.path.name, name): outcome for (emb, name), outcome in scored}
-        scored += [((averaged, name), _averaged(name, averaged, members, [of[m.path.name, name] for m in members],
-                                                splits)) for name in names]
-    results = [_head_result(emb, name, splits[emb.path.name],
-                            _decided(outcome, splits[emb.path.name], threshold=threshold, smooth=smooth_test), seed,
-                            test_extra.get(emb.path.name))
-               for (emb, name), outcome in scored]
-    if max_train_rows:  # recorded only when used, so earlier run folders' configs read the same
-        settings["max_train_rows"] = max_train_rows
-    return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
 
 
 def guessed_test_images(emb: Embeddings) -> int:
@@ -462,145 +210,321 @@ def check_shift(emb: Embeddings, seed: int) -> dict | None:
     return report.summary()
 
 
-def _adapt(emb: Embeddings, train: tuple, val: tuple, test: tuple, *, align: str, exclude_leaked: bool,
-           duplicate_cosine: float, prior_shift: str, seed: int, settings: dict):
-    """The remedies for shift and leakage that need no test label: train and val mapped towards the test images,
-    and what scoring test needs to know (its leaked rows, the prior-shift mode), recorded in ``settings``."""
-    (X_train, y_train), (X_val, y_val), (X_test, _) = train, val, test
-    if X_test is None:
-        raise ConfigError(f"{emb.path}: --exclude-leaked, --align, --prior-shift, --smooth-test and --threshold "
-                          "mixture need a test split (the images whose figures they correct)")
-    extra = {"prior_shift": prior_shift, "leaked": None, "train": (X_train, y_train), "test": X_test}
-    if exclude_leaked:
-        extra["leaked"] = has_near_duplicate(X_test, np.concatenate([X_train, X_val]), duplicate_cosine)
-        count = int(extra["leaked"].sum())
-        settings.setdefault("exclude_leaked", {})[emb.path.name] = {"cosine": duplicate_cosine, "test_rows": count}
-        log.info("%s: %d of %d test images have a near-duplicate among the labelled ones (cosine ≥ %s); scored "
-                 "without them, and with them for comparison", emb.path.name, count, len(X_test), duplicate_cosine)
-        if count > len(X_test) / 2:
-            log.warning("%s: %d of %d test images count as leaked at cosine ≥ %s: too low a threshold for images "
-                        "this alike; `featx audit %s` suggests one", emb.path.name, count, len(X_test),
-                        duplicate_cosine, emb.path)
-    if align != "none":
-        alignment = fit_alignment(X_train, X_test, align)
-        X_train, X_val = alignment.apply(X_train), alignment.apply(X_val)
-        after = two_sample_test(X_train, X_test, seed, permute_above=1.0)  # the AUC alone: how alike now
-        settings.setdefault("align", {})[emb.path.name] = {"method": align, "shift_auc_after": round(after.auc, 4)}
-    return (X_train, y_train), (X_val, y_val), extra
+@dataclass(frozen=True)
+class HeadOutcome:
+    """One head fitted on one input: the fitted head, its validation and test probabilities, its predict time."""
+
+    fitted: FittedHead
+    val_proba: np.ndarray
+    test_proba: np.ndarray | None
+    predict_s: float | None
 
 
-def _head_result(emb: Embeddings, name: str, split: tuple, outcome: tuple, seed: int,
-                 adapt: dict | None = None) -> HeadResult:
-    """The leaderboard row and the scores of one head fitted on one file (with ``_adapt``'s corrections)."""
-    fitted, p_val, chosen, p_test, predict_s, test_cut = outcome
-    (_, _), (_, y_val), (_, y_test), val_source = split
+@dataclass(frozen=True)
+class PreparedInput:
+    """One input as its heads see it: its splits after the features-stage remedies; ``steps`` what predict replays
+    of those (with the columns each applies to, for a member of ``--ensemble``), ``fitted`` one per remedy that
+    made or changed its features (run.json's record, and the test rows left unscored)."""
+
+    embeddings: Embeddings
+    splits: Splits
+    steps: list[tuple[Fitted, tuple[int, int] | None]]
+    fitted: list[Fitted]
+
+    @property
+    def unscored(self) -> np.ndarray | None:
+        masks = [f.unscored for f in self.fitted if f.unscored is not None]
+        return np.logical_or.reduce(masks) if masks else None
+
+
+def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = ("logreg", "svm", "lightgbm"), *,
+            config: CompareConfig | None = None, **options) -> Leaderboard:
+    """Tune and fit every head on every embedding file; score val and test; return the ranked leaderboard.
+
+    Choices (hyper-parameters, decision threshold) use train and val only; the test split is scored once per
+    head, at the end. ``options`` are ``CompareConfig``'s fields (or pass ``config``), and the parameters of
+    remedies registered from outside featx: each remedy asked for (``featx.shift.remedies``) is fitted on each
+    input's features, then on each head's scores, without reading a test label, and recorded in the rows and
+    ``settings`` as run.json keeps them.
+    """
+    config = config or CompareConfig.from_options(**options)
+    names = resolve_heads(heads)
+    files = distinct_inputs([e if isinstance(e, Embeddings) else load_embeddings(e, lazy=config.out_of_core)
+                             for e in embeddings])
+    if not files:
+        raise ConfigError("compare needs at least one embedding file")
+    for joined, flag in ((config.concat, "--concat"), (config.ensemble, "--ensemble")):
+        if joined and len(files) < 2:
+            raise ConfigError(f"{flag} needs at least two embedding files")
+    asked = requested(config.options(), "features") + requested(config.options(), "scores")
+    if config.out_of_core and (asked or config.ensemble):
+        raise ConfigError(f"{_flags(asked) + ', --ensemble' * config.ensemble} work in memory; leave out --out-of-core"
+                          .lstrip(", "))
+    settings = {"heads": names, "cv": config.cv, "seed": config.seed, "threshold": config.threshold,
+                "val_fraction": config.val_fraction, "sort_by": config.sort_by, **config.changed()}
+    _record_backbones(files, config, settings)
+    if config.out_of_core:
+        return _compare_out_of_core(files, names, config, settings)
+    prepared = [_prepare(emb, config, settings) for emb in files]
+    if config.concat:
+        prepared.append(_prepare(concat_embeddings(files), config, settings))
+    jobs = [(each, name) for each in prepared for name in names]
+    for each, name in jobs:
+        log.info("%s × %s: tuning on %d rows", each.embeddings.label, name, len(each.splits.train))
+    scored = list(zip(jobs, _run_jobs([(name, each.splits) for each, name in jobs], config)))
+    if config.ensemble:
+        members = prepared[:len(files)]
+        averaged = _averaged_input(members, config, settings)
+        of = {(each.embeddings.path.name, name): outcome for (each, name), outcome in scored}
+        scored += [((averaged, name), _averaged(name, [of[m.embeddings.path.name, name] for m in members], members))
+                   for name in names]
+        prepared.append(averaged)
+    results = [_score(each, name, outcome, config) for (each, name), outcome in scored]
+    return Leaderboard([r.row for r in results], config.sort_by, results, [p.embeddings for p in prepared],
+                       {p.embeddings.path.name: p.splits for p in prepared}, settings).sorted(config.sort_by)
+
+
+def _flags(asked: list) -> str:
+    """Remedies as they are asked for on the command line: ``--align coral, --exclude-leaked``."""
+    return ", ".join(f"--{remedy.parameter.replace('_', '-')}" + ("" if value is True else f" {value}")
+                     for remedy, value in asked)
+
+
+def _record_backbones(files: list[Embeddings], config: CompareConfig, settings: dict) -> None:
+    """What fine-tuned backbones make optimistic (test images trained on, validation images trained on), in
+    ``settings`` and as warnings."""
+    for emb in files:
+        guessed = guessed_test_images(emb)
+        if guessed:
+            settings.setdefault("transductive", {})[emb.path.name] = {"test_images_trained_on": guessed}
+        trained_on = validation_trained_on(emb, config.val_fraction, config.seed)
+        if trained_on:
+            settings.setdefault("validation_trained_on", {})[emb.path.name] = trained_on
+    if config.ensemble or config.concat:
+        warn_mixed_validation(files)
+
+
+def _splits(emb: Embeddings, config: CompareConfig) -> Splits:
+    """``split_arrays`` with compare's options: no augmented copies with ``cv``, a sample of ``max_train_rows``."""
+    if config.cv and emb.n_copies:
+        log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in different "
+                    "folds)", emb.path.name)
+    splits = split_arrays(emb, config.val_fraction, config.seed, with_copies=not config.cv)
+    train = splits.train
+    if config.max_train_rows and config.max_train_rows < len(train):
+        kept = subsample_train(train.labels, config.max_train_rows, config.seed)
+        log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept), len(train),
+                 config.seed)
+        splits = replace(splits, train=Split(train.features[kept], train.labels[kept]))
+    if config.threshold and len(emb.classes) != 2:
+        log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
+                    len(emb.classes))
+    return splits
+
+
+def _recipes(emb: Embeddings) -> list[dict]:
+    """The extraction configs an input's features were made with (one per backbone of a joined input)."""
+    return [meta.get("config") or {} for meta in emb.meta.get("part_meta") or [emb.meta]]
+
+
+def _prepare(emb: Embeddings, config: CompareConfig, settings: dict) -> PreparedInput:
+    """One input's splits, its shift checked (train against test), and the features-stage remedies fitted on it
+    in turn, each on what the ones before it left."""
+    splits, options = _splits(emb, config), config.options()
+    shift = check_shift(emb, config.seed)
+    if shift:  # recorded only when there was a test split to check
+        settings.setdefault("shift", {})[emb.path.name] = shift
+    asked = requested(options, "features")
+    needing = [(r, v) for r, v in asked + requested(options, "scores") if r.needs_test]
+    if needing and splits.test is None:
+        raise ConfigError(f"{emb.path}: {_flags(needing)} need a test split (the images whose figures they correct)")
+    fitted, steps = in_extraction(_recipes(emb)), []
+    for remedy, value in asked:
+        found = remedy.fit(value, Context(emb.path.name, emb.classes, options, config.seed, splits))
+        splits = Splits(splits.train.with_features(remedy.source(found, splits.train.features)),
+                        splits.val.with_features(remedy.source(found, splits.val.features)),
+                        splits.test.with_features(remedy.target(found.replay, splits.test.features)), splits.val_source)
+        fitted.append(found)
+        steps.append((found, None))
+    return _recorded(PreparedInput(emb, splits, steps, fitted), settings)
+
+
+def _recorded(prepared: PreparedInput, settings: dict) -> PreparedInput:
+    if prepared.fitted:
+        settings.setdefault("remedies", {})[prepared.embeddings.path.name] = {f.name: f.recorded()
+                                                                              for f in prepared.fitted}
+    return prepared
+
+
+def _averaged_input(members: list[PreparedInput], config: CompareConfig, settings: dict) -> PreparedInput:
+    """The input of ``--ensemble``'s rows: the members' features side by side, each block changed by its own
+    member's features-stage remedies (as its heads saw it); a test row left unscored in any member is left out."""
+    emb = averaged_input([m.embeddings for m in members])
+    splits = _splits(emb, config)
+    train, val, test = (split.features.copy() if split else None for split in (splits.train, splits.val, splits.test))
+    ends = np.cumsum([m.embeddings.dim for m in members]).tolist()
+    steps = []
+    for member, begin, end in zip(members, [0] + ends[:-1], ends):
+        for found, _ in member.steps:
+            remedy = get_remedy(found.name)
+            train[:, begin:end], val[:, begin:end] = (remedy.source(found, X[:, begin:end]) for X in (train, val))
+            test[:, begin:end] = remedy.target(found.replay, test[:, begin:end])
+            steps.append((found, (begin, end)))
+    splits = Splits(splits.train.with_features(train), splits.val.with_features(val),
+                    splits.test.with_features(test) if splits.test else None, splits.val_source)
+    fitted = in_extraction(_recipes(emb))
+    for name in dict.fromkeys(f.name for m in members for f, _ in m.steps):
+        masks = [f.unscored for m in members for f, _ in m.steps if f.name == name and f.unscored is not None]
+        unscored = np.logical_or.reduce(masks) if masks else None
+        record = {"of_members": True, **({"test_rows": int(unscored.sum())} if unscored is not None else {})}
+        fitted.append(Fitted(name, record=record, unscored=unscored, summary="as fitted on each file it averages"))
+    return _recorded(PreparedInput(emb, splits, steps, fitted), settings)
+
+
+def _fit_and_score(name: str, splits: Splits, *, cv, seed, params) -> HeadOutcome:
+    """One head on one input: tune and fit, then its validation and test probabilities (a task on a cluster)."""
+    fitted = fit_head(name, splits.train.features, splits.train.labels, splits.val.features, splits.val.labels, cv=cv,
+                      seed=seed, params=params)
+    p_val = fitted.pipeline.predict_proba(splits.val.features)
+    if splits.test is None:
+        return HeadOutcome(fitted, p_val, None, None)
+    began = time.perf_counter()
+    p_test = fitted.pipeline.predict_proba(splits.test.features)
+    return HeadOutcome(fitted, p_val, p_test, round(time.perf_counter() - began, 3))
+
+
+def _averaged(name: str, outcomes: list[HeadOutcome], members: list[PreparedInput]) -> HeadOutcome:
+    """One head fitted on each member file, as one head: their probabilities averaged in logit space
+    (``heads.AveragedHeads``); every file scored the same images (``averaged_input`` checked)."""
+    ends = np.cumsum([m.embeddings.dim for m in members]).tolist()
+    fitted = [outcome.fitted for outcome in outcomes]
+    head = FittedHead(
+        name=name, pipeline=AveragedHeads([f.pipeline for f in fitted], list(zip([0] + ends[:-1], ends))),
+        best_params={m.embeddings.label: f.best_params for m, f in zip(members, fitted)},
+        tuning_score=float(np.mean([f.tuning_score for f in fitted])), tuned_on=fitted[0].tuned_on,
+        note=f"the {name} head of each of {len(members)} files, averaged in logit space",
+        fit_seconds=sum(f.fit_seconds for f in fitted))
+    p_val = average_in_logit_space([outcome.val_proba for outcome in outcomes])
+    if outcomes[0].test_proba is None:
+        return HeadOutcome(head, p_val, None, None)
+    return HeadOutcome(head, p_val, average_in_logit_space([outcome.test_proba for outcome in outcomes]),
+                       sum(outcome.predict_s for outcome in outcomes))
+
+
+def _score(prepared: PreparedInput, name: str, outcome: HeadOutcome, config: CompareConfig) -> HeadResult:
+    """The leaderboard row and the scores of one head: the scores-stage remedies fitted on its probabilities
+    (those that spread validation's before its threshold is chosen), then val and test scored."""
+    emb, splits, options = prepared.embeddings, prepared.splits, config.options()
+    context = Context(emb.path.name, emb.classes, options, config.seed, splits)
+    scores = Scores(outcome.val_proba, splits.val.labels, splits.val.features, outcome.test_proba,
+                    splits.test.features if splits.test else None)
+    asked, fitted = requested(options, "scores"), []
+    for remedy, value in (a for a in asked if a[0].before_threshold):
+        scores = _apply(remedy, value, scores, context, fitted)
+    binary = config.threshold and scores.val.shape[1] == 2
+    chosen = choose_threshold(scores.val_labels, scores.val[:, 1], config.threshold) if binary else None
+    scores = replace(scores, threshold=chosen, test_threshold=chosen)
+    for remedy, value in (a for a in asked if not a[0].before_threshold):
+        scores = _apply(remedy, value, scores, context, fitted)
+    head = outcome.fitted
     row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
-           "params": fitted.best_params, "tuned_on": fitted.tuned_on, "val_source": val_source,
-           "note": fitted.note, "threshold": chosen, "fit_s": round(fitted.fit_seconds, 2)}
-    if test_cut:
-        row["test_threshold"] = test_cut
-    on_test = decision_threshold(row, "test")
-    result = HeadResult(row, emb.classes, fitted, emb,
-                        classification_metrics(y_val, p_val, emb.classes, threshold=chosen), y_val, p_val)
-    if p_test is not None:
-        row["predict_s"] = predict_s
-        test_paths = emb.paths[labelled_rows(emb, "test")]
-        if adapt and adapt["leaked"] is not None:
-            with_leaked = classification_metrics(y_test, p_test, emb.classes, threshold=on_test)
-            row.update(test_leaked_rows=int(adapt["leaked"].sum()), test_with_leaked_accuracy=with_leaked["accuracy"],
-                       test_with_leaked_roc_auc=with_leaked["roc_auc"])
-            kept = ~adapt["leaked"]
-            p_test, y_test, test_paths = p_test[kept], y_test[kept], test_paths[kept]
-        if adapt and adapt["prior_shift"] != "off":
-            p_test = _prior_shift(row, adapt, p_val, y_val, p_test, emb.classes, chosen, seed)
-        result.test = classification_metrics(y_test, p_test, emb.classes, threshold=on_test, with_ci=True, seed=seed)
-        result.test_truth, result.test_proba, result.test_paths = y_test, p_test, test_paths
-    for split_name, scores in (("val", result.val), ("test", result.test)):
+           "params": head.best_params, "tuned_on": head.tuned_on, "val_source": splits.val_source,
+           "note": head.note, "threshold": chosen, "fit_s": round(head.fit_seconds, 2)}
+    if fitted:
+        row["remedies"] = {f.name: f.recorded() for f in fitted}
+    unreplayable = [f.name for f in prepared.fitted + fitted if not get_remedy(f.name).replayable]
+    if unreplayable:
+        row["not_reproducible_by_predict"] = ", ".join(dict.fromkeys(unreplayable))
+    result = HeadResult(row, emb.classes, head, emb,
+                        classification_metrics(splits.val.labels, scores.val, emb.classes, threshold=chosen),
+                        splits.val.labels, scores.val, threshold=chosen, test_threshold=scores.test_threshold,
+                        remedies=saved_steps(prepared.steps, fitted))
+    if scores.test is not None:
+        row["predict_s"] = outcome.predict_s
+        truth, proba, paths = splits.test.labels, scores.test, splits.test.paths
+        unscored = prepared.unscored
+        if unscored is not None:
+            with_all = classification_metrics(truth, proba, emb.classes, threshold=scores.test_threshold)
+            for found in (f for f in prepared.fitted if f.unscored is not None):
+                get_remedy(found.name).scored_without(found, row, with_all)
+            truth, proba, paths = truth[~unscored], proba[~unscored], paths[~unscored]
+        result.test = classification_metrics(truth, proba, emb.classes, threshold=scores.test_threshold,
+                                             with_ci=True, seed=config.seed)
+        result.test_truth, result.test_proba, result.test_paths = truth, proba, paths
+    for split_name, found in (("val", result.val), ("test", result.test)):
         for metric in REPORTED_METRICS:
-            if scores is not None and metric in scores:
-                row[f"{split_name}_{metric}"] = scores[metric]
+            if found is not None and metric in found:
+                row[f"{split_name}_{metric}"] = found[metric]
     return result
 
 
-def decision_threshold(row: dict, split: str) -> float | None:
-    """The decision threshold a row applies to ``split``: validation's; on test (and in the head saved for new
-    images) the test images' own where ``--threshold mixture`` found and kept one."""
-    if split == "val":
-        return row["threshold"]
-    return (row.get("test_threshold") or {}).get("value", row["threshold"])
-
-
-def _prior_shift(row: dict, adapt: dict, p_val, y_val, p_test, classes: list[str], threshold, seed: int):
-    """The test images' estimated class balance in ``row``; with ``auto``, the test probabilities re-weighted to
-    it when a simulated prior change on validation showed that helps, and the change of balance explains how
-    the test images differ from the training ones (``adapt.unexplained_shift``). Never with a decision
-    threshold, which was chosen for the validation balance."""
-    found = estimate_prior_shift(p_val, y_val, p_test, seed)
-    summary = found.summary(classes)
-    apply = adapt["prior_shift"] == "auto" and found.applied and threshold is None
-    if apply:
-        left = unexplained_shift(*adapt["train"], adapt["test"], found.target, seed)
-        summary["shift_after_reweighting_train"] = {"auc": round(left.auc, 4), "p_value": left.p_value}
-        apply = not left.shifted
-    row["prior_shift"] = {**summary, "applied": apply}
-    return found.adjust(p_test) if apply else p_test
+def _apply(remedy, value, scores: Scores, context: Context, fitted: list[Fitted]) -> Scores:
+    """A scores-stage remedy fitted on one head's scores; the test images' changed by the replay predict uses."""
+    found = remedy.fit_scores(value, scores, context)
+    fitted.append(found)
+    test, test_threshold = scores.test, scores.test_threshold
+    if test is not None:
+        test, test_threshold = remedy.replay_scores(found.replay, scores.test_features, test, test_threshold)
+    return replace(scores, val=remedy.on_validation(found, scores), test=test, test_threshold=test_threshold)
 
 
 OPEN_SET_SAMPLE = 20_000  # training rows brought into memory for the open-set calibration of an out-of-core run
 
 
-def _compare_out_of_core(files: list[Embeddings], names: list[str], settings: dict, cluster) -> Leaderboard:
+def _compare_out_of_core(files: list[Embeddings], names: list[str], config: CompareConfig,
+                         settings: dict) -> Leaderboard:
     """The lightgbm head trained on the cluster over each file's training rows, read where the tasks run."""
     from featx.heads.outofcore import fit_lightgbm
 
-    address = cluster_address(cluster)
+    address = cluster_address(config.cluster)
     if not address:
         raise ConfigError("--out-of-core needs --cluster: the workers train LightGBM together")
-    if names != ["lightgbm"] or settings["cv"]:
+    if names != ["lightgbm"] or config.cv:
         others = ", ".join(n for n in names if n != "lightgbm") or "--cv"
         raise DataError(f"{others} keep every training row in memory and cannot train out of core; compare them "
                         "with --max-train-rows N (a stratified sample), or use --heads lightgbm alone")
-    seed, threshold = settings["seed"], settings["threshold"]
-    splits, results = {}, []
+    results, splits_of = [], {}
     with connect(address) as client:
         log.info(describe(client))
         for emb in files:
             labels = emb.labels_at()
-            train, val, test, val_source = split_rows(emb, settings["val_fraction"], seed, check_features=False)
+            train, val, test, val_source = split_rows(emb, config.val_fraction, config.seed, check_features=False)
             train = np.sort(train)  # read block by block in file order
-            X_val, y_val = emb.features_at(val), labels[val]
-            X_test = emb.features_at(test) if test is not None else None
-            fitted = fit_lightgbm(client, emb, train, X_val, y_val, seed)
-            p_val = fitted.pipeline.predict_proba(X_val)
+
+            def split(rows) -> Split:
+                return Split(emb.features_at(rows), labels[rows], emb.paths[rows])
+
+            sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, config.seed)]
+            splits = Splits(split(sample), split(val), split(test) if test is not None else None, val_source)
+            fitted = fit_lightgbm(client, emb, train, splits.val.features, splits.val.labels, config.seed)
+            p_val = fitted.pipeline.predict_proba(splits.val.features)
             began = time.perf_counter()
-            p_test = fitted.pipeline.predict_proba(X_test) if X_test is not None else None
-            sample = train[subsample_train(labels[train], OPEN_SET_SAMPLE, seed)]
-            splits[emb.path.name] = ((emb.features_at(sample), labels[sample]), (X_val, y_val),
-                                     (X_test, labels[test] if test is not None else None), val_source)
-            outcome = fitted, p_val, p_test, round(time.perf_counter() - began, 3)
-            results.append(_head_result(emb, "lightgbm", splits[emb.path.name],
-                                        _decided(outcome, splits[emb.path.name], threshold=threshold), seed))
-    settings["out_of_core"] = True
-    sort_by = settings["sort_by"]
-    return Leaderboard([r.row for r in results], sort_by, results, files, splits, settings).sorted(sort_by)
+            p_test = fitted.pipeline.predict_proba(splits.test.features) if splits.test else None
+            outcome = HeadOutcome(fitted, p_val, p_test, round(time.perf_counter() - began, 3))
+            prepared = _recorded(PreparedInput(emb, splits, [], in_extraction(_recipes(emb))), settings)
+            results.append(_score(prepared, "lightgbm", outcome, config))
+            splits_of[emb.path.name] = splits
+    return Leaderboard([r.row for r in results], config.sort_by, results, files, splits_of,
+                       settings).sorted(config.sort_by)
 
 
-def _run_jobs(jobs: list[tuple], *, cv, seed, head_params, cluster) -> list[tuple]:
-    """``_fit_and_score`` for every (head, arrays) job: here one by one, or as parallel tasks on a Dask cluster
+def _run_jobs(jobs: list[tuple[str, Splits]], config: CompareConfig) -> list[HeadOutcome]:
+    """``_fit_and_score`` for every (head, splits) job: here one by one, or as parallel tasks on a Dask cluster
     through joblib's Dask backend. Either way the outcomes come back in the jobs' order.
 
     Here, as on a cluster's workers, BLAS and OpenMP run one thread: the same sums to the last bit, so the
     same leaderboard either way (lightgbm's bins, cut from PCA features, moved with the thread count); on a
     2-core Intel Xeon the flowers5 comparison also took 17.4 s instead of 20.7 s.
     """
-    score = functools.partial(_fit_and_score, cv=cv, seed=seed)
-    address = cluster_address(cluster)
+    score = functools.partial(_fit_and_score, cv=config.cv, seed=config.seed)
+    params = config.head_params
+    address = cluster_address(config.cluster)
     if not address:
         with threadpool_limits(limits=1):
-            return [score(name, *arrays, params=head_params.get(name)) for name, *arrays in jobs]
+            return [score(name, splits, params=params.get(name)) for name, splits in jobs]
     import joblib
 
     with connect(address) as client, joblib.parallel_backend("dask"):
         log.info(describe(client))
-        return joblib.Parallel(n_jobs=-1)(joblib.delayed(score)(name, *arrays, params=head_params.get(name))
-                                          for name, *arrays in jobs)
+        return joblib.Parallel(n_jobs=-1)(joblib.delayed(score)(name, splits, params=params.get(name))
+                                          for name, splits in jobs)

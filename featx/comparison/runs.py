@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
-from featx.comparison.evaluate import Leaderboard, decision_threshold
+from featx.comparison.leaderboard import Leaderboard
 from featx.heads.registry import save_head
 from featx.store.memo import file_sha256
 from featx.heads.metrics import predict_labels
@@ -129,7 +129,7 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
     for result in board.results:
         row = result.row
         saved = save_head(head_path(out, row["file"], row["head"]), result.fitted, result.embeddings,
-                          decision_threshold(row, "test"), board.settings.get("smooth_test", 0))
+                          result.decision_threshold("test"), result.remedies, result.threshold)
         row["model"] = str(saved.relative_to(out))
     (out / "leaderboard.csv").write_text(board.to_csv())
     (out / "leaderboard.md").write_text(board.to_markdown() + "\n")
@@ -161,7 +161,7 @@ def _save_predictions(out: Path, board: Leaderboard) -> None:
         proba, truth = (result.test_proba, result.test_truth) if split == "test" else (result.val_proba,
                                                                                         result.val_truth)
         paths = result.test_paths if split == "test" else None
-        predicted = predict_labels(proba, decision_threshold(row, split))
+        predicted = predict_labels(proba, result.decision_threshold(split))
         with open(predictions_path(out, row["file"], row["head"], split), "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "truth", "predicted"] + [f"p_{c}" for c in classes])
@@ -173,8 +173,9 @@ def _save_predictions(out: Path, board: Leaderboard) -> None:
 def _save_best(out: Path, board: Leaderboard) -> None:
     """``out/best/``: the best head by validation score, its open-set calibration, and why it was chosen."""
     best = board.best()
-    (X_train, y_train), (X_val, _), _, _ = board.splits[best["file"]]
-    open_set = OpenSet.calibrate(X_train, y_train, X_val, board.result_of(best).val_proba,
+    splits = board.splits[best["file"]]
+    open_set = OpenSet.calibrate(splits.train.features, splits.train.labels, splits.val.features,
+                                 board.result_of(best).val_proba,
                                  seed=board.settings["seed"])
     folder = out / "best"
     folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def _save_plots(out: Path, board: Leaderboard) -> list[str]:
                 continue
             title = f"{row['backbone']} + {row['head']} ({split}, n={len(truth)})"
             written.append(plot_confusion(plot_path(out, "confusion", row["file"], row["head"], split), truth,
-                                          predict_labels(proba, decision_threshold(row, split)), classes, title))
+                                          predict_labels(proba, result.decision_threshold(split)), classes, title))
             if split == "test" or result.test_truth is None:
                 written.append(plot_roc(plot_path(out, "roc", row["file"], row["head"], split), truth, proba,
                                         classes, title))

@@ -22,7 +22,7 @@ from featx.data.images import MAX_PIXELS, Preprocess
 from featx.store.memo import remembered_of_file
 from featx.store.embeddings import AUGMENTED, cache_key, cache_path, check_intact, package_version, read_meta
 from featx.version import __version__
-from featx.vocab import check_fields, parse_layer
+from featx.vocab import check_fields, parse_layer, setting, shared_setting
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +31,40 @@ log = logging.getLogger(__name__)
 class ExtractConfig:
     """How to extract; every field that changes the numbers goes into the cache key."""
 
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None  # None: default search; "none": random init; else a file
-    checkpoint: str | None = None  # a fine-tuned best.pt from `featx finetune`; sets backbone and preprocessing
-    layer: str = "penultimate"
-    tta: bool = False
-    tta_views: int = 0  # test-time augmentation: features averaged over the plain image and this many `aug` views
-    precision: str = "auto"  # auto: see featx.embed.hardware.resolve_precision
-    dtype: str = "float16"
-    image_size: int | None = None  # None: the backbone's own input size
-    max_pixels: int = MAX_PIXELS  # images larger than this are skipped (recorded), never decoded
-    fit: str = "crop"  # "crop": ImageNet centre crop; "full": the whole image squeezed to the input size
-    augment: int = 0  # augmented copies of each train image, stored as extra rows for the heads to train on
-    aug: str = "natural"  # the copies' transforms (featx.data.augment)
-    batch_size: int = 32
-    decode: str = "auto"  # "tensor": JPEGs decoded in batches on the device (featx.embed.decoding); auto: Pillow
-    adapt_bn: bool = False  # AdaBN: each split embedded with BatchNorm statistics of its own images (no labels)
-    workers: int | None = None  # DataLoader worker processes; None: gpu_decoding_workers() on a GPU, threads on a CPU
-    device: str = "auto"
-    cache_dir: str = "cache"
-    out: str | None = None  # an explicit file instead of the cache layout
+    backbone: str = setting(DEFAULT_BACKBONE, "Registered backbone (see `featx list`) or timm:<model>.",
+                            cli=False)  # `featx extract --backbone` is repeatable: one config each
+    weights: str | None = shared_setting("weights", None)  # None: default search; "none": random init; else a file
+    checkpoint: str | None = setting(None, "A fine-tuned best.pt from `featx finetune`: its backbone, cached under a "
+                                           "key of its own.", path="file")  # sets backbone and preprocessing
+    cache_dir: str = setting("cache", "Cache folder; files go to OUT/<dataset>/<backbone>-<key>.h5.", flag="--out",
+                             path="any")
+    layer: str = setting("penultimate", "penultimate, stages, or a comma list of stage1..stage4,penultimate (pooled, "
+                                        "concatenated).", metavar="LAYER")
+    tta: bool = setting(False, "Average the features of the image and its horizontal flip.")
+    tta_views: int = setting(0, "Test-time augmentation: average every image's features over the image and K views "
+                                "of it under the --aug transforms, the same K for every image (and for `featx "
+                                "predict`). K+1 times the work.", metavar="K")
+    precision: str = shared_setting("precision", "auto")  # featx.embed.hardware.resolve_precision
+    dtype: str = setting("float16", "Storage type of the features in the HDF5 file.")
+    image_size: int | None = shared_setting("image_size", None)  # None: the backbone's own input size
+    fit: str = shared_setting("fit", "crop")
+    augment: int = setting(0, "Also embed K augmented copies of each train image; heads then train on them too (never "
+                              "on copies of validation images).", metavar="K")
+    aug: str = setting("natural", "Transforms of the --augment copies and --tta-views; xray varies contrast, exposure, "
+                                  "sharpness and position and never flips.")
+    batch_size: int = shared_setting("batch_size", 32)
+    adapt_bn: bool = setting(False, "AdaBN: embed each split with BatchNorm statistics re-estimated on its own images "
+                                    "(up to 1,000 of them; no labels read), for test images unlike the training ones. "
+                                    "Weights stay frozen.")
+    workers: int | None = setting(None, "DataLoader decoding worker processes (default: a thread pool on CPU, 8 on "
+                                        "GPU).")
+    decode: str = setting("auto", "How images are decoded: tensor (JPEGs in batches on the device: nvJPEG on a GPU), "
+                                  "pillow (one by one on CPU threads or DataLoader workers), or auto (pillow: the "
+                                  "faster of the two where measured).")  # featx.embed.decoding
+    device: str = shared_setting("device", "auto")
+    max_pixels: int = setting(MAX_PIXELS, "Pixel budget per image: larger images are recorded as skipped, never "
+                                          "decoded.")
+    out: str | None = setting(None, "An explicit file instead of the cache layout.", cli=False)
 
     def __post_init__(self):
         check_fields(self, "extract")

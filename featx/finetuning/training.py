@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from featx.data.augment import augmentation
-from featx.embed.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
+from featx.embed.backbones import get_backbone, resolve_weights
 from featx.embed.checkpoints import load_resume_state, save_checkpoint, save_resume_state
 from featx.data.datasets import ImageDataset, carve_validation, pseudo_labelled, scan_dataset
-from featx.errors import ConfigError, DataError
+from featx.errors import DataError
+from featx.finetuning.config import FinetuneConfig
 from featx.embed.feature_model import autocast, build_feature_model, gpu_decoding_workers, resolve_device, to_tensor
 from featx.embed.hardware import resolve_precision
 from featx.heads.registry import load_head
@@ -43,52 +44,9 @@ from featx.heads.metrics import classification_metrics
 from featx.comparison.plots import plot_history, plot_lr_finder
 from featx.comparison.runs import finetune_file, head_files
 from featx.version import __version__
-from featx.vocab import STAGE_GROUPS, check_fields
+from featx.vocab import STAGE_GROUPS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    unfreeze: str = "all"  # "0" (head only), "1".."4" (top stages), or "all"
-    epochs: int = 4  # after the head-only epochs
-    head_epochs: int = 1  # fastai's freeze_epochs: the head alone first
-    lr: float = 3e-4  # head and top stage (fastai's slice(lr_min, lr))
-    lr_min: float | None = None  # earliest stage; default lr / 100
-    weight_decay: float = 0.01
-    bn: str = "frozen"  # "frozen": BatchNorm statistics and affine kept as pretrained (Keras' advice)
-    batch_size: int = 32
-    image_size: int | None = None
-    fit: str = "crop"  # "full": the whole image squeezed to the input size (featx.data.images.Preprocess)
-    aug: str = "natural"
-    class_weights: bool = True
-    clip_grad: float = 1.0
-    dropout: float = 0.0  # before the new head (fastai's ps, a Keras Dropout before the Dense)
-    drop_path: float | None = None  # stochastic depth in the backbone; None: the architecture's own
-    patience: int = 2
-    ema: float | None = None  # decay of an exponential moving average of the weights; None: the weights as trained
-    val_fraction: float = 0.15
-    seed: int = 0
-    val_seed: int | None = None  # the carved validation's alone (None: seed's), so an ensemble's runs share it
-    split: str | None = None  # fractions of the split drawn when the data has none (scan_dataset's default)
-    split_seed: int = 0  # its seed, apart from ``seed``: a run with another training seed trains on the same images
-    split_from: str | None = None  # CSV of path,split instead
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None  # DataLoader workers; None: as many as extraction uses on a GPU, 0 on a CPU
-    init_head_from: str | None = None
-    pseudo_labels: str | None = None  # CSV of path,predicted: images outside train/val to train on (self-training)
-
-    def __post_init__(self):
-        check_fields(self, "finetune")
-        if self.epochs == 0 and (self.head_epochs == 0 or self.unfreeze == "0"):
-            raise ConfigError("nothing to train: epochs is 0 (and head_epochs is 0, or only the head trains)")
-
-    @property
-    def validation_seed(self) -> int:
-        return self.seed if self.val_seed is None else self.val_seed
 
 
 @dataclass

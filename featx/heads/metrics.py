@@ -119,7 +119,7 @@ def choose_threshold(y: np.ndarray, p_positive: np.ndarray, objective: str) -> f
     """A decision threshold on validation rows: ``balanced_accuracy``, ``f1`` or ``sensitivity=0.95``.
 
     ``mixture`` gives validation the balanced-accuracy one; the test images' own threshold comes from their
-    scores (``featx.shift.adapt.target_threshold``).
+    scores (``featx.shift.mixture_threshold.target_threshold``).
     """
     check("choose_threshold", threshold=objective)
     if objective == "mixture":

@@ -410,17 +410,18 @@ def _halving_search(model, candidates: list[dict], X, y, X_val, y_val, seed: int
 
 
 def save_head(path: Path, fitted: FittedHead, embeddings, threshold: float | None = None,
-              smooth_test: int = 0) -> Path:
+              remedies: list[dict] = (), validation_threshold: float | None = None) -> Path:
     """``path`` (JSON) and its ``.npz``: the fitted pipeline as plain data (``featx.heads.serialize``) with what it was
-    trained on: class names, threshold, the embeddings' cache key and provenance, so a head is never
-    applied to features made another way; ``smooth_test``: how many neighbours its scores were spread over.
+    trained on: class names, the embeddings' cache key and provenance, so a head is never applied to features made
+    another way; ``threshold``, the decision threshold new images get (validation's, where no remedy changed it),
+    and ``remedies``, the steps predict replays around the pipeline (``featx.shift.remedies.saved_steps``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     serialize.dump(fitted.pipeline, path, {
         "format": HEAD_FORMAT, "featx_version": __version__, "head": fitted.name, "classes": list(embeddings.classes),
         "threshold": threshold, "backbone": embeddings.backbone, "cache_key": embeddings.cache_key,
         "embeddings_meta": _plain(embeddings.meta), "best_params": _plain(fitted.best_params), "note": fitted.note,
-        "smooth_test": smooth_test,
+        "validation_threshold": validation_threshold, "remedies": _plain(list(remedies)),
     })
     return path
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.shift.adapt import smooth_over_neighbours
 from featx.shift.audit import MIN_ROWS, SHIFT_AUC, ShiftTest, two_sample_test
+from featx.shift.remedies import check_steps, replay_features, replay_scores
 from featx.data.augment import fixed_views
 from featx.embed.checkpoints import backbone_source
 from featx.data.datasets import list_images
@@ -112,9 +112,9 @@ class Predictor:
     backbone, as its files were made, and joins the features side by side.
     A run extracted with ``--adapt-bn`` embedded every split with BatchNorm statistics of its own images, so
     new images are embedded with statistics of new images too: of ``adapt_to`` (files or folders of unlabelled
-    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. A run
-    compared with ``--smooth-test K`` spreads each ``predict`` call's probabilities over that call's own images,
-    as its test images' were (at least K + 1 of them; fewer are classified each alone, with a warning).
+    images of the new domain) or else of the first ``predict`` call's images; kept for later calls. The remedies
+    the run's compare fitted are replayed around the head as on its test images (``featx.shift.remedies``); one
+    that cannot be replayed image by image (``--smooth-test``) is said in one line when the run is loaded.
     """
 
     def __init__(self, folder: str | Path, score: str = DEFAULT_SCORE, trust: bool = False,
@@ -134,6 +134,8 @@ class Predictor:
                               "this run's features use the pretrained statistics")
         self.adapt_to = list_images(adapt_to) if adapt_to else None
         self.classes = self.head["classes"]
+        self.steps = self.head.get("remedies") or _legacy_steps(self.head)
+        check_steps(self.steps, str(self.folder))
         self.open_set = OpenSet.load(self.folder)
         self._seen: list[np.ndarray] = []
 
@@ -185,14 +187,8 @@ class Predictor:
         return two_sample_test(self.open_set.reference, unit, permute_above=SHIFT_AUC)  # permutations only if it matters
 
     def _classify(self, paths, features, top_k) -> list[Prediction]:
-        proba = self.head["pipeline"].predict_proba(features)
-        neighbours = self.head.get("smooth_test") or 0
-        if neighbours and len(features) > neighbours:
-            proba = smooth_over_neighbours(features, proba, neighbours)
-        elif neighbours:
-            log.warning("%s: the run spread its test scores over %d neighbours (--smooth-test), and %d images have "
-                        "too few to spread over: each is classified alone", self.folder, neighbours, len(features))
-        chosen = predict_labels(proba, self.head.get("threshold"))
+        features, proba, threshold = head_probabilities(self.head, features, self.steps)
+        chosen = predict_labels(proba, threshold)
         unknown = self.open_set.scores(features, proba)[self.score] if self.open_set else None
         out = []
         for i, path in enumerate(paths):
@@ -203,3 +199,21 @@ class Predictor:
                 label = UNKNOWN
             out.append(Prediction(str(path), label, [(self.classes[k], float(proba[i, k])) for k in order], score))
         return out
+
+
+def head_probabilities(head: dict, features: np.ndarray, steps: list[dict] | None = None):
+    """A loaded head applied to features with the run's remedies replayed (``steps``, the head's own by default):
+    the features as the head scores them, its class probabilities and the decision threshold. For the run's own
+    test images, what the leaderboard scored."""
+    steps = (head.get("remedies") or _legacy_steps(head)) if steps is None else steps
+    features = replay_features(steps, features)
+    proba = head["pipeline"].predict_proba(features)
+    start = head["validation_threshold"] if "validation_threshold" in head else head.get("threshold")
+    proba, threshold = replay_scores(steps, features, proba, start)
+    return features, proba, threshold
+
+
+def _legacy_steps(head: dict) -> list[dict]:
+    """The remedies of a head saved before featx recorded them: only ``--smooth-test`` was replayed then."""
+    neighbours = head.get("smooth_test") or 0
+    return [{"name": "smooth_test", "stage": "scores", "replay": {"neighbours": neighbours}}] if neighbours else []

@@ -13,7 +13,7 @@ from jinja2 import Environment
 
 from featx.shift.audit import label_issues, outliers
 from featx.errors import DataError
-from featx.comparison.evaluate import Leaderboard, format_cell
+from featx.comparison.leaderboard import Leaderboard, format_cell
 from featx.data.images import ImageError, open_rgb
 from featx.comparison.runs import finetune_plots, load_run
 from featx.store.embeddings import load_embeddings, read_meta
@@ -52,8 +52,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 {% for name, t in item.shift.tests.items() %}<tr><td class="text">{{ name }}</td><td>{{ fmt(t.auc) }}</td><td>{{ fmt(t.p_value) }}</td><td>{{ t.rows }}</td></tr>{% endfor %}</table>
 {% if item.least_alike %}<p class="muted">Test images least like the training ones:</p><div class="grid">{% for t in item.least_alike %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
 {% else %}<p class="muted">No shift check (no test split, or fewer than 100 rows in train or test).</p>{% endif %}
-{% if item.leaked %}<p>Leaked: {{ item.leaked.test_rows }} test image{{ '' if item.leaked.test_rows == 1 else 's' }} {{ 'has' if item.leaked.test_rows == 1 else 'have' }} a near-duplicate among the labelled ones (cosine ≥ {{ item.leaked.cosine }}); the leaderboard's test figures leave them out, <code>test_with_leaked_*</code> keep them.</p>{% endif %}
-{% if item.align %}<p>Aligned: training and validation features mapped to the test images by {{ item.align.method }}; a classifier then tells them apart with AUC {{ fmt(item.align.shift_auc_after) }}.</p>{% endif %}
+{% for remedy in item.remedies %}<p>{{ remedy.title }}: {{ remedy.summary }}.</p>{% endfor %}
 {% endfor %}
 {% if audit.priors %}<h3>Class balance of the test images (EM on each head's probabilities)</h3>
 <table><tr><th class="text">head</th>{% for c in audit.classes %}<th>{{ c }}: val → test</th>{% endfor %}<th class="text">re-weighted</th></tr>
@@ -69,7 +68,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 
 <h2 id="heads">Per head</h2>
 {% for head in heads %}<h3>{{ head.backbone }} + {{ head.head }}</h3>
-<p class="muted">{{ head.note }} · params {{ head.params }} · tuned on {{ head.tuned_on }} · validation: {{ head.val_source }}{% if head.threshold is not none %} · decision threshold {{ fmt(head.threshold) }}{% endif %}{% if head.test_threshold %} · test threshold {% if head.test_threshold.applied %}{{ fmt(head.test_threshold.value) }}, where the test images' own scores part into two groups{% else %}validation's ({{ head.test_threshold.refused }}){% endif %}{% endif %}</p>
+<p class="muted">{{ head.note }} · params {{ head.params }} · tuned on {{ head.tuned_on }} · validation: {{ head.val_source }}{% if head.threshold is not none %} · decision threshold {{ fmt(head.threshold) }}{% endif %}{% for remedy in head.remedies %} · {{ remedy.title }}: {{ remedy.summary }}{% endfor %}{% if head.not_reproducible_by_predict %} · <strong>not reproducible by predict</strong> ({{ head.not_reproducible_by_predict }}){% endif %}</p>
 {% for split in head.splits %}<h4>{{ split.name }} (n={{ split.n }})</h4>
 <table><tr><th class="text">class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
 {% for cls, m in split.per_class.items() %}<tr><td class="text">{{ cls }}</td><td>{{ fmt(m.precision) }}</td><td>{{ fmt(m.recall) }}</td><td>{{ fmt(m.f1) }}</td><td>{{ m.support }}</td></tr>{% endfor %}
@@ -90,7 +89,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 <table>{% for key, value in provenance %}<tr><th class="text">{{ key }}</th><td class="text"><code>{{ value }}</code></td></tr>{% endfor %}</table>
 </body></html>
 """
-TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci"}
+TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci", "not_reproducible_by_predict"}
 MAX_AUDIT_ROWS = 20_000  # training rows up to which the report looks for label errors itself (seconds)
 
 
@@ -128,7 +127,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
                 images = [_b64(p) for p in loaded.plots(result["file"], result["head"], split)]
                 splits.append({"name": split, "n": result[split]["n"], "per_class": result[split]["per_class"],
                                "images": images})
-        heads.append({**result, "params": json.dumps(result["params"]), "splits": splits})
+        heads.append({**result, "params": json.dumps(result["params"]), "splits": splits,
+                      "remedies": remedy_lines(result.get("remedies"))})
 
     best = rows[0]
     best_input = inputs.get(best["file"], {})
@@ -165,6 +165,12 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     return path
 
 
+def remedy_lines(records: dict | None) -> list[dict]:
+    """Each remedy a run recorded (run.json's ``remedies``), as the report lists it: its name and one sentence."""
+    return [{"title": name.replace("_", " "), "summary": record.get("summary") or record}
+            for name, record in (records or {}).items()]
+
+
 def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: int = 12) -> dict:
     """The report's audit section: what compare recorded (shift, leaks, alignment, class balance) and, on the best
     input's training rows, likely label errors and outliers with thumbnails where the images are reachable."""
@@ -176,12 +182,11 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
         least = [{"data": data, "caption": rel.split("/")[-1]} for rel in (shift or {}).get("least_alike", [])[:8]
                  if root and (data := _thumbnail(root / rel))]
         files.append({"file": name, "shift": shift, "least_alike": least,
-                      "leaked": (config.get("exclude_leaked") or {}).get(name),
-                      "align": (config.get("align") or {}).get(name),
+                      "remedies": remedy_lines((config.get("remedies") or {}).get(name)),
                       "transductive": (config.get("transductive") or {}).get(name),
                       "validation_trained_on": (config.get("validation_trained_on") or {}).get(name)})
-    priors = [{"label": f"{r['backbone']} + {r['head']}", **r["prior_shift"]} for r in run["results"]
-              if r.get("prior_shift")]
+    priors = [{"label": f"{r['backbone']} + {r['head']}", **r["remedies"]["prior_shift"]} for r in run["results"]
+              if "prior_shift" in r.get("remedies", {})]
     section = {"files": files, "priors": priors, "classes": list(priors[0]["source"]) if priors else [],
                "issues": [], "outliers": [], "issue_count": 0, "issues_note": ""}
     if embeddings_path is None or not embeddings_path.exists():
