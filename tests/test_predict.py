@@ -231,30 +231,6 @@ def test_a_run_compared_with_smooth_test_spreads_each_predict_calls_scores_over_
                                predictor.head["pipeline"].predict_proba(features), rtol=1e-6)
 
 
-def test_a_head_on_several_backbones_embeds_new_images_with_each(tiny_run, tmp_path):
-    from dataclasses import replace
-
-    from featx.comparison.leaderboard import Leaderboard
-    from featx.store.embeddings import concat_embeddings
-
-    smaller = extract(tiny_run.data, replace(tiny_run.config, image_size=48, fit="full"), progress=False).path
-    board = compare([tiny_run.embeddings, smaller], ["logreg"], ensemble=True)
-    averaged = next(r for r in board.rows if r["backbone"].endswith(" averaged"))
-    alone = Leaderboard([averaged], board.sort_by, [board.result_of(averaged)], board.inputs, board.splits,
-                        board.settings)  # the averaged head as the run's best
-    save_run(alone, tmp_path / "run")
-    predictor = Predictor(tmp_path / "run")
-    assert [b.preprocess.size for b in predictor.backbones] == [64, 48]
-    predicted = predictor.predict([tiny_run.data / "test"], top_k=3)
-    both = concat_embeddings([load_embeddings(tiny_run.embeddings), load_embeddings(smaller)])
-    row_of = {str(tiny_run.data / p): i for i, p in enumerate(both.paths_of("test"))}
-    cached = both.features("test")[[row_of[r.path] for r in predicted]]  # every image read, in the order given
-    _, features, _ = predictor.features([Path(r.path) for r in predicted])
-    np.testing.assert_allclose(features, cached, rtol=2e-3, atol=2e-3)
-    given = np.array([[dict(r.top_k)[c] for c in predictor.classes] for r in predicted])
-    np.testing.assert_allclose(given, predictor.head["pipeline"].predict_proba(cached), atol=1e-3)
-
-
 def test_new_images_are_embedded_in_the_precision_the_extraction_recorded(tiny_run, tmp_path, monkeypatch):
     """A bf16 extraction (a dense backbone on an AMX CPU) is predicted in bf16 too: fp32 features of the same
     images are another domain to the drift check (AUC 1.0 on this run before predict followed the record)."""
@@ -274,16 +250,3 @@ def test_new_images_are_embedded_in_the_precision_the_extraction_recorded(tiny_r
     assert np.abs(features - embeddings.features("test")).max() < np.abs(fp32 - embeddings.features("test")).max()
     predictor.predict(test_paths)
     assert not predictor.drift().shifted
-
-
-def test_a_run_extracted_with_test_time_views_embeds_new_images_with_the_same_views(tiny_run, tmp_path):
-    from dataclasses import replace
-
-    config = replace(tiny_run.config, tta_views=2, aug="xray", cache_dir=str(tmp_path / "cache"))
-    embeddings = load_embeddings(extract(tiny_run.data, config, progress=False).path)
-    save_run(compare([embeddings], ["logreg"]), tmp_path / "run")
-    predictor = Predictor(tmp_path / "run")
-    _, features, _ = predictor.features([tiny_run.data / p for p in embeddings.paths_of("test")])
-    cached, plain = embeddings.features("test"), load_embeddings(tiny_run.embeddings).features("test")
-    np.testing.assert_allclose(features, cached, rtol=1e-2, atol=1e-2)
-    assert np.abs(features - cached).max() < np.abs(plain - cached).max() / 10

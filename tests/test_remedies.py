@@ -35,7 +35,7 @@ def binary_data(tmp_path_factory):
     BatchNorm statistics of --adapt-bn (32)."""
     root = tmp_path_factory.mktemp("remedies") / "data"
     rng = np.random.default_rng(0)
-    counts = {"train": 20, "val": 8, "test": 18}
+    counts = {"train": 12, "val": 6, "test": 18}
     for s, (split, count) in enumerate(counts.items()):
         for c, name in enumerate(("a", "b")):
             for i in range(count):
@@ -53,16 +53,16 @@ def extracted(binary_data, tmp_path_factory):
     from featx.embed.extraction import ExtractConfig, extract
 
     cache = tmp_path_factory.mktemp("remedies-cache")
-    base = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=8, precision="fp32",
+    base = ExtractConfig(backbone="resnet18", weights="none", image_size=32, batch_size=36, precision="fp32",
                          dtype="float32", cache_dir=str(cache))
-    recipes = {"plain": base, "other": replace(base, image_size=48, fit="full"),
+    recipes = {"plain": base, "other": replace(base, image_size=40, fit="full"),
                "views": replace(base, tta_views=2, aug="xray"), "adabn": replace(base, adapt_bn=True)}
     return {name: extract(binary_data, config, progress=False).path for name, config in recipes.items()}
 
 
-def predicted_like_the_leaderboard(board, run: Path, data: Path) -> dict:
+def predicted_like_the_leaderboard(board, run: Path, data: Path):
     """``featx predict``'s classes and probabilities for the best row's scored test images against the
-    leaderboard's; returns the best row."""
+    leaderboard's; returns the best row and the predictor."""
     from featx.use.predict import Predictor
 
     best = board.best()
@@ -78,7 +78,7 @@ def predicted_like_the_leaderboard(board, run: Path, data: Path) -> dict:
     np.testing.assert_allclose(given, result.test_proba[rows], atol=TOLERANCE, rtol=0)
     expected = predict_labels(result.test_proba[rows], result.decision_threshold("test"))
     assert [r.prediction for r in predicted] == [result.classes[k] for k in expected]
-    return best
+    return best, predictor
 
 
 CASES = {
@@ -107,7 +107,7 @@ def test_predict_gives_the_test_predictions_the_leaderboard_scored(case, extract
         board = replace(board, rows=[joined], results=[board.result_of(joined)])
     run = save_run(board, tmp_path / "run")
     with caplog.at_level("WARNING", logger="featx"):
-        best = predicted_like_the_leaderboard(board, run, binary_data)
+        best, predictor = predicted_like_the_leaderboard(board, run, binary_data)
     recorded = json.loads((run / "run.json").read_text())
     steps = json.loads((run / "best" / "head.json").read_text())["remedies"]
     if case == "smooth_test":  # transductive: reproduced only because one call held exactly the test images
@@ -119,6 +119,10 @@ def test_predict_gives_the_test_predictions_the_leaderboard_scored(case, extract
         assert best["test_leaked_rows"] == 1 and board.result_of(best).test["n"] == 35
     if case in ("tta_views", "adapt_bn"):
         assert case in recorded["config"]["remedies"][best["file"]]
+        made, plain = (load_embeddings(extracted[name]).features("test") for name in (files[0], "plain"))
+        assert np.abs(made - plain).max() > 1e-2  # the views (the statistics) change the features predict must make
+    if case in ("concat", "ensemble"):  # each image embedded by each backbone, as its file was made
+        assert [b.preprocess.size for b in predictor.backbones] == [32, 40]
     if case == "ensemble_align_mixture":
         assert [s["name"] for s in steps] == ["align", "align", "mixture_threshold"]
         assert [s["columns"] for s in steps[:2]] == [[0, 512], [512, 1024]]
