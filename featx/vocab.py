@@ -8,6 +8,7 @@ name, and one sentence for a value that breaks it, made in ``invalid``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -100,10 +101,35 @@ class Boolean:
         return "a bool"
 
 
+@dataclass(frozen=True)
+class Fractions:
+    """``train,val,test`` fractions (or ``train,test``): finite, none negative, train above 0, summing to 1."""
+
+    def parse(self, value) -> tuple[float, float, float] | None:
+        try:
+            parts = [float(p) for p in (value.split(",") if isinstance(value, str) else value)]
+        except (TypeError, ValueError):
+            return None
+        if len(parts) == 2:
+            parts = [parts[0], 0.0, parts[1]]
+        if (len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or parts[0] <= 0
+                or abs(sum(parts) - 1.0) > 1e-6):
+            return None
+        return tuple(parts)
+
+    def accepts(self, value) -> bool:
+        return self.parse(value) is not None
+
+    def __str__(self) -> str:
+        return "train,val,test fractions summing to 1 (e.g. 0.7,0.15,0.15)"
+
+
 _LAYER_TOKEN = rf"\s*(?:{'|'.join(STAGE_NAMES)}|stages|penultimate)\s*"
 _UNIT_FLOAT = r"(?:0|1|0?\.\d+|1\.0*)"
 
-PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean] = {
+MAX_IMAGE_SIZE = 4096  # input side in pixels: 4096² × 3 channels is already 200 MB a batch of four
+
+PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean | Fractions] = {
     # extraction and the backbone at run time
     "precision": OneOf(PRECISIONS),
     "dtype": OneOf(STORAGE_DTYPES),
@@ -115,7 +141,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean] = {
     "tta_views": Interval(int, 0),
     "layer": Pattern(rf"{_LAYER_TOKEN}(?:,{_LAYER_TOKEN})*",
                      f"penultimate, stages, or a comma list of {', '.join(STAGE_NAMES)}, penultimate"),
-    "image_size": Maybe(Interval(int, 16)),
+    "image_size": Maybe(Interval(int, 16, MAX_IMAGE_SIZE)),
     "max_pixels": Interval(int, 1),
     "batch_size": Interval(int, 1),
     "workers": Maybe(Interval(int, 0)),
@@ -138,6 +164,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean] = {
     # heads and comparison
     "seed": Interval(int, 0),
     "split_seed": Interval(int, 0),
+    "split": Maybe(Fractions()),
     "val_seed": Maybe(Interval(int, 0)),
     "val_fraction": Interval(float, 0.05, 0.5),
     "cv": Maybe(Interval(int, 2)),

@@ -73,7 +73,7 @@ def test_bad_images_are_reported_and_the_run_succeeds(runner, image_folder, tmp_
     (["extract"], 2, "give either DATA_DIR or --sample"),
     (["extract", "{data}", "--backbone", "resnt50", "--weights", "none"], 2, "did you mean resnet50"),
     (["extract", "{data}", "--layer", "stage7", "--weights", "none"], 2, "Invalid value for '--layer'"),
-    (["extract", "{data}", "--split", "0.9,0.9,0.1"], 2, "The 'split' parameter"),
+    (["extract", "{data}", "--split", "0.9,0.9,0.1"], 2, "Invalid value for '--split': must be train,val,test fractions"),
     (["extract", "{data}", "--weights", "/no/file.pth"], 2, "weights file not found"),
     (["info", "{text}"], 2, "not an HDF5 file"),
     (["ls", "/no/such/cache"], 2, "no such folder"),

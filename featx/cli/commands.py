@@ -25,9 +25,26 @@ from featx.errors import DataError, FeatxError
 from featx.version import __version__
 
 
+# Control characters (and bidirectional overrides) a file name may hold: shown as \xNN, \uNNNN, never sent to the
+# terminal, where an escape sequence would retitle or recolour it and a bidi override would disguise a name.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160)) if chr(c) not in "\n\t"}
+_UNPRINTABLE |= {c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def printable(text: str) -> str:
+    """``text`` as it may reach a terminal: names that are not UTF-8 with their odd bytes as ``\\xNN``, control
+    characters escaped (newlines and tabs kept: featx's own messages use them)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_UNPRINTABLE)
+
+
 def echo(message: str = "", err: bool = False) -> None:
-    """``click.echo`` for text that may hold file names that are not UTF-8: their odd bytes show as ``\\xNN``."""
-    click.echo(message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=err)
+    """``click.echo`` of text that may hold user-supplied names (``printable``)."""
+    click.echo(printable(message), err=err)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 class FeatxGroup(click.Group):
@@ -69,7 +86,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
       featx doctor runs/xray                    # is everything sound? what to do if not
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="featx: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("featx: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("featx").setLevel(level)
     ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
     atexit.register(gc.freeze)  # a process that loaded torch would spend ~1 s at exit collecting its objects
@@ -80,8 +99,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--sample", is_flag=True, help="Use the chest X-ray sample bundled with featx instead of DATA_DIR.")
 @options.backbone(multiple=True)
 @options.config_options(ExtractConfig)
-@click.option("--split", metavar="TRAIN,VAL,TEST",
-              help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
+@options.option("split", metavar="TRAIN,VAL,TEST",
+                help="Fractions for a stratified split when the data has none (default 0.7,0.15,0.15).")
 @options.seed("Seed of the stratified split.")
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
@@ -297,14 +316,16 @@ _RUN_FOLDER = options.run_folder("Run folder for run.json, leaderboard.{csv,md,j
 
 
 def _run_compare(files, heads, out, **settings):
-    from featx.comparison.evaluate import compare
-    from featx.comparison.runs import prepare_out, save_run
+    from contextlib import nullcontext
 
-    if out:
-        prepare_out(out)  # a bad --out is refused before the heads are fitted, not after
-    board = compare(list(files), heads, **settings)
-    if out:
-        save_run(board, out)
+    from featx.comparison.evaluate import compare
+    from featx.comparison.runs import save_run, writing_run
+
+    # a bad or busy --out is refused before the heads are fitted, and held until the run is saved
+    with writing_run(out) if out else nullcontext():
+        board = compare(list(files), heads, **settings)
+        if out:
+            save_run(board, out)
     echo(board.to_markdown())
     best = board.best()
     echo(f"best by validation {settings['sort_by']}: {best['backbone']} + {best['head']} "
@@ -407,7 +428,9 @@ def predict(run_dir, images, top_k, score, as_json, csv_path, batch_size, trust,
     from featx.errors import UnsafeFileWarning
     from featx.use.predict import Predictor
 
-    if csv_path and not csv_path.parent.is_dir():  # refuse before the work, not after it
+    if csv_path is not None and (not csv_path.name or csv_path.is_dir()):  # refuse before the work, not after it
+        raise DataError(f"--csv {str(csv_path)!r}: not a file name; give the CSV file to write")
+    if csv_path and not csv_path.parent.is_dir():
         raise DataError(f"{csv_path.parent}: no such folder for --csv")
     caught = []
     try:
@@ -493,15 +516,15 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
     from featx.comparison.evaluate import compare
     from featx.embed.extraction import extract as run_extract
     from featx.use.report import write_report
-    from featx.comparison.runs import prepare_out, save_run
+    from featx.comparison.runs import save_run, writing_run
     from featx.data.sample import sample_path
 
-    prepare_out(out)
-    result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
-                                                     cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
-    echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
-    board = compare([result.path], heads)
-    save_run(board, out)
+    with writing_run(out):
+        result = run_extract(sample_path(), ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
+                                                         cache_dir=str(cache_dir)), progress=ctx.obj["progress"])
+        echo(f"1/3 embeddings: {result.path} ({'cached' if result.cached else f'{result.seconds:.1f} s'})")
+        board = compare([result.path], heads)
+        save_run(board, out)
     echo("2/3 leaderboard (validation carved from train; test scored once):")
     echo(board.to_markdown())
     echo(f"3/3 report: {write_report(out)}")

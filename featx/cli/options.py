@@ -13,15 +13,15 @@ from pathlib import Path
 import click
 
 from featx.embed.backbones import DEFAULT_BACKBONE
-from featx.vocab import PARAMETERS, SHARED_CLI, SHARED_HELP, Boolean, Interval, Maybe, OneOf, Pattern
+from featx.vocab import PARAMETERS, SHARED_CLI, SHARED_HELP, Boolean, Fractions, Interval, Maybe, OneOf, Pattern
 
 
 class _Matching(click.ParamType):
-    """A string that must match a ``vocab.Pattern``; refused with the pattern's own description."""
+    """A string that a ``vocab.Pattern`` (or ``Fractions``) must accept; refused with its own description."""
 
     name = "text"
 
-    def __init__(self, constraint: Pattern):
+    def __init__(self, constraint: Pattern | Fractions):
         self.constraint = constraint
 
     def convert(self, value, param, ctx):

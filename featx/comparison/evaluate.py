@@ -22,7 +22,7 @@ from featx.comparison.config import CompareConfig
 from featx.comparison.leaderboard import REPORTED_METRICS, HeadResult, Leaderboard
 from featx.data.datasets import carve_validation
 from featx.errors import ConfigError, DataError
-from featx.heads.metrics import choose_threshold, classification_metrics
+from featx.heads.metrics import choose_threshold, classification_metrics, predict_labels
 from featx.heads.registry import AveragedHeads, FittedHead, average_in_logit_space, fit_head, resolve_heads
 from featx.shift.audit import SHIFT_AUC, SHIFT_P, shift_between
 from featx.shift.remedies import get_remedy, in_extraction, requested, saved_steps
@@ -44,6 +44,12 @@ def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.nd
         if unseen:
             raise DataError(f"{emb.path}: class {', '.join(emb.classes[k] for k in unseen)} has {split} rows but no "
                             "training rows; a head cannot predict it")
+    absent = [k for k in range(len(emb.classes)) if k not in present]
+    if absent:  # every image of the class unreadable: the head would know fewer classes than the file names
+        unreadable = int(np.isin(emb.labels_at(np.flatnonzero(~emb.ok)), absent).sum())
+        raise DataError(f"{emb.path}: class {', '.join(emb.classes[k] for k in absent)} has no readable training "
+                        f"rows ({unreadable} of its images unreadable); mend or remove those images and extract "
+                        f"again (`featx info {emb.path}` lists them)")
 
 
 def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: bool = True):
@@ -61,7 +67,7 @@ def split_rows(emb: Embeddings, val_fraction: float, seed: int, check_features: 
     for split in (s for s in ("train", "val", "test") if s in emb.split_names):
         found = labelled_rows(emb, split)
         if len(found) < len(emb.rows(split)):
-            log.warning("%s: %d %s rows have no label and are left out", emb.path.name,
+            log.warning("%s: %d %s rows have no label and are left out", emb.name,
                         len(emb.rows(split)) - len(found), split)
         if finite is not None and not finite[found].all():
             broken = found[~finite[found]]
@@ -104,7 +110,7 @@ def split_arrays(emb: Embeddings, val_fraction: float, seed: int, with_copies: b
     X_copies, y_copies = emb.augmented_copies(images.paths if with_copies else [])
     if len(y_copies):
         images = Split(np.concatenate([images.features, X_copies]), np.concatenate([images.labels, y_copies]))
-        log.info("%s: training on %d images + %d augmented copies", emb.path.name, len(train), len(y_copies))
+        log.info("%s: training on %d images + %d augmented copies", emb.name, len(train), len(y_copies))
     return Splits(images, split(val), split(test) if test is not None else None, val_source)
 
 
@@ -113,7 +119,8 @@ def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
 
     The same embeddings given twice (one cache key; a shell glob over copies) are compared once, with a
     warning; different files of one backbone (another fit, layer or dataset) get their cache key in
-    the label, so their leaderboard rows do not look alike.
+    the label, so their leaderboard rows do not look alike, and files of one name from different folders in
+    their ``name``, which keys everything of theirs in the leaderboard and the run folder.
     """
     first: dict[str, Embeddings] = {}
     for emb in files:
@@ -123,8 +130,11 @@ def distinct_inputs(files: list[Embeddings]) -> list[Embeddings]:
         else:
             first[emb.cache_key] = emb
     kept = list(first.values())
-    labels = Counter(emb.label for emb in kept)
-    return [emb if labels[emb.label] == 1 else replace(emb, meta={**emb.meta, "label": f"{emb.label} [{emb.cache_key}]"})
+    labels, names = Counter(emb.label for emb in kept), Counter(emb.name for emb in kept)
+    return [replace(emb, meta={**emb.meta,
+                               **({"label": f"{emb.label} [{emb.cache_key}]"} if labels[emb.label] > 1 else {}),
+                               **({"name": f"{emb.path.stem}-{emb.cache_key}{emb.path.suffix}"}
+                                  if names[emb.name] > 1 else {})})
             for emb in kept]
 
 
@@ -146,8 +156,8 @@ def averaged_input(parts: list[Embeddings]) -> Embeddings:
         if not np.array_equal(part.ok, joined.ok):
             raise DataError(f"{part.path}: some images readable here are unreadable in another file; --ensemble "
                             "needs the same images readable in every file")
-    return replace(joined, path=joined.path.with_suffix(".averaged.h5"),
-                   meta={**joined.meta, "label": f"{joined.label} averaged"})
+    name = Path(joined.name).stem + ".averaged.h5"
+    return replace(joined, path=Path(name), meta={**joined.meta, "label": f"{joined.label} averaged", "name": name})
 
 
 def guessed_test_images(emb: Embeddings) -> int:
@@ -156,7 +166,7 @@ def guessed_test_images(emb: Embeddings) -> int:
     guessed = ((emb.meta.get("backbone_pseudo_labels") or {}).get("splits") or {}).get("test", 0)
     if guessed:
         log.warning("%s: its backbone trained on %d test images with guessed labels (featx finetune "
-                    "--pseudo-labels): its test figures are transductive, not a held-out estimate", emb.path.name,
+                    "--pseudo-labels): its test figures are transductive, not a held-out estimate", emb.name,
                     guessed)
     return guessed
 
@@ -174,7 +184,7 @@ def validation_trained_on(emb: Embeddings, val_fraction: float, seed: int) -> di
         return None
     log.warning("%s: %d of its %d validation images trained its fine-tuned backbone, which held out others "
                 "(featx finetune --val-seed %s --val-fraction %s): validation figures and the choices made on them are "
-                "optimistic; compare with that --seed and --val-fraction", emb.path.name, trained, len(val),
+                "optimistic; compare with that --seed and --val-fraction", emb.name, trained, len(val),
                 held_out["seed"], held_out["val_fraction"])
     return {"images": trained, "of": len(val), "finetune_seed": held_out["seed"],
             "finetune_val_fraction": held_out["val_fraction"]}
@@ -205,7 +215,7 @@ def check_shift(emb: Embeddings, seed: int) -> dict | None:
     if report.shifted:
         worst = max([report.overall, *report.per_class.values()], key=lambda t: t.auc)
         log.warning("%s: the test images differ from the training ones (shift AUC up to %.2f, p ≤ %.2f): "
-                    "validation figures are likely optimistic for test; see `featx audit %s`", emb.path.name,
+                    "validation figures are likely optimistic for test; see `featx audit %s`", emb.name,
                     worst.auc, SHIFT_P, emb.path)
     return report.summary()
 
@@ -275,13 +285,13 @@ def compare(embeddings: list[Embeddings | str | Path], heads: str | list[str] = 
     if config.ensemble:
         members = prepared[:len(files)]
         averaged = _averaged_input(members, config, settings)
-        of = {(each.embeddings.path.name, name): outcome for (each, name), outcome in scored}
-        scored += [((averaged, name), _averaged(name, [of[m.embeddings.path.name, name] for m in members], members))
+        of = {(each.embeddings.name, name): outcome for (each, name), outcome in scored}
+        scored += [((averaged, name), _averaged(name, [of[m.embeddings.name, name] for m in members], members))
                    for name in names]
         prepared.append(averaged)
     results = [_score(each, name, outcome, config) for (each, name), outcome in scored]
     return Leaderboard([r.row for r in results], config.sort_by, results, [p.embeddings for p in prepared],
-                       {p.embeddings.path.name: p.splits for p in prepared}, settings).sorted(config.sort_by)
+                       {p.embeddings.name: p.splits for p in prepared}, settings).sorted(config.sort_by)
 
 
 def _flags(asked: list) -> str:
@@ -296,10 +306,10 @@ def _record_backbones(files: list[Embeddings], config: CompareConfig, settings: 
     for emb in files:
         guessed = guessed_test_images(emb)
         if guessed:
-            settings.setdefault("transductive", {})[emb.path.name] = {"test_images_trained_on": guessed}
+            settings.setdefault("transductive", {})[emb.name] = {"test_images_trained_on": guessed}
         trained_on = validation_trained_on(emb, config.val_fraction, config.seed)
         if trained_on:
-            settings.setdefault("validation_trained_on", {})[emb.path.name] = trained_on
+            settings.setdefault("validation_trained_on", {})[emb.name] = trained_on
     if config.ensemble or config.concat:
         warn_mixed_validation(files)
 
@@ -308,16 +318,16 @@ def _splits(emb: Embeddings, config: CompareConfig) -> Splits:
     """``split_arrays`` with compare's options: no augmented copies with ``cv``, a sample of ``max_train_rows``."""
     if config.cv and emb.n_copies:
         log.warning("%s: augmented copies are left out with --cv (an image and its copies could fall in different "
-                    "folds)", emb.path.name)
+                    "folds)", emb.name)
     splits = split_arrays(emb, config.val_fraction, config.seed, with_copies=not config.cv)
     train = splits.train
     if config.max_train_rows and config.max_train_rows < len(train):
         kept = subsample_train(train.labels, config.max_train_rows, config.seed)
-        log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.path.name, len(kept), len(train),
+        log.info("%s: training on %d of %d rows (a stratified sample, seed %d)", emb.name, len(kept), len(train),
                  config.seed)
         splits = replace(splits, train=Split(train.features[kept], train.labels[kept]))
     if config.threshold and len(emb.classes) != 2:
-        log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.path.name,
+        log.warning("%s: a decision threshold needs two classes, not %d; using argmax", emb.name,
                     len(emb.classes))
     return splits
 
@@ -333,14 +343,14 @@ def _prepare(emb: Embeddings, config: CompareConfig, settings: dict) -> Prepared
     splits, options = _splits(emb, config), config.options()
     shift = check_shift(emb, config.seed)
     if shift:  # recorded only when there was a test split to check
-        settings.setdefault("shift", {})[emb.path.name] = shift
+        settings.setdefault("shift", {})[emb.name] = shift
     asked = requested(options, "features")
     needing = [(r, v) for r, v in asked + requested(options, "scores") if r.needs_test]
     if needing and splits.test is None:
         raise ConfigError(f"{emb.path}: {_flags(needing)} need a test split (the images whose figures they correct)")
     fitted, steps = in_extraction(_recipes(emb)), []
     for remedy, value in asked:
-        found = remedy.fit(value, Context(emb.path.name, emb.classes, options, config.seed, splits))
+        found = remedy.fit(value, Context(emb.name, emb.classes, options, config.seed, splits))
         splits = Splits(splits.train.with_features(remedy.source(found, splits.train.features)),
                         splits.val.with_features(remedy.source(found, splits.val.features)),
                         splits.test.with_features(remedy.target(found.replay, splits.test.features)), splits.val_source)
@@ -351,7 +361,7 @@ def _prepare(emb: Embeddings, config: CompareConfig, settings: dict) -> Prepared
 
 def _recorded(prepared: PreparedInput, settings: dict) -> PreparedInput:
     if prepared.fitted:
-        settings.setdefault("remedies", {})[prepared.embeddings.path.name] = {f.name: f.recorded()
+        settings.setdefault("remedies", {})[prepared.embeddings.name] = {f.name: f.recorded()
                                                                               for f in prepared.fitted}
     return prepared
 
@@ -415,7 +425,7 @@ def _score(prepared: PreparedInput, name: str, outcome: HeadOutcome, config: Com
     """The leaderboard row and the scores of one head: the scores-stage remedies fitted on its probabilities
     (those that spread validation's before its threshold is chosen), then val and test scored."""
     emb, splits, options = prepared.embeddings, prepared.splits, config.options()
-    context = Context(emb.path.name, emb.classes, options, config.seed, splits)
+    context = Context(emb.name, emb.classes, options, config.seed, splits)
     scores = Scores(outcome.val_proba, splits.val.labels, splits.val.features, outcome.test_proba,
                     splits.test.features if splits.test else None)
     asked, fitted = requested(options, "scores"), []
@@ -427,7 +437,7 @@ def _score(prepared: PreparedInput, name: str, outcome: HeadOutcome, config: Com
     for remedy, value in (a for a in asked if not a[0].before_threshold):
         scores = _apply(remedy, value, scores, context, fitted)
     head = outcome.fitted
-    row = {"file": emb.path.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
+    row = {"file": emb.name, "backbone": emb.label, "cache_key": emb.cache_key, "head": name,
            "params": head.best_params, "tuned_on": head.tuned_on, "val_source": splits.val_source,
            "note": head.note, "threshold": chosen, "fit_s": round(head.fit_seconds, 2)}
     if fitted:
@@ -435,6 +445,11 @@ def _score(prepared: PreparedInput, name: str, outcome: HeadOutcome, config: Com
     unreplayable = [f.name for f in prepared.fitted + fitted if not get_remedy(f.name).replayable]
     if unreplayable:
         row["not_reproducible_by_predict"] = ", ".join(dict.fromkeys(unreplayable))
+    said = predict_labels(scores.val, chosen)
+    if len(np.unique(said)) == 1 and len(np.unique(splits.val.labels)) > 1:
+        row["warning"] = (f"predicts {emb.classes[said[0]]} for every validation image: {len(splits.train)} training "
+                          "rows taught it nothing")
+        log.warning("%s × %s: %s", emb.label, name, row["warning"])
     result = HeadResult(row, emb.classes, head, emb,
                         classification_metrics(splits.val.labels, scores.val, emb.classes, threshold=chosen),
                         splits.val.labels, scores.val, threshold=chosen, test_threshold=scores.test_threshold,
@@ -503,7 +518,7 @@ def _compare_out_of_core(files: list[Embeddings], names: list[str], config: Comp
             outcome = HeadOutcome(fitted, p_val, p_test, round(time.perf_counter() - began, 3))
             prepared = _recorded(PreparedInput(emb, splits, [], in_extraction(_recipes(emb))), settings)
             results.append(_score(prepared, "lightgbm", outcome, config))
-            splits_of[emb.path.name] = splits
+            splits_of[emb.name] = splits
     return Leaderboard([r.row for r in results], config.sort_by, results, files, splits_of,
                        settings).sorted(config.sort_by)
 

@@ -9,7 +9,8 @@ What ``featx compare --out RUN`` writes (nothing else builds these paths)::
     RUN/plots/{confusion,roc}_<stem>__<head>_<split>.png
     RUN/best/head.{json,npz}, open_set.{npz,json}, chosen.json   the best head by validation, for `featx predict`
 
-and what ``featx finetune --out FT`` writes beside its checkpoints (``featx.embed.checkpoints``)::
+A run is written into a hidden sibling (``.RUN.partial-*``) that takes RUN's place in one rename, under the lock
+``RUN.lock`` (``save_run``). And what ``featx finetune --out FT`` writes beside its checkpoints (``featx.embed.checkpoints``)::
 
     FT/best.pt, best.json, last.pt, last.json, history.csv, history.png, lr_find.png, lr_find.json
 """
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +37,10 @@ from featx.store.memo import file_sha256
 from featx.heads.metrics import predict_labels
 from featx.heads.openset import OpenSet
 from featx.comparison.plots import plot_confusion, plot_roc
-from featx.store.embeddings import package_version
+from featx.store.embeddings import CacheLock, LockBusy, package_version
 from featx.version import __version__
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 HEAD_FILE = "head.json"
@@ -73,11 +79,19 @@ def plot_path(run_dir: Path, kind: str, file_name: str, head: str, split: str) -
 
 
 def best_head(path: str | Path) -> Path:
-    """The file of a run's best head: in ``RUN/best``, or in ``path`` itself when it holds one."""
+    """The file of a run's best head: in ``RUN/best``, or in ``path`` itself when it holds one (a copy of ``best/``).
+
+    A run folder without its run.json is refused: its save was cut short, and what is left of it (an earlier
+    run's ``best/``, or half of the new one's) is not what any leaderboard measured.
+    """
     path = Path(path)
     for folder in (path / "best", path):
         for name in (HEAD_FILE, LEGACY_HEAD_FILE):
             if (folder / name).exists():
+                run = folder.parent if folder.name == "best" else None
+                if run is not None and any((run / entry).exists() for entry in OWNED) and not (run / RUN_FILE).exists():
+                    raise DataError(f"{run}: no {RUN_FILE}: a run whose saving was cut short; run `featx compare "
+                                    "--out` again (`featx doctor` says what is left)")
                 return folder / name
     raise DataError(f"{path}: no {HEAD_FILE}; point at a run folder written by `featx compare --out`")
 
@@ -95,37 +109,137 @@ def finetune_plots(checkpoint: str | Path) -> list[Path]:
 
 # --- saving -----------------------------------------------------------------------------------------------
 
+STAGING, REPLACED = ".partial-", ".replaced-"  # siblings of RUN while it is written: .RUN.partial-*, .RUN.replaced-*
+_HELD: set[Path] = set()  # run folders this process holds the lock of (``writing_run``)
+
+
 def prepare_out(out: str | Path) -> Path:
     """Check that ``out`` can take a run, before any work is done: a new folder, or an earlier run's.
 
     A file, a folder of something else, or a folder featx cannot write to is refused in one line; a run whose
-    saving was cut short (featx's entries, no run.json yet) is taken back.
+    saving was cut short is finished or undone first (``recover``).
     """
+    out = _writable(out)
+    recover(out)
+    if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name not in OWNED for p in out.iterdir()):
+        raise DataError(f"{out}: not empty and not a featx run folder; choose another --out")
+    return out
+
+
+def _writable(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name not in OWNED for p in out.iterdir()):
-        raise DataError(f"{out}: not empty and not a featx run folder; choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as err:
         raise DataError(f"{out}: cannot write a run here ({err.strerror}); choose another --out") from None
     return out
 
 
+@contextmanager
+def writing_run(out: str | Path):
+    """Hold ``out``'s lock (``out.lock`` beside it) while a run is computed and saved: a second featx writing the
+    same folder is refused at once, in one line, instead of replacing the run or mixing two. The kernel drops the
+    lock of a killed process."""
+    out = _writable(out)
+    key = out.resolve()
+    if key in _HELD:
+        yield prepare_out(out)
+        return
+    try:
+        with CacheLock(out):
+            _HELD.add(key)
+            try:
+                yield prepare_out(out)
+            finally:
+                _HELD.discard(key)
+    except LockBusy:
+        raise DataError(f"{out}: another featx process is writing this run; wait for it to finish or choose another "
+                        "--out") from None
+
+
 def save_run(board: Leaderboard, out: str | Path) -> Path:
     """Write ``board`` as the run folder ``out``; each row records where its head was saved (``model``).
 
-    An earlier run in ``out`` is replaced whole, so no head or plot of it is left beside the new ones.
+    Written as the cache is: into a hidden sibling folder, which then takes ``out``'s place in one rename, so
+    ``out`` is always the earlier run or the new one, whole; the earlier run's featx files go, anything else
+    kept in the folder moves into the new one.
     """
-    out = prepare_out(out)
-    for name in OWNED:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    with writing_run(out) as out:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}", dir=out.parent))
+        try:
+            _write_run(board, staging)
+            _publish(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """``staging`` becomes ``out``: the earlier run is moved aside first and its user files carried over after;
+    a failure in between puts it back (and ``recover`` does, after a kill)."""
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{REPLACED}", dir=out.parent))
+        os.replace(out, aside / "run")
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if aside:
+            os.replace(aside / "run", out)
+            aside.rmdir()
+        raise
+    if aside:
+        _carry_over(aside / "run", out)
+        shutil.rmtree(aside)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Whatever a user kept in the earlier run's folder (not featx's own entries) moves into the new run."""
+    for entry in old.iterdir():
+        if entry.name not in OWNED and not (new / entry.name).exists():
+            os.replace(entry, new / entry.name)
+
+
+def recover(out: str | Path) -> list[str]:
+    """Finish or undo a save of ``out`` that was cut short (a kill between the renames of ``_publish``): an earlier
+    run moved aside comes back where no run took its place, or gives its user files to the one that did; hidden
+    staging folders are removed. Says what it did, one line each. Call it only while holding ``writing_run``."""
+    out, done = Path(out), []
+    for aside in sorted(out.parent.glob(f".{out.name}{REPLACED}*")):
+        if (aside / "run").is_dir() and not (out / RUN_FILE).exists():
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(aside / "run", out)
+            done.append(f"{out}: the earlier run, moved aside by a save that was cut short, is back")
+        elif (aside / "run").is_dir():
+            _carry_over(aside / "run", out)
+        shutil.rmtree(aside, ignore_errors=True)
+    for staging in sorted(out.parent.glob(f".{out.name}{STAGING}*")):
+        shutil.rmtree(staging, ignore_errors=True)
+        done.append(f"{staging}: a run being written when it was cut short; removed")
+    for line in done:
+        log.warning(line)
+    return done
+
+
+def half_written(out: str | Path) -> list[str]:
+    """What is left of a save of ``out`` that was cut short (for ``featx doctor``): hidden siblings, or featx's
+    entries in ``out`` without its run.json."""
+    out = Path(out)
+    found = [f"{p}: left by a save that was cut short; the next `featx compare --out {out}` finishes or removes it"
+             for p in sorted(out.parent.glob(f".{out.name}{REPLACED}*")) + sorted(out.parent.glob(f".{out.name}{STAGING}*"))]
+    if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name in OWNED for p in out.iterdir()):
+        found.append(f"{out}: holds featx's run files but no {RUN_FILE}: a run whose saving was cut short (written "
+                     "in place by an older featx, or damaged); run `featx compare --out` again")
+    return found
+
+
+def _write_run(board: Leaderboard, out: Path) -> None:
+    """Every file of the run into the empty folder ``out``, run.json last."""
     for result in board.results:
         row = result.row
         saved = save_head(head_path(out, row["file"], row["head"]), result.fitted, result.embeddings,
@@ -141,7 +255,7 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
         "featx_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": board.settings,
-        "inputs": [{"path": str(e.path), "sha256": file_sha256(e.path) if e.path.exists() else None,
+        "inputs": [{"path": str(e.path), "name": e.name, "sha256": file_sha256(e.path) if e.path.exists() else None,
                     "cache_key": e.cache_key, "backbone": e.label, "classes": e.classes,
                     **({"parts": e.meta["parts"]} if "parts" in e.meta else {})} for e in board.inputs],
         "versions": {name: package_version(module) for name, module in VERSIONED.items()},
@@ -149,7 +263,6 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
         "plots": plots,
     }
     (out / RUN_FILE).write_text(json.dumps(run, indent=2, default=_json_default) + "\n")
-    return out
 
 
 def _save_predictions(out: Path, board: Leaderboard) -> None:

@@ -23,13 +23,16 @@ import numpy as np
 from featx.errors import ConfigError, DataError
 from featx.store.memo import file_sha256, remembered
 from featx.data.remote import is_url, read_bytes, require_fsspec, state
-from featx.vocab import invalid
+from featx.vocab import Fractions, check
 
 log = logging.getLogger(__name__)
 
+# Raster formats Pillow reads (its stubs, vector, video and container formats left out; AVIF where Pillow has it).
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp", ".avif",
+     ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi"}
 )
+RUN_MARKER = "run.json"  # featx.comparison.runs.RUN_FILE: a folder holding it is a run, never images of a dataset
 SPLITS = ("train", "val", "test")
 # Folder names people use for the validation split, all read as "val".
 SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -145,18 +148,11 @@ def _content_sha256(path: Path | str) -> str:
 
 
 def parse_split(text: str | tuple[float, ...] | None) -> tuple[float, float, float] | None:
-    """Read ``"0.7,0.15,0.15"`` (or two numbers, train and test) into three fractions."""
+    """Read ``"0.7,0.15,0.15"`` (or two numbers, train and test) into three fractions (``vocab.Fractions``)."""
     if text is None:
         return None
-    try:
-        parts = [float(p) for p in (text.split(",") if isinstance(text, str) else text)]
-    except ValueError:
-        parts = []
-    if len(parts) == 2:
-        parts = [parts[0], 0.0, parts[1]]
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
-        raise invalid("split", "scan_dataset", "train,val,test fractions summing to 1 (e.g. 0.7,0.15,0.15)", text)
-    return tuple(parts)  # type: ignore[return-value]
+    check("scan_dataset", split=text)
+    return Fractions().parse(text)
 
 
 def scan_dataset(
@@ -185,7 +181,7 @@ def scan_dataset(
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{source}: expected a folder of images or a .csv file")
-        root, classes, rows, origin = _read_csv(source, allow_outside_root)
+        root, classes, rows, origin = _read_csv(source, allow_outside_root, skipped)
         name = source.parent.name if source.stem in {"labels", "data", "index"} else source.stem
     else:
         root, name = source, source.resolve().name
@@ -239,17 +235,37 @@ def _images_under(folder: Path, skipped: list[tuple[str, str]] | None = None) ->
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                folders.append(entry.path)
+                made_by_featx = featx_output(Path(entry.path))
+                if made_by_featx:
+                    skipped.append((entry.path, made_by_featx))
+                else:
+                    folders.append(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 if entry.is_file():
                     found.append(entry.path)
                 elif entry.is_symlink() and not os.path.exists(entry.path):
                     skipped.append((entry.path, "dangling symlink"))
+            else:
+                extension = os.path.splitext(entry.name)[1] or "no extension"
+                skipped.append((entry.path, f"not an image file name ({extension})"))
         for sub in sorted(folders):
             walk(sub)
 
     walk(os.fspath(folder))
     return sorted(map(Path, found))  # as paths, part by part: the order rows (and fingerprints) always had
+
+
+def featx_output(folder: Path) -> str:
+    """Why ``folder`` is featx's own output and not images ('' when it is not): a run folder (``compare --out``)
+    or a cache folder, whose plots and files must never become a class."""
+    try:
+        if (folder / RUN_MARKER).is_file():
+            return f"a featx run folder ({RUN_MARKER}): not scanned"
+        if any(p.name.endswith((".h5", ".h5.partial")) for p in folder.iterdir()):
+            return "a featx cache folder (.h5 embedding files): not scanned"
+    except OSError:
+        return ""
+    return ""
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:
@@ -314,10 +330,23 @@ def pseudo_labelled(dataset: ImageDataset, source: str | Path) -> list[Sample]:
 
 
 def _read_folders(root: Path, skipped: list[tuple[str, str]]):
-    """Class folders, optionally inside train/val/test folders."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """Class folders, optionally inside train/val/test folders; which of the two, the top level alone says."""
+    subdirs = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        made_by_featx = featx_output(d)
+        if made_by_featx:
+            skipped.append((str(d), made_by_featx))
+        else:
+            subdirs.append(d)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_FOLDER_NAMES]
-    if split_dirs and "train" in {d.name.lower() for d in split_dirs}:
+    others = [d for d in subdirs if d not in split_dirs]
+    named = {SPLIT_FOLDER_NAMES[d.name.lower()] for d in split_dirs}
+    # A lone train/ beside folders of images is a class called "train", not a split layout.
+    if "train" in named and (len(named) > 1 or not any(_images_under(d, []) for d in others)):
+        skipped += [(str(d), "not a train, val or test folder: left out of the split layout") for d in others]
+        skipped += [(str(p), "an image outside the train, val and test folders: left out")
+                    for d in [root, *split_dirs] for p in sorted(d.iterdir())
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         class_names = sorted(
             {c.name for d in split_dirs for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")}
         )
@@ -365,11 +394,17 @@ def _read_table(path: Path, required: set[str]) -> list[tuple[int, dict[str, str
     return rows
 
 
-def _read_csv(path: Path, allow_outside_root: bool):
-    """A CSV of ``path,label[,split[,group]]``; paths are relative to the CSV's folder and must stay inside it."""
+def _read_csv(path: Path, allow_outside_root: bool, skipped: list[tuple[str, str]]):
+    """A CSV of ``path,label[,split[,group]]``; paths are relative to the CSV's folder and must stay inside it.
+    The header line repeated (files concatenated) is passed over and listed, never read as a class."""
     root = path.parent
     inside = root.resolve()
-    records = _read_table(path, {"path", "label"})
+    records = []
+    for line, r in _read_table(path, {"path", "label"}):
+        if r["path"].lower() == "path" and r["label"].lower() == "label":
+            skipped.append((f"{path}:{line}", "the header line again: not an image"))
+        else:
+            records.append((line, r))
     classes = sorted({r["label"] for _, r in records if r["label"]})
     index = {c: i for i, c in enumerate(classes)}
     rows, first_line = [], {}

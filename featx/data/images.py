@@ -82,6 +82,8 @@ def open_rgb(path: str | Path, min_side: int = 0, max_pixels: int = MAX_PIXELS) 
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own alarm: a skip, not a note
+            # A damaged EXIF block only loses the orientation; Pillow's note about it is not the user's business.
+            warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data")
             with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
@@ -120,7 +122,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         bad = int((~np.isfinite(values)).sum())
         if bad:  # one NaN would make the whole scaled image NaN, i.e. black: refuse rather than guess
             raise ImageError(f"{bad} of {values.size} pixels are NaN or infinite")
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        top = _bit_depth_top(values) if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
         grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -129,6 +131,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _bit_depth_top(values: np.ndarray) -> float:
+    """The top of a 16-bit file's own range: the smallest bit depth scanners and cameras write (8, 10, 12, 14 or 16)
+    that holds its brightest pixel, so a 12-bit scan stored in 16 bits spans 0..4095, not 0..65535 where it would be
+    nearly black, and scans of one depth keep their brightness relative to each other."""
+    brightest = float(values.max())
+    return float(next(2 ** bits - 1 for bits in (8, 10, 12, 14, 16) if brightest <= 2 ** bits - 1))
 
 
 def crop_geometry(width: int, height: int, preprocess: Preprocess) -> tuple[int, int, int, int]:

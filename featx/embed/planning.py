@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.data.remote import is_url
 from featx.embed.backbones import DEFAULT_BACKBONE
 from featx.embed.checkpoints import BackboneSource, backbone_source
 from featx.data.datasets import ImageDataset, Sample, scan_dataset
@@ -68,6 +69,11 @@ class ExtractConfig:
 
     def __post_init__(self):
         check_fields(self, "extract")
+        # Files by absolute path: the config is recorded with the features, and predict reads it from anywhere.
+        for name in ("weights", "checkpoint"):
+            value = getattr(self, name)
+            if value and value.lower() != "none" and not is_url(value):
+                object.__setattr__(self, name, str(Path(value).expanduser().absolute()))
         if (self.augment or self.tta_views) and self.aug == "none":
             what = "augmented copies" if self.augment else "test-time views"
             raise ConfigError(f"{what} need transforms: the 'aug' parameter must be natural or xray")

@@ -197,6 +197,8 @@ class HingeSGD(ClassifierMixin, BaseEstimator):
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(1)]
 
 
+LIGHTGBM_MIN_LEAF = 20  # LightGBM's min_child_samples default: fewer rows in a leaf are never split off
+
 SAMPLING = {"bagging": {"subsample": 0.8, "subsample_freq": 1}, "goss": {"data_sample_strategy": "goss"}}
 
 
@@ -228,6 +230,10 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         # Too few rows for an inner fold: a short fixed number of trees instead of early stopping.
         stop_early = len(y) >= 50 and np.bincount(y_index).min() >= 5
+        if len(y) < 2 * LIGHTGBM_MIN_LEAF:
+            log.warning("lightgbm: %d training rows cannot be split into two leaves of %d (LightGBM's "
+                        "min_child_samples): every tree is one leaf, and it predicts the training balance for every "
+                        "image", len(y), LIGHTGBM_MIN_LEAF)
         self.model_ = lightgbm.LGBMClassifier(
             n_estimators=self.max_trees if stop_early else min(self.max_trees, 100),
             learning_rate=self.learning_rate, num_leaves=self.num_leaves, class_weight=self.class_weight,

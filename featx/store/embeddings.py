@@ -78,6 +78,10 @@ def package_version(module: str) -> str:
         return ""
 
 
+class LockBusy(DataError):
+    """Another featx process holds the lock."""
+
+
 class CacheLock:
     """An exclusive lock beside the output file, so two extractions never write one key at once.
 
@@ -101,7 +105,7 @@ class CacheLock:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
             self._handle.close()
-            raise DataError(
+            raise LockBusy(
                 f"{self.path.with_suffix('')}: another featx process is writing this file; wait for it to finish"
             ) from None
         return self
@@ -419,6 +423,12 @@ class Embeddings:
         return self.meta.get("label") or self.backbone
 
     @property
+    def name(self) -> str:
+        """The input's name in a leaderboard and a run folder: its file name, unless ``compare`` had two inputs of
+        one file name (from different folders), which then carry their cache keys too."""
+        return self.meta.get("name") or self.path.name
+
+    @property
     def cache_key(self) -> str:
         return self.meta["cache_key"]
 
@@ -560,6 +570,11 @@ def joined_stem(stems: list[str]) -> str:
     return f"{stems[0].encode()[:64].decode(errors='ignore')}+{len(stems) - 1}-more-{digest}"
 
 
+def _class_name(emb: Embeddings, row: int) -> str:
+    label = int(emb._labels[row])
+    return emb.classes[label] if label >= 0 else "unlabelled"
+
+
 def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
     """Several backbones' embeddings of the same images, side by side in one feature matrix.
 
@@ -573,13 +588,21 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
                             "extract both from the same data with the same split")
         if other.classes != first.classes:
             raise DataError(f"{other.path}: classes {other.classes} differ from {first.classes}")
+        differ = np.flatnonzero(other._labels != first._labels)
+        if len(differ):
+            row = differ[0]
+            raise DataError(f"{other.path}: labels differ from {first.path} on {len(differ)} rows (e.g. "
+                            f"{first.paths[row]}: {_class_name(other, row)} here, {_class_name(first, row)} there); "
+                            "extract both from the same labelled data")
     label = "+".join(p.label for p in parts)
+    name = joined_stem([Path(p.name).stem for p in parts]) + ".h5"
     meta = {**first.meta, "backbone": label, "label": label, "cache_key": "+".join(p.cache_key for p in parts),
+            "name": name,
             "parts": [str(p.path) for p in parts],
             # how each part was made, so a head on the joined features can embed new images the same ways
             "part_meta": [{k: v for k, v in p.meta.items() if k not in ("shards", "part_meta")} for p in parts]}
     return Embeddings(
-        path=Path(joined_stem([p.path.stem for p in parts]) + ".h5"), meta=meta, classes=first.classes,
+        path=Path(name), meta=meta, classes=first.classes,
         paths=first.paths, splits=first.splits, ok=np.logical_and.reduce([p.ok for p in parts]),
         errors=first.errors, _features=np.concatenate([p._features.astype(np.float32) for p in parts], axis=1),
         _labels=first._labels,

@@ -36,14 +36,15 @@ def _read() -> dict[str, str]:
 
 def _write(entries: dict[str, str]) -> None:
     """Atomically, keeping the newest entries; a read-only home just means nothing is remembered."""
-    path = memo_path()
+    path, handle = memo_path(), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
             json.dump(dict(list(entries.items())[-MAX_ENTRIES:]), handle)
         os.replace(handle.name, path)
-    except OSError:
-        pass
+    except OSError:  # the memo a folder, the disk full: no leftover temporary file either
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)
 
 
 def remembered(key: str, find: Callable[[], str]) -> str:
@@ -56,10 +57,12 @@ def remembered(key: str, find: Callable[[], str]) -> str:
 
 
 def remembered_of_file(kind: str, path: str | Path, find: Callable[[], str]) -> str:
-    """A ``kind`` of fact about the file ``path``, found again only when its size or modification time changed."""
+    """A ``kind`` of fact about the file ``path`` (a weights file's hash, a checkpoint's), found again when its size,
+    modification or change time changed: a file replaced in place with its old size and an old modification time
+    put back still moves the change time, which no program sets."""
     path = Path(path).resolve()
     stat = path.stat()
-    return remembered(f"{kind}:{path}:{stat.st_size}:{stat.st_mtime_ns}", find)
+    return remembered(f"{kind}:{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}", find)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -15,7 +15,7 @@ from featx.errors import DataError
 from featx.heads.registry import load_head
 from featx.store.memo import file_sha256
 from featx.heads.openset import OpenSet
-from featx.comparison.runs import RUN_FILE, best_head, load_run
+from featx.comparison.runs import RUN_FILE, best_head, half_written, load_run
 from featx.store.embeddings import PARTIAL_SUFFIX, verify_file
 
 
@@ -35,7 +35,11 @@ def diagnose(path: str | Path) -> Diagnosis:
     """Everything wrong with ``path`` (an embedding file, a run folder, a checkpoint); empty problems when sound."""
     path = Path(path)
     if path.is_dir() and (path / RUN_FILE).exists():
-        return _run(path)
+        found = _run(path)
+        found.problems += half_written(path)
+        return found
+    if path.is_dir() and half_written(path):  # a run whose save was cut short
+        return Diagnosis(path, "run", [], half_written(path))
     if path.suffix == ".pt":
         return _checkpoint(path)
     if path.name.endswith((".h5", ".h5" + PARTIAL_SUFFIX)):

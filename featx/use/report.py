@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 from jinja2 import Environment
@@ -117,7 +118,7 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     if missing:
         raise DataError(f"{run_dir}: {len(missing)} plots of this run are missing (e.g. {missing[0]}); re-run "
                         "`featx compare --out` to make them again")
-    inputs = {Path(i["path"]).name: i for i in run["inputs"]}
+    inputs = {i.get("name") or Path(i["path"]).name: i for i in run["inputs"]}
 
     heads = []
     for result in run["results"]:
@@ -161,7 +162,9 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         audit=_audit(run, Path(source) if source else None, root if reachable else None),
     )
     path = run_dir / "report.html"
-    path.write_text(html, encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(html, encoding="utf-8")
+    os.replace(partial, path)  # never half a report under the final name
     return path
 
 
@@ -177,7 +180,7 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
     config = run["config"]
     files = []
     for item in run["inputs"]:
-        name = Path(item["path"]).name
+        name = item.get("name") or Path(item["path"]).name
         shift = (config.get("shift") or {}).get(name)
         least = [{"data": data, "caption": rel.split("/")[-1]} for rel in (shift or {}).get("least_alike", [])[:8]
                  if root and (data := _thumbnail(root / rel))]
