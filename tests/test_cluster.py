@@ -84,6 +84,7 @@ def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
     assert again.cached
 
 
+@pytest.mark.slow  # test_shards_give_the_sequential_rows covers shards; views in shards ~9 s
 def test_test_time_views_give_the_sequential_rows_in_shards(cluster, data, sequential, tmp_path):
     """--tta-views draws its views once for every image, so shards of any size embed a row as one process does."""
     address, _ = cluster
@@ -259,6 +260,7 @@ def test_compare_on_the_cluster_gives_the_sequential_leaderboard(cluster):
                      compare([FIXTURE], heads, threshold="balanced_accuracy", cluster=address))
 
 
+@pytest.mark.slow  # ~8 s; test_compare_on_the_cluster and the out-of-core test keep the cluster heads in the default run
 def test_lightgbm_on_the_cluster_gives_the_sequential_leaderboard(cluster):
     """Large enough for BLAS to thread its sums (1,500 × 512): with two threads here and one on the workers,
     lightgbm's bins moved and it tuned another num_leaves, until both ways fitted with one thread."""

@@ -185,6 +185,7 @@ def test_ensemble_averages_each_head_over_the_files_in_logit_space(tmp_path):
     assert "efficientnet_lite0+noisy averaged | logreg" in shown.output
 
 
+@pytest.mark.slow  # eight files × an ensemble, ~6 s
 def test_an_ensemble_of_many_long_named_files_saves_its_run(tmp_path):
     """Eight cache files' stems joined are longer than a file name may be; the run's files still get names."""
     files = [copy_as(tmp_path, f"efficientnet_lite0_ft-{i:08d}-{'a' * 10}", f"{i:010d}") for i in range(8)]

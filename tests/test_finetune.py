@@ -94,7 +94,7 @@ def test_resume_after_interruption_gives_the_same_weights(colours, tmp_path):
     assert (tmp_path / "whole" / "history.csv").read_text() == (tmp_path / "cut" / "history.csv").read_text()
 
 
-def test_the_weight_average_follows_the_steps_and_is_what_validation_and_best_pt_see(colours, tmp_path):
+def test_the_weight_average_follows_the_steps():
     model = torch.nn.Linear(2, 1)
     average = WeightAverage(model, decay=0.9)
     start = model.weight.detach().clone()
@@ -106,6 +106,9 @@ def test_the_weight_average_follows_the_steps_and_is_what_validation_and_best_pt
         assert torch.equal(model.weight, average.weights["weight"])
     assert torch.equal(model.weight, start + 1.0)  # the model's own weights are back after the block
 
+
+@pytest.mark.slow  # five fine-tunes, ~13 s
+def test_the_weight_average_is_what_validation_and_best_pt_see_and_survives_a_resume(colours, tmp_path):
     config = replace(TINY, aug="natural", ema=0.9)
     whole = finetune(colours, config, out=tmp_path / "whole", progress=False)
     last = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
@@ -342,6 +345,7 @@ def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone
     assert "backbone_validation" not in load_embeddings(extract(other, config, progress=False).path).meta
 
 
+@pytest.mark.slow  # three fine-tunes, ~10 s
 def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path, caplog):
     """An ensemble over training seeds is validated cleanly only on images none of its runs trained on:
     --val-seed fixes the carve while --seed still moves the head's start and the batch order."""

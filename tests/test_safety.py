@@ -75,7 +75,7 @@ def _save_and_exit(board, out: Path) -> None:
     os._exit(0)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(second_after=st.floats(0, 0.3), kill_after=st.one_of(st.none(), st.floats(0, 1.0)), kill_first=st.booleans())
 def test_1_2_two_writers_and_a_kill_leave_the_old_run_or_a_new_one_never_a_mix(boards, second_after, kill_after,
                                                                                 kill_first):
@@ -179,3 +179,158 @@ def test_5_files_of_the_same_images_with_other_labels_are_not_joined(tmp_path):
     for joined in ({"concat": True}, {"ensemble": True}):
         with pytest.raises(DataError, match=r"other.h5: labels differ from .* on \d+ rows \(e.g. "):
             compare([FIXTURE, relabelled], ["logreg"], **joined)
+
+
+def test_6_split_fractions_must_be_finite_and_sum_to_one(tmp_path):
+    from featx.data.datasets import scan_dataset
+    from featx.errors import ConfigError
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", per_class=4)
+    for split in ("nan,nan,nan", "0.7,nan,0.3", "inf,0,0"):
+        with pytest.raises(ConfigError, match="The 'split' parameter of scan_dataset must be train,val,test"):
+            scan_dataset(data, split=split)
+        one_line_error(invoke("extract", data, "--split", split), 2, "Invalid value for '--split'")
+
+
+def test_7_a_file_replaced_in_place_with_its_size_and_modification_time_is_hashed_again(tmp_path):
+    from featx.store.memo import file_sha256, remembered_sha256
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"a" * 1000)
+    first = remembered_sha256(weights)
+    stat = weights.stat()
+    time.sleep(0.01)
+    weights.write_bytes(b"b" * 1000)  # same size; the old modification time put back
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert remembered_sha256(weights) == file_sha256(weights) != first
+
+
+def test_8_a_12_bit_scan_in_a_16_bit_png_keeps_its_range(tmp_path):
+    from PIL import Image
+
+    from featx.data.images import open_rgb
+
+    scan = (np.linspace(0, 4000, 64 * 64).reshape(64, 64)).astype(np.uint16)  # 12 bits stored in 16
+    Image.fromarray(scan).save(tmp_path / "scan.png")  # mode I;16
+    grey = np.asarray(open_rgb(tmp_path / "scan.png"))[..., 0]
+    assert grey.max() >= 245 and len(np.unique(grey)) > 200  # was 15 at most, and 16 grey levels
+
+
+def test_9_raster_formats_pillow_reads_are_scanned_and_other_files_listed(tmp_path):
+    from PIL import features
+
+    from featx.data.datasets import scan_dataset
+    from tests.conftest import make_image
+
+    for i, suffix in enumerate((".jpg", ".jfif", ".jpe")):
+        for name in ("cat", "dog"):
+            make_image(tmp_path / "d" / name / f"{i}{suffix}", (200, 30, 30), seed=i, fmt="JPEG")
+    if features.check("avif"):
+        make_image(tmp_path / "d" / "cat" / "9.avif", (200, 30, 30), fmt="AVIF")
+    (tmp_path / "d" / "dog" / "notes.txt").write_text("x")
+    found = scan_dataset(tmp_path / "d")
+    assert len(found) == 6 + features.check("avif")
+    assert ("not an image file name (.txt)") in dict((Path(p).name, why) for p, why in found.skipped).values()
+
+
+def test_10_11_a_split_layout_is_read_from_its_top_level_and_lists_what_it_leaves_out(tmp_path):
+    from featx.data.datasets import scan_dataset
+    from tests.conftest import make_class_folders, make_image
+
+    split = make_class_folders(tmp_path / "s", per_class=2, splits=("train", "test"))
+    make_image(split / "extra" / "red" / "x.jpg", (200, 30, 30))
+    make_image(split / "loose.jpg", (200, 30, 30))
+    make_image(split / "train" / "loose.jpg", (200, 30, 30))
+    found = scan_dataset(split)
+    outside = "an image outside the train, val and test folders: left out"
+    assert {Path(p).relative_to(split).as_posix(): why for p, why in found.skipped} == {
+        "extra": "not a train, val or test folder: left out of the split layout",
+        "loose.jpg": outside, "train/loose.jpg": outside}
+    assert len(found) == 12 and found.split_source == "split folders"
+    # a class named train beside other class folders, with sub-folders or flat
+    for nested in (True, False):
+        data = make_class_folders(tmp_path / f"c{nested}", per_class=3)
+        for i in range(4):
+            make_image(data / "train" / ("sub" if nested else "") / f"t{i}.jpg", (90, 90, 90), seed=i)
+        found = scan_dataset(data)
+        assert sorted(found.classes) == ["blue", "green", "red", "train"] and len(found) == 13
+
+
+def test_12_a_repeated_csv_header_is_not_a_class(tmp_path):
+    from featx.data.datasets import scan_dataset
+    from tests.conftest import make_image
+
+    for i in range(4):
+        make_image(tmp_path / f"{i}.jpg", (30, 30, 30), seed=i)
+    (tmp_path / "labels.csv").write_text("path,label\n0.jpg,cat\n1.jpg,dog\npath,label\n2.jpg,cat\n3.jpg,dog\n")
+    found = scan_dataset(tmp_path / "labels.csv")
+    assert found.classes == ["cat", "dog"] and len(found) == 4
+    assert found.skipped == [(f"{tmp_path / 'labels.csv'}:4", "the header line again: not an image")]
+
+
+def test_13_a_run_folder_inside_the_dataset_is_never_scanned(tmp_path):
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", per_class=10)
+    tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--out", tmp_path / "cache"]
+    assert invoke("extract", data, *tiny).exit_code == 0
+    assert invoke("compare", *(tmp_path / "cache").rglob("*.h5"), "--heads", "logreg", "--out", data / "run"
+                  ).exit_code == 0
+    again = invoke("extract", data, *tiny)
+    assert again.exit_code == 0 and "30 images, 3 classes" in again.output and "nothing to do" in again.output
+    assert "a featx run folder (run.json): not scanned" in again.output
+
+
+def test_14_a_head_that_learnt_nothing_says_so(tmp_path, caplog):
+    from tests.test_adapt import blobs, write_file
+
+    rng = np.random.default_rng(0)
+    X, y = blobs(rng, 16)
+    file = write_file(tmp_path, X, y, ["train"] * 8 + ["val"] * 4 + ["test"] * 4)
+    row = compare([file], ["lightgbm"]).rows[0]
+    assert "8 training rows cannot be split into two leaves of 20" in caplog.text
+    assert row["warning"].startswith("predicts ") and "for every validation image" in row["warning"]
+
+
+def test_15_a_class_whose_images_are_all_unreadable_is_refused_before_any_head(tmp_path):
+    from tests.conftest import make_class_folders
+
+    data = make_class_folders(tmp_path / "d", per_class=4, splits=("train", "test"))
+    for image in data.glob("*/blue/*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--out", tmp_path / "cache"]
+    assert invoke("extract", data, *tiny).exit_code == 0
+    file = next((tmp_path / "cache").rglob("*.h5"))
+    one_line_error(invoke("compare", file, "--heads", "logreg"), 2,
+                   "class blue has no readable training rows (8 of its images unreadable)")
+
+
+def test_16_the_input_size_is_bounded(tmp_path):
+    from featx.embed.planning import ExtractConfig
+    from featx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"The 'image_size' parameter of extract must be an int in \[16, 4096\]"):
+        ExtractConfig(image_size=100_000)
+    one_line_error(invoke("extract", tmp_path, "--image-size", "100000"), 2, "16<=x<=4096")
+
+
+def test_17_names_with_control_characters_never_reach_the_terminal_raw(tiny_run, tmp_path):
+    from tests.conftest import make_image
+
+    evil = make_image(tmp_path / "evil\x1b]0;pwned\x07\u202egpj.jpg", (200, 30, 30))
+    result = invoke("predict", tiny_run.run, evil)
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\u202e" not in result.output
+    assert "evil\\x1b]0;pwned\\x07\\u202egpj.jpg" in result.output
+
+
+def test_near_misses_before_the_work_and_no_leftovers(tiny_run, tmp_path, monkeypatch):
+    from featx.embed.planning import ExtractConfig
+    from featx.store.memo import remembered
+
+    image = next((tiny_run.data / "test" / "red").glob("*.jpg"))
+    one_line_error(invoke("predict", tiny_run.run, image, "--csv", ""), 2, "--csv '.': not a file name")
+    assert Path(ExtractConfig(weights="w.pt").weights) == Path.cwd() / "w.pt"  # recorded usable from anywhere
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "memo.json").mkdir(parents=True)  # a memo that is a folder: nothing remembered, no litter
+    assert remembered("k", lambda: "v") == "v" and not list((tmp_path / "home").glob("*.tmp"))

@@ -23,7 +23,10 @@ BACKBONE_PREFIX = "features.net."  # where the backbone sits in a fine-tuned cla
 
 
 def _write_sidecar(path: Path, sidecar: dict) -> None:
-    path.with_suffix(".json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **sidecar}, indent=2) + "\n")
+    """Written whole or not at all: a half sidecar would make the checkpoint beside it unreadable."""
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"format": CHECKPOINT_FORMAT, **sidecar}, indent=2) + "\n")
+    partial.replace(path.with_suffix(".json"))
 
 
 def _save_atomically(state: dict, path: Path) -> None:
