@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["featx", "featx.*"]),
-    package_data={"featx.data": ["sample_data/**/*"]},
+    package_data={"featx.data": ["sample_data/**/*"], "featx.use": ["page.html"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -48,7 +48,11 @@ setup(
         "cluster": ["dask[array,distributed]>=2024.1", "pandas>=1.5"],  # pandas: lightgbm.dask needs it
         # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
         # tests run on a LocalCluster.
-        "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1", "pandas>=1.5"],
+        # featx serve: FastAPI (routing, validation, OpenAPI docs) on uvicorn; python-multipart parses uploads.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        # httpx: Starlette's TestClient drives the API tests.
+        "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1", "pandas>=1.5",
+                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["featx=featx.cli.commands:main"]},
 )

@@ -532,6 +532,42 @@ def demo(ctx, out, cache_dir, backbone, weights, image_size, heads):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --token.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--token", envvar="FEATX_TOKEN", show_envvar=True,
+              help="Secret every request must carry (Authorization: Bearer TOKEN; the page takes ?token=TOKEN).")
+@options.option("score", default="knn", show_default=True,
+                help="Open-set score deciding 'unknown' by default (a request may ask for another).")
+@click.option("--max-bytes", default=20_000_000, show_default=True, type=click.IntRange(1),
+              help="Largest upload accepted, per file.")
+@click.option("--max-files", default=32, show_default=True, type=click.IntRange(1), help="Files per request.")
+@options.option("max_pixels", default=50_000_000, show_default=True,
+                help="Largest image accepted, in pixels (read from its header, never decoded).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Images of concurrent requests classified together, at most.")
+@click.option("--wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="How long the first image of a batch waits for others.")
+@click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
+                                            "code it holds: only for folders whose source you trust.")
+@click.option("--adapt-to", "adapt_to", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="For a run extracted with --adapt-bn: unlabelled images of the domain to serve, whose BatchNorm "
+                   "statistics the backbone takes. Repeatable.")
+def serve(run_dir, host, port, token, score, max_bytes, max_files, max_pixels, batch, wait_ms, trust, adapt_to):
+    """Serve RUN_DIR's best head (a `featx compare --out` folder or its best/) as a web page and a JSON API:
+    POST /predict (multipart files), GET /health, GET /model, OpenAPI docs at /docs. Needs
+    pip install 'featx[serve]'."""
+    from featx.use.serve import ServeLimits, check_exposure, serve as run_server
+
+    check_exposure(host, token)
+    limits = ServeLimits(max_bytes=max_bytes, max_files=max_files, max_pixels=max_pixels, batch=batch, wait_ms=wait_ms)
+    echo(f"serving {run_dir} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    run_server(run_dir, host=host, port=port, token=token, score=score, trust=trust, adapt_to=list(adapt_to) or None,
+               limits=limits)
+
+
+@main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def doctor(path):
     """Check PATH, an embedding file, a run folder or a fine-tuned checkpoint: checksums, every chunk, schema,

@@ -69,15 +69,16 @@ class Preprocess:
         return recorded
 
 
-def open_rgb(path: str | Path, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` to an 8-bit RGB image, upright per EXIF; images over ``max_pixels`` are refused unread.
+def open_rgb(path: str | Path | bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` (a file, a URL, or the bytes of an upload) to an 8-bit RGB image, upright per EXIF; images
+    over ``max_pixels`` are refused unread.
 
     For JPEGs much larger than ``min_side`` the decoder's draft mode scales by 1/2, 1/4
     or 1/8 while decoding, which is several times faster than decoding at full size
     and resizing afterwards; the result never drops below ``min_side``.
     """
     try:
-        source = _bytes_at(path) if is_url(path) else Path(path)
+        source = (io.BytesIO(path) if isinstance(path, bytes) else _bytes_at(path) if is_url(path) else Path(path))
         if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size) == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
@@ -165,6 +166,6 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | Path, preprocess: Preprocess) -> np.ndarray:
+def load_image(path: str | Path | bytes, preprocess: Preprocess) -> np.ndarray:
     """The model-ready HWC uint8 array for one file; raises ``ImageError`` with a reason."""
     return resize_and_crop(open_rgb(path, min_side=preprocess.resize, max_pixels=preprocess.max_pixels), preprocess)

@@ -139,16 +139,18 @@ class Predictor:
         self.open_set = OpenSet.load(self.folder)
         self._seen: list[np.ndarray] = []
 
-    def features(self, paths: list[Path]) -> tuple[list[Path], np.ndarray | None, list[Prediction]]:
-        """The readable images among ``paths``, their features (every backbone's, side by side), and a
-        ``Prediction`` with the error for each unreadable one. Each backbone decodes the file itself: JPEG draft
-        decoding depends on the size it resizes to, and each must see the pixels its extraction saw."""
+    def features(self, paths: list[Path | tuple[str, bytes]]) -> tuple[list, np.ndarray | None, list[Prediction]]:
+        """The readable images among ``paths`` (files, or (name, bytes) of uploads), their features (every
+        backbone's, side by side), and a ``Prediction`` with the error for each unreadable one. Each backbone
+        decodes the file itself: JPEG draft decoding depends on the size it resizes to, and each must see the
+        pixels its extraction saw."""
         readable, failed, pixels = [], [], [[] for _ in self.backbones]
         for path in paths:
+            name, source = path if isinstance(path, tuple) else (str(path), path)
             try:
-                loaded = [load_image(path, b.preprocess) for b in self.backbones]
+                loaded = [load_image(source, b.preprocess) for b in self.backbones]
             except ImageError as err:
-                failed.append(Prediction(str(path), None, [], error=str(err)))
+                failed.append(Prediction(name, None, [], error=str(err)))
                 continue
             readable.append(path)
             for kept, image in zip(pixels, loaded):
@@ -158,10 +160,16 @@ class Predictor:
         return readable, np.hstack([b.features(np.stack(p)) for b, p in zip(self.backbones, pixels)]), failed
 
     def predict(self, paths: list[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
-        check("Predictor.predict", top_k=top_k, batch_size=batch_size)
-        files = list_images(paths)
+        """Files, and every image under folders, in that order."""
+        return self.classify(list_images(paths), top_k, batch_size)
+
+    def classify(self, files: list[Path | tuple[str, bytes]], top_k: int = 3, batch_size: int = 32,
+                 score: str | None = None) -> list[Prediction]:
+        """``files`` (paths, or (name, bytes) of uploads) in their order, unreadable ones with their error;
+        ``unknown`` decided by ``score`` (the predictor's by default)."""
+        check("Predictor.predict", top_k=top_k, batch_size=batch_size, score=score or self.score)
         for backbone in self.backbones:  # built (and adapted, for an --adapt-bn run) before the first batch
-            backbone.model(self.adapt_to or files)
+            backbone.model(self.adapt_to or [f for f in files if not isinstance(f, tuple)])
         results: list[Prediction] = []
         self._seen = []  # this call's features, for drift() and the spreading
         readable = []
@@ -172,8 +180,9 @@ class Predictor:
             if read:
                 self._seen.append(features)
         if readable:
-            results += self._classify(readable, np.concatenate(self._seen), top_k)
-        order = {str(p): i for i, p in enumerate(files)}
+            results += self._classify([_name(p) for p in readable], np.concatenate(self._seen), top_k,
+                                      score or self.score)
+        order = {_name(p): i for i, p in enumerate(files)}
         return sorted(results, key=lambda r: order[r.path])
 
     def drift(self) -> ShiftTest | None:
@@ -186,16 +195,16 @@ class Predictor:
         unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
         return two_sample_test(self.open_set.reference, unit, permute_above=SHIFT_AUC)  # permutations only if it matters
 
-    def _classify(self, paths, features, top_k) -> list[Prediction]:
+    def _classify(self, paths, features, top_k, score_name) -> list[Prediction]:
         features, proba, threshold = head_probabilities(self.head, features, self.steps)
         chosen = predict_labels(proba, threshold)
-        unknown = self.open_set.scores(features, proba)[self.score] if self.open_set else None
+        unknown = self.open_set.scores(features, proba)[score_name] if self.open_set else None
         out = []
         for i, path in enumerate(paths):
             order = np.argsort(-proba[i])[:top_k]
             label = self.classes[chosen[i]]
             score = None if unknown is None else float(unknown[i])
-            if score is not None and score > self.open_set.thresholds[self.score]:
+            if score is not None and score > self.open_set.thresholds[score_name]:
                 label = UNKNOWN
             out.append(Prediction(str(path), label, [(self.classes[k], float(proba[i, k])) for k in order], score))
         return out
@@ -211,6 +220,10 @@ def head_probabilities(head: dict, features: np.ndarray, steps: list[dict] | Non
     start = head["validation_threshold"] if "validation_threshold" in head else head.get("threshold")
     proba, threshold = replay_scores(steps, features, proba, start)
     return features, proba, threshold
+
+
+def _name(source: Path | tuple[str, bytes]) -> str:
+    return source[0] if isinstance(source, tuple) else str(source)
 
 
 def _legacy_steps(head: dict) -> list[dict]:
