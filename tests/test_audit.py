@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from featx.shift.audit import DUPLICATE_COSINE, leaked_rows, near_duplicates, shift_between, two_sample_test
@@ -179,6 +180,7 @@ def test_perceptual_hash_confirms_copies_and_identical_files_are_found(tmp_path)
     assert run_audit(emb, duplicate_cosine=0.99, images=False).hashes is None
 
 
+@pytest.mark.slow  # ~5 s; the hash's own tests stay in the default run
 def test_on_alike_images_the_hash_confirms_only_close_copies(tmp_path):
     """Chest X-rays are alike to a perceptual hash: a fixed photo threshold would confirm distinct ones."""
     from PIL import Image

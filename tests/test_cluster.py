@@ -119,6 +119,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # ~6 s; test_shards_give_the_sequential_rows keeps shards in the default run
 def test_a_shard_asked_for_decoding_processes_decodes_with_threads_in_a_daemonic_dask_worker(cluster, data,
                                                                                            sequential, tmp_path):
     # DataLoader workers (the GPU default) cannot start inside a Dask worker process: every shard failed on a GPU

@@ -220,6 +220,7 @@ def test_head_warm_start_from_a_logreg_run(colours, tmp_path):
     np.testing.assert_allclose(proba, head["pipeline"].predict_proba(features), atol=1e-4)
 
 
+@pytest.mark.slow  # three fine-tunes and two runs, ~7 s
 def test_guessed_labels_train_never_validate_are_never_read_as_truth_and_flag_test_figures(tmp_path, caplog):
     import csv
 

@@ -75,7 +75,7 @@ def _save_and_exit(board, out: Path) -> None:
     os._exit(0)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(second_after=st.floats(0, 0.3), kill_after=st.one_of(st.none(), st.floats(0, 1.0)), kill_first=st.booleans())
 def test_1_2_two_writers_and_a_kill_leave_the_old_run_or_a_new_one_never_a_mix(boards, second_after, kill_after,
                                                                                 kill_first):
