@@ -568,6 +568,24 @@ def serve(run_dir, host, port, token, score, max_bytes, max_files, max_pixels, b
 
 
 @main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--per-class", default=20, show_default=True, type=click.IntRange(1),
+              help="Rows kept of every class in every split (fewer where there are fewer).")
+@options.option("dtype", help="Storage type of the subset's features [default: the file's].")
+@options.seed("Seed of the rows drawn.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The subset's file (for example tests/fixtures/small.h5); never overwritten.")
+def subset(file, per_class, dtype, seed, out):
+    """A small, valid copy of FILE for tests: up to --per-class rows of every class in every split, drawn with
+    --seed, provenance kept and marked as a subset. Loads, compares and predicts without torch."""
+    from featx.store.embeddings import read_meta
+    from featx.store.fixtures import subset_embeddings
+
+    made = subset_embeddings(file, out, per_class, dtype=dtype, seed=seed)
+    echo(f"wrote {made} ({read_meta(made)['n_rows']} rows of {read_meta(file)['n_rows']})")
+
+
+@main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def doctor(path):
     """Check PATH, an embedding file, a run folder or a fine-tuned checkpoint: checksums, every chunk, schema,
