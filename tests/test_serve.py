@@ -152,6 +152,7 @@ class DevTools:
         os.close(to_browser)
         os.close(from_browser)
         self.send_fd, self.read_fd, self.buffer, self.ids, self.session = from_us, to_us, b"", 0, None
+        self.events: list[str] = []  # the methods of the events seen, in order
 
     def call(self, method: str, timeout: float = 20, **params) -> dict:
         self.ids += 1
@@ -167,6 +168,8 @@ class DevTools:
                 self.buffer += os.read(self.read_fd, 1 << 20)
             raw, self.buffer = self.buffer.split(b"\0", 1)
             answer = json.loads(raw)
+            if "method" in answer:
+                self.events.append(answer["method"])
             if answer.get("id") == self.ids:
                 assert "error" not in answer, answer
                 return answer["result"]
@@ -223,6 +226,18 @@ def test_a_person_uploads_two_sample_images_and_reads_the_top_3(tmp_path):
         browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         browser.call("Emulation.setDeviceMetricsOverride", width=1000, height=900, deviceScaleFactor=1, mobile=False)
         browser.wait_for("document.getElementById('model').children.length > 0")  # provenance loaded
+        # with the keyboard alone: Tab reaches the drop zone, Enter opens the file chooser
+        browser.call("Page.enable")
+        browser.call("Page.setInterceptFileChooserDialog", enabled=True)
+        browser.call("Input.dispatchKeyEvent", type="keyDown", key="Tab", code="Tab", windowsVirtualKeyCode=9)
+        browser.call("Input.dispatchKeyEvent", type="keyUp", key="Tab", code="Tab", windowsVirtualKeyCode=9)
+        assert browser.evaluate("document.activeElement.id") == "drop"
+        for kind in ("keyDown", "keyUp"):
+            browser.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        deadline = time.monotonic() + 10
+        while "Page.fileChooserOpened" not in browser.events:
+            assert time.monotonic() < deadline, "Enter on the drop zone opened no file chooser"
+            browser.evaluate("1")  # reads the events that came meanwhile
         root = browser.call("DOM.getDocument")["root"]["nodeId"]
         chooser = browser.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
         browser.call("DOM.setFileInputFiles", nodeId=chooser, files=[str(p) for p in chosen])
