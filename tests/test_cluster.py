@@ -129,6 +129,7 @@ def test_a_shard_asked_for_decoding_processes_decodes_with_threads_in_a_daemonic
     same_rows(load_embeddings(result.path), sequential[1])
 
 
+@pytest.mark.slow  # ~7 s; test_extract's killed extraction keeps resuming in the default run
 def test_a_killed_client_is_resumed_by_doing_only_the_missing_shards(cluster, data, sequential, tmp_path):
     address, client = cluster
     client.register_plugin(Sabotage(str(tmp_path / "unused"), delay=0.8), name="slow")  # slow shards: time to kill

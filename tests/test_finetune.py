@@ -317,6 +317,7 @@ def test_a_checkpoint_is_embedded_only_under_the_split_it_trained_on(tmp_path):
     assert extract(other, config, progress=False).rows == 9
 
 
+@pytest.mark.slow  # two fine-tunes and a compare, ~6 s
 def test_compare_says_when_its_validation_images_trained_the_fine_tuned_backbone(tmp_path, caplog):
     """finetune carves validation with its --seed; compare carving with another one validates on images the
     backbone trained on: it warns, records it and the report says so. With the fine-tune's seed it is silent,
@@ -394,6 +395,7 @@ def test_runs_with_several_seeds_hold_out_one_validation_with_val_seed(tmp_path,
         in caplog.text and "one --val-seed" in caplog.text
 
 
+@pytest.mark.slow  # ~5 s
 def test_noise_trains_and_leaves_no_trace_in_the_weights(colours, tmp_path):
     """Dropout and stochastic depth (Noisy Student's noise) act in training only and add no weights."""
     noisy = replace(TINY, backbone="efficientnet_lite0", dropout=0.5, drop_path=0.2, epochs=1)
