@@ -78,5 +78,5 @@ class CompareConfig:
 
     def changed(self) -> dict:
         """The options that differ from their defaults, as run.json records them (so earlier folders read the same)."""
-        defaults = CompareConfig()
-        return {k: v for k, v in self.options().items() if v != defaults.options().get(k)}
+        defaults = CompareConfig().options()
+        return {k: v for k, v in self.options().items() if v != defaults.get(k)}

@@ -377,7 +377,8 @@ def _averaged_input(members: list[PreparedInput], config: CompareConfig, setting
     for member, begin, end in zip(members, [0] + ends[:-1], ends):
         for found, _ in member.steps:
             remedy = get_remedy(found.name)
-            train[:, begin:end], val[:, begin:end] = (remedy.source(found, X[:, begin:end]) for X in (train, val))
+            train[:, begin:end] = remedy.source(found, train[:, begin:end])
+            val[:, begin:end] = remedy.source(found, val[:, begin:end])
             test[:, begin:end] = remedy.target(found.replay, test[:, begin:end])
             steps.append((found, (begin, end)))
     splits = Splits(splits.train.with_features(train), splits.val.with_features(val),

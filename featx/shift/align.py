@@ -18,10 +18,9 @@ import numpy as np
 
 from featx.errors import DataError
 from featx.shift.audit import two_sample_test
-from featx.shift.remedy import Context, Fitted, Remedy
+from featx.shift.remedy import MIN_TARGET_ROWS, Context, Fitted, Remedy
 
 log = logging.getLogger(__name__)
-MIN_TARGET_ROWS = 10  # fewer target images than this say too little about their distribution to align to
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from scipy.special import expit, logit
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.mixture import GaussianMixture
 
-from featx.shift.remedy import Context, Fitted, Remedy, Scores
+from featx.shift.remedy import MIN_TARGET_ROWS, Context, Fitted, Remedy, Scores
 
-MIN_TARGET_ROWS = 10  # fewer images than this say too little about where their scores part
 MIXTURE_TOLERANCE = 0.02  # validation balanced accuracy the mixture cut may lose against validation's own threshold
 
 

@@ -33,10 +33,6 @@ class PriorShift:
     applied: bool
     validation: dict
 
-    def adjust(self, proba: np.ndarray) -> np.ndarray:
-        """The head's ``proba`` re-weighted from the balance it implies to the target's."""
-        return reweight(proba, self.source, self.target)
-
     def summary(self, classes: list[str]) -> dict:
         return {"source": dict(zip(classes, np.round(self.source, 4).tolist())),
                 "target": dict(zip(classes, np.round(self.target, 4).tolist())),

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 STAGES = ("extraction", "features", "scores")
+MIN_TARGET_ROWS = 10  # fewer target images than this say too little about their distribution to adapt to
 
 
 @dataclass(frozen=True)

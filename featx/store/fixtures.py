@@ -15,7 +15,7 @@ import numpy as np
 from featx.errors import DataError
 from featx.store.embeddings import AUGMENTED, EmbeddingWriter, load_embeddings, read_meta
 from featx.version import __version__
-from featx.vocab import check
+from featx.vocab import check, invalid
 
 # What a file records about its own writing, not about its rows: never carried into another file.
 WRITING_ATTRS = {"schema", "created", "rows_done", "complete", "checksums", "last_batch", "dtype", "n_rows", "dim",
@@ -39,7 +39,9 @@ def subset_embeddings(source: str | Path, out: str | Path, per_class: int = 20, 
     """Up to ``per_class`` rows of every class in every split of ``source`` (and of its unlabelled rows), drawn
     with ``seed``, in file order, into ``out``; the provenance is kept, and ``subset_of`` says where they came from.
     Augmented copies are left out."""
-    check("subset", seed=seed, sample_per_class=max(per_class, 2), **({"dtype": dtype} if dtype else {}))
+    check("subset", seed=seed, **({"dtype": dtype} if dtype else {}))
+    if not isinstance(per_class, int) or per_class < 1:
+        raise invalid("per_class", "subset", "a positive int", per_class)
     emb = load_embeddings(source).without_copies()
     meta = read_meta(emb.path)
     dtype = dtype or meta.get("dtype", "float32")
