@@ -6,6 +6,9 @@ version = next(
     line.split('"')[1] for line in Path("featx/version.py").read_text().splitlines() if line.startswith("__version__")
 )
 
+EXPORT = ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20", "skl2onnx>=1.20,<1.21", "onnxmltools>=1.16",
+          "scikit-learn<1.11"]
+
 setup(
     name="featx",
     version=version,
@@ -46,13 +49,17 @@ setup(
         # Dask distributed spreads extraction (shards) and the head comparison over many processes and machines;
         # LightGBM's Dask interface trains the lightgbm head on data larger than one machine's memory.
         "cluster": ["dask[array,distributed]>=2024.1", "pandas>=1.5"],  # pandas: lightgbm.dask needs it
-        # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
-        # tests run on a LocalCluster.
         # featx serve: FastAPI (routing, validation, OpenAPI docs) on uvicorn; python-multipart parses uploads.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
-        # httpx: Starlette's TestClient drives the API tests.
+        # featx export --onnx: torch.onnx's exporter (onnxscript) for the backbone, skl2onnx for the head and
+        # onnxmltools for LightGBM, joined with onnx.compose and checked in onnxruntime before the file is written.
+        # skl2onnx 1.20 reads SVC attributes that scikit-learn 1.11 removes, hence the ceiling.
+        "export": EXPORT,
+        # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
+        # tests run on a LocalCluster.
+        # httpx: Starlette's TestClient drives the API tests; the export extra, the ONNX round trips.
         "test": ["pytest>=7", "hypothesis>=6.100", "dask[array,distributed]>=2024.1", "pandas>=1.5",
-                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.27", *EXPORT],
     },
     entry_points={"console_scripts": ["featx=featx.cli.commands:main"]},
 )

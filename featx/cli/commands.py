@@ -568,6 +568,30 @@ def serve(run_dir, host, port, token, score, max_bytes, max_files, max_pixels, b
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The ONNX file to write (replaced whole if it exists).")
+@click.option("--head", help="A saved head of that kind (logreg, svm, ...) instead of the run's best; the best alone "
+                             "carries the open-set scores.")
+@click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
+                                            "code it holds: only for folders whose source you trust.")
+def export(run_dir, onnx_path, head, trust):
+    """Write RUN_DIR's best head and its backbone as one ONNX graph: uint8 pixels (N, H, W, 3), resized and
+    cropped as the run's preprocessing says, to class probabilities (and open-set scores), with the class names,
+    preprocessing and thresholds in its metadata. Checked against featx's own answers before it is written.
+    Needs pip install 'featx[export]'."""
+    from featx.use.export import export_onnx
+
+    echo(f"exporting {run_dir} (tracing the backbone takes a while)", err=True)
+    exported = export_onnx(run_dir, onnx_path, head=head, trust=trust)
+    info = exported.metadata
+    echo(f"wrote {exported.path} ({exported.path.stat().st_size / 1e6:.1f} MB): {info['head']} on "
+         f"{' + '.join(info['backbones'])}, input image uint8 (N, {info['input']['height']}, {info['input']['width']}, "
+         f"3), outputs {', '.join(info['outputs'])}; onnxruntime agrees with featx within "
+         f"{exported.difference:.1g} on probe images")
+
+
+@main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--per-class", default=20, show_default=True, type=click.IntRange(1),
               help="Rows kept of every class in every split (fewer where there are fewer).")

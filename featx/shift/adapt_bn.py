@@ -9,6 +9,9 @@ from featx.shift.remedy import Remedy
 class AdaptBatchNorm(Remedy):
     name = parameter = "adapt_bn"
     stage = "extraction"
+    not_exportable = ("its features were embedded with BatchNorm statistics of each split's own images, and new "
+                      "images need statistics of theirs; an ONNX graph holds fixed ones (use `featx predict "
+                      "--adapt-to` or `featx serve --adapt-to`)")
 
     def describe(self, value) -> str:
         return ("each split embedded with BatchNorm statistics of its own images (--adapt-bn); predict takes new "

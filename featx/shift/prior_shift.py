@@ -153,3 +153,8 @@ class PriorShiftRemedy(Remedy):
         if not replay:
             return proba, threshold
         return reweight(proba, np.asarray(replay["source"]), np.asarray(replay["target"])), threshold
+
+    def reweighting(self, replay):
+        if not replay:
+            return None
+        return np.asarray(replay["target"]) / np.clip(np.asarray(replay["source"]), 1e-12, None)

@@ -113,6 +113,7 @@ class Remedy:
     not_replayable: ClassVar[str] = ""  # why, where ``replayable`` is False
     needs_test: ClassVar[bool] = True  # fitted on the test images (no labels), so compare needs a test split
     before_threshold: ClassVar[bool] = False  # scores stage: validation's threshold is chosen on its output
+    not_exportable: ClassVar[str] = ""  # why `featx export` cannot put it in an ONNX graph, where it cannot
 
     def wanted(self, value) -> bool:
         return value not in (None, False, 0, "none", "off")
@@ -144,6 +145,11 @@ class Remedy:
                       threshold: float | None) -> tuple[np.ndarray, float | None]:
         """The test images' (in compare) and new images' (in predict) probabilities and decision threshold."""
         return proba, threshold
+
+    def reweighting(self, replay: dict) -> np.ndarray | None:
+        """For ``featx export``: per-class factors ``replay_scores`` multiplies the probabilities by before it
+        renormalises them (None: it leaves them as they are; the threshold it sets is read from it directly)."""
+        return None
 
     # extraction stage
     def in_effect(self, config: dict):

@@ -19,7 +19,7 @@ from featx.data.augment import fixed_views
 from featx.embed.checkpoints import backbone_source
 from featx.data.datasets import list_images
 from featx.errors import ConfigError, DataError
-from featx.embed.feature_model import adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
+from featx.embed.feature_model import FeatureModel, adapt_batchnorm, autocast, build_feature_model, embed, optimise_for_cpu, to_tensor
 from featx.embed.hardware import resolve_precision
 from featx.heads.registry import load_head
 from featx.data.images import ImageError, Preprocess, load_image
@@ -63,24 +63,31 @@ class Backbone:
         # the extraction's test-time views: the same fixed draws, so new images' features are made as its rows were
         self.views = fixed_views(config.get("aug", "natural"), self.preprocess.size, config.get("tta_views", 0))
         self.precision = "fp32"  # resolved when the model is built
+        self.architecture = ""
         self._model = None
 
     def model(self, adapt_to: list[Path] = ()):
         """The feature model, built the first time (an ``--adapt-bn`` one with the statistics of ``adapt_to``);
         refuses weights whose hash differs from the recorded one."""
         if self._model is None:
-            config = self.meta.get("config") or {}
-            source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
-            if source.weights.sha256 != self.meta["weights_sha256"]:
-                raise DataError(f"{self.folder}: the head was trained on features of weights "
-                                f"{self.meta['weights_sha256'][:12]}…, but the weights found now hash to "
-                                f"{source.weights.sha256[:12]}…; re-extract and retrain")
-            model = build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state())
+            model = self.eager_model()
             if self.adapts_bn:
                 adapt_batchnorm(model, self._adaptation_batches(list(adapt_to)))
-            self.precision = resolve_precision(self.meta.get("precision", "fp32"), "cpu", source.spec.architecture)[0]
+            self.precision = resolve_precision(self.meta.get("precision", "fp32"), "cpu", self.architecture)[0]
             self._model = optimise_for_cpu(model, self.preprocess.size, self.precision)
         return self._model
+
+    def eager_model(self) -> FeatureModel:
+        """The feature model as extraction built it, before any CPU optimisation; refuses weights whose hash
+        differs from the recorded one."""
+        config = self.meta.get("config") or {}
+        source = backbone_source(self.meta["backbone"], config.get("weights"), config.get("checkpoint"))
+        if source.weights.sha256 != self.meta["weights_sha256"]:
+            raise DataError(f"{self.folder}: the head was trained on features of weights "
+                            f"{self.meta['weights_sha256'][:12]}…, but the weights found now hash to "
+                            f"{source.weights.sha256[:12]}…; re-extract and retrain")
+        self.architecture = source.spec.architecture
+        return build_feature_model(source.spec, source.weights, self.meta["layer"], source.backbone_state()).eval()
 
     def _adaptation_batches(self, files: list[Path]) -> list[torch.Tensor]:
         """Readable images of a seeded sample of ``files``, in batches, as the extraction sampled each split's."""
