@@ -28,7 +28,7 @@ from featx.heads.registry import load_head
 from featx.heads.to_onnx import ML_OPSET, head_to_onnx
 from featx.shift.remedies import REMEDIES, check_steps, replay_scores
 from featx.shift.remedy import Remedy
-from featx.use.predict import Backbone, head_probabilities
+from featx.use.predict import Backbone, head_probabilities, head_steps
 from featx.version import __version__
 from featx.vocab import OPEN_SET_SCORES
 
@@ -76,7 +76,7 @@ def export_onnx(run: str | Path, out: str | Path, head: str | None = None, trust
     onnx = _import_extra()
     head_file = _head_file(Path(run), head)
     loaded = load_head(head_file, trust=trust)
-    steps = loaded.get("remedies") or []
+    steps = head_steps(loaded)
     check_steps(steps, str(head_file))
     meta = loaded["embeddings_meta"]
     backbones = [Backbone(head_file.parent, part) for part in meta.get("part_meta") or [meta]]
@@ -97,11 +97,17 @@ def export_onnx(run: str | Path, out: str | Path, head: str | None = None, trust
     onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in metadata.items()})
     onnx.checker.check_model(graph)
     difference = _check(graph, pixels, loaded, steps, size, open_set)
+    if any(b.meta.get("precision", "fp32") != "fp32" for b in backbones):
+        log.warning("%s: its features were embedded in %s; the graph computes in fp32, so its probabilities differ "
+                    "from featx predict's in that precision by its rounding", head_file, metadata["precision"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    partial.write_bytes(graph.SerializeToString())
-    partial.replace(out)
+    try:
+        partial.write_bytes(graph.SerializeToString())
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return Exported(out, head_file, metadata, difference)
 
 

@@ -141,7 +141,7 @@ class Predictor:
                               "this run's features use the pretrained statistics")
         self.adapt_to = list_images(adapt_to) if adapt_to else None
         self.classes = self.head["classes"]
-        self.steps = self.head.get("remedies") or _legacy_steps(self.head)
+        self.steps = head_steps(self.head)
         check_steps(self.steps, str(self.folder))
         self.open_set = OpenSet.load(self.folder)
         self._seen: list[np.ndarray] = []
@@ -221,7 +221,7 @@ def head_probabilities(head: dict, features: np.ndarray, steps: list[dict] | Non
     """A loaded head applied to features with the run's remedies replayed (``steps``, the head's own by default):
     the features as the head scores them, its class probabilities and the decision threshold. For the run's own
     test images, what the leaderboard scored."""
-    steps = (head.get("remedies") or _legacy_steps(head)) if steps is None else steps
+    steps = head_steps(head) if steps is None else steps
     features = replay_features(steps, features)
     proba = head["pipeline"].predict_proba(features)
     start = head["validation_threshold"] if "validation_threshold" in head else head.get("threshold")
@@ -233,7 +233,10 @@ def _name(source: Path | tuple[str, bytes]) -> str:
     return source[0] if isinstance(source, tuple) else str(source)
 
 
-def _legacy_steps(head: dict) -> list[dict]:
-    """The remedies of a head saved before featx recorded them: only ``--smooth-test`` was replayed then."""
+def head_steps(head: dict) -> list[dict]:
+    """The remedies a loaded head replays; for a head saved before featx recorded them, ``--smooth-test`` (the
+    only one replayed then)."""
+    if head.get("remedies"):
+        return head["remedies"]
     neighbours = head.get("smooth_test") or 0
     return [{"name": "smooth_test", "stage": "scores", "replay": {"neighbours": neighbours}}] if neighbours else []
