@@ -2,6 +2,7 @@
 loopback, a tiny random-weight backbone, generated images."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,19 @@ def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
     assert [p for p, _ in result.failed] == ["train/red/empty.jpg"]
     again = extract_on_cluster(data, replace(config, cache_dir=str(tmp_path)), address, shard_rows=50, progress=False)
     assert again.cached
+
+
+def test_shards_copy_the_rows_an_earlier_file_holds_and_embed_the_rest(cluster, data, sequential, tmp_path):
+    address, _ = cluster
+    config, whole = sequential
+    config = replace(config, cache_dir=str(tmp_path / "cache"))
+    earlier = shutil.copytree(data, tmp_path / "earlier" / "colours")
+    (earlier / "train" / "blue" / "blue_03.jpg").unlink()
+    extract(earlier, config, progress=False)  # the dataset before blue_03 was added
+    result = extract_on_cluster(data, config, address, shard_rows=50, progress=False)
+    # blue_03's augmented copy is embedded; its own row is reused from val/blue_03, an image of the same pixels
+    assert result.reused == whole.meta["n_rows"] - 1
+    same_rows(load_embeddings(result.path), whole)
 
 
 @pytest.mark.slow  # test_shards_give_the_sequential_rows covers shards; views in shards ~9 s

@@ -162,7 +162,7 @@ def test_augmented_copies_of_train_images_are_extra_rows_made_the_same_every_run
     plain = load_embeddings(extract(image_folder, tiny_config, split="0.5,0.25,0.25", progress=False).path)
     train = emb.paths_of("train")
     assert result.rows == 18 + 2 * len(train) and emb.n_copies == 2 * len(train)
-    assert emb.features().shape == (18, 512) and emb.meta["recipe"]["augment"] == {"copies": 2, "aug": "xray"}
+    assert emb.features().shape == (18, 512) and emb.meta["recipe"]["augment"] == {"copies": 2, "aug": "xray", "seeds": "content"}
     copies, labels = emb.augmented_copies(train[:1])
     assert len(copies) == 2 and (labels == emb.labels("train")[0]).all()
     # the copies are other pictures of the image, not the image again or each other

@@ -165,8 +165,10 @@ def extract(ctx, data_dir, sample, backbones, split, seed, split_from, verify_co
             echo(f"{name}: cached {result.path} ({result.rows} rows), nothing to do")
             continue
         resumed = f", resumed at row {result.resumed_from}" if result.resumed_from else ""
+        reused = (f"; {result.reused} rows reused from earlier files, {result.rows - result.reused - result.resumed_from}"
+                  " embedded" if result.reused else "")
         echo(f"{name}: wrote {result.path} ({result.rows} rows in {result.seconds:.1f} s, "
-                   f"{result.images_per_second:.1f} img/s{resumed})")
+             f"{result.images_per_second:.1f} img/s{resumed}{reused})")
         _list_some(f"{name}: {len(result.failed)} unreadable images skipped (recorded in 'errors'):", result.failed,
                    f"see `featx info {result.path}`")
 

@@ -7,6 +7,7 @@ positioning) and never flips, since laterality matters; ``natural`` is the usual
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from functools import partial
 
@@ -37,6 +38,12 @@ def augmentation(name: str, size: int):
         v2.RandomRotation(10),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
     ])
+
+
+def copy_seed(content: str) -> int:
+    """The seed of an augmented copy from what identifies it (its image's content hash and ``#k``): the same copy
+    wherever its row stands, so a copy reused from an earlier file equals one made afresh."""
+    return int(hashlib.sha256(content.encode("utf-8", "surrogateescape")).hexdigest()[:15], 16)
 
 
 def seeded(transform, image: torch.Tensor, seed: int) -> torch.Tensor:

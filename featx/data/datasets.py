@@ -61,6 +61,7 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of what the scan left out
     verify_content: bool = False  # hash every file again rather than trust the remembered hashes
     _fingerprint: str | None = field(default=None, repr=False)
+    _contents: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -99,22 +100,25 @@ class ImageDataset:
         file again whatever is remembered. URLs are identified by what their storage says (size and ETag).
         """
         if self._fingerprint is None:
-            places = [self.absolute_path(s) for s in self.samples]
             if self.verify_content:
-                self._fingerprint = self._digest(_content_sha256(p) for p in places)
+                self._fingerprint = self._digest(self.contents())
             else:
-                stats = [_stat(p) for p in places]
-
-                def by_content():
-                    from tqdm.auto import tqdm  # imported only to hash: a warm scan stays light
-
-                    hashes = (st if is_url(p) else _content_sha256(p) for p, st in zip(places, stats))
-                    shown = log.isEnabledFor(logging.INFO) and sys.stderr.isatty()  # as the CLI's progress bars
-                    return self._digest(list(tqdm(hashes, total=len(places), desc="fingerprint", unit="img", delay=2,
-                                                  disable=not shown)))
-
-                self._fingerprint = remembered(f"dataset:{self.root.resolve()}:{self._digest(stats)}", by_content)
+                stats = [_stat(self.absolute_path(s)) for s in self.samples]
+                self._fingerprint = remembered(f"dataset:{self.root.resolve()}:{self._digest(stats)}",
+                                               lambda: self._digest(self.contents()))
         return self._fingerprint
+
+    def contents(self) -> list[str]:
+        """Each sample's content identity (``sha256:<hex>`` of the file; for a URL what its storage says, unless
+        ``verify_content``), read once per scan: what an embedding file's rows are reused by."""
+        if self._contents is None:
+            from tqdm.auto import tqdm  # imported only to hash: a warm scan stays light
+
+            places = [self.absolute_path(s) for s in self.samples]
+            shown = log.isEnabledFor(logging.INFO) and sys.stderr.isatty()  # as the CLI's progress bars
+            self._contents = [state(p) if is_url(p) and not self.verify_content else _content_sha256(p)
+                              for p in tqdm(places, desc="fingerprint", unit="img", delay=2, disable=not shown)]
+        return self._contents
 
     def fingerprint_by_times(self) -> str:
         """The fingerprint of files cached before featx 0.3 (sizes and modification times), so they are still found."""

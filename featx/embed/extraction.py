@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.data.augment import augmentation, fixed_views, seeded
+from featx.data.augment import augmentation, copy_seed, fixed_views, seeded
 from featx.data.datasets import ImageDataset
 from featx.errors import ConfigError
 from featx.embed.feature_model import (adapt_batchnorm, autocast, build_feature_model, embed, gpu_decoding_workers,
@@ -27,33 +27,41 @@ from featx.data.images import ImageError, Preprocess, load_image
 from featx.embed.planning import (ADAPT_BN_BATCH, ExtractConfig, ExtractResult, Plan, adaptation_sample, cached_result,
                             plan_extraction)
 from featx.store.embeddings import AUGMENTED, CacheLock, EmbeddingWriter
+from featx.store.reuse import ReusableRows, earlier_files
 
 log = logging.getLogger(__name__)
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """Decoded uint8 CHW tensors of rows ``start:stop``; unreadable files give zeros and their reason.
+    """Decoded uint8 CHW tensors of ``rows``; unreadable files give zeros and their reason.
 
-    ``files[0]`` is row ``first_row``: rows are numbered as in the whole extraction, so rows from
-    ``first_copy`` on, the augmented copies, are seeded by the same row number whether the rows are
-    embedded in one run, resumed, or cut into shards.
+    ``files[0]`` is row ``first_row``: rows are numbered as in the whole extraction. Rows from ``first_copy`` on
+    are augmented copies, each seeded by its ``contents`` (its image's hash and copy index), so a copy is the same
+    whether it is embedded in one run, resumed, cut into shards or reused from an earlier file.
     """
 
-    def __init__(self, files: list[Path], preprocess: Preprocess, start: int, stop: int, first_copy: int,
-                 transform=None, first_row: int = 0):
-        self.files, self.preprocess, self.start, self.stop = files, preprocess, start, stop
-        self.first_copy, self.transform, self.first_row = first_copy, transform, first_row
+    def __init__(self, files: list[Path], preprocess: Preprocess, rows, first_copy: int, transform=None,
+                 first_row: int = 0, contents: list[str] = ()):
+        self.files, self.preprocess, self.rows = files, preprocess, list(rows)
+        self.first_copy, self.transform, self.first_row, self.contents = first_copy, transform, first_row, contents
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.rows)
+
+    def file(self, i: int) -> Path:
+        return self.files[self.rows[i] - self.first_row]
+
+    def copied(self, i: int, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels`` of row ``rows[i]`` transformed as its copy is, if it is one."""
+        row = self.rows[i]
+        if row < self.first_copy:
+            return pixels
+        return seeded(self.transform, pixels, copy_seed(self.contents[row - self.first_row]))
 
     def __getitem__(self, i: int):
-        row = self.start + i
         try:
-            pixels = to_tensor(load_image(self.files[row - self.first_row], self.preprocess))
-            if row >= self.first_copy:
-                pixels = seeded(self.transform, pixels, row)
+            pixels = self.copied(i, to_tensor(load_image(self.file(i), self.preprocess)))
             return pixels, True, ""
         except ImageError as err:
             size = self.preprocess.size
@@ -89,7 +97,7 @@ def extract_planned(plan: Plan, *, progress: bool = True, force: bool = False) -
             return cached
         if force:
             plan.path.unlink(missing_ok=True)
-        return embed_rows(plan, 0, plan.n_rows, plan.path, progress=progress)
+        return embed_rows(plan, 0, plan.n_rows, plan.path, progress=progress, reuse=not force)
 
 
 @dataclass
@@ -111,7 +119,7 @@ def load_model(plan: Plan, adapt_to: str | None = None) -> LoadedModel:
                                 plan.source.backbone_state()).to(device)
     if adapt_to is not None:
         files = _adaptation_images(plan, adapt_to)
-        rows = ImageRows(files, plan.preprocess, 0, len(files), len(files))
+        rows = ImageRows(files, plan.preprocess, range(len(files)), len(files))
         # Large, shuffled batches: the layers below each BatchNorm run on batch statistics meanwhile, and small or
         # one-class batches would skew what the layers above see.
         batches = _batches(rows, replace(plan.config, batch_size=max(plan.config.batch_size, ADAPT_BN_BATCH)), device)
@@ -126,33 +134,58 @@ def load_model(plan: Plan, adapt_to: str | None = None) -> LoadedModel:
     return LoadedModel(model, device, dim)
 
 
-def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool = False,
-               extra_attrs: dict | None = None, loaded: LoadedModel | None = None) -> ExtractResult:
+def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool = False, extra_attrs: dict | None = None,
+               loaded: LoadedModel | None = None, reuse: bool = True) -> ExtractResult:
     """Embed rows ``start:stop`` of ``plan`` into ``path`` (resuming its ``.partial``): the whole file, or a shard.
 
-    ``loaded`` reuses a model built for this plan (a worker running several shards builds it once).
+    With ``reuse``, rows of images that an earlier file of the same recipe holds (``featx.store.reuse``) are copied
+    from it, and only new or changed images are embedded; with ``--adapt-bn`` every row is embedded, since a
+    split's features depend on all of its images. ``loaded`` reuses a model built for this plan (a worker running several shards
+    builds it once).
     """
     config = plan.config
+    contents = plan.row_contents(start, stop)
+    reused = _earlier_rows(plan) if reuse else None
     models = _ModelsBySplit(plan) if config.adapt_bn else None
-    loaded = loaded or (models.first() if models else load_model(plan))
-    device, dim = loaded.device, loaded.dim
+    if reused and all(c in reused for c in contents):
+        device, dim = torch.device("cpu"), reused.dim()  # nothing to embed: no model to build
+    else:
+        loaded = loaded or (models.first() if models else load_model(plan))
+        device, dim = loaded.device, loaded.dim
     samples = plan.samples[start - plan.first_row:stop - plan.first_row]
     writer = EmbeddingWriter(
         path, dim=dim, paths=[s.path for s in samples], labels=[s.label for s in samples],
         splits=[s.split for s in samples], attrs={**plan.attrs(str(device)), **(extra_attrs or {})}, dtype=config.dtype,
+        contents=contents,
     )
     transform = augmentation(config.aug, plan.preprocess.size) if config.augment else None
     files = [plan.dataset.absolute_path(s) for s in samples]
-    segments = [(loaded.model, ImageRows(files, plan.preprocess, start + writer.rows_done, stop, plan.n_images,
-                                         transform, first_row=start))]
+    first = start + writer.rows_done
+    todo = [row for row in range(first, stop) if not reused or contents[row - start] not in reused]
+    segments = [(loaded.model if todo else None,
+                 ImageRows(files, plan.preprocess, todo, plan.n_images, transform, start, contents))]
     if models:  # one model per split; rows in file order, a new segment wherever the split changes
-        segments = [(models.of(split).model, ImageRows(files, plan.preprocess, begin, end, plan.n_images, transform,
-                                                       first_row=start))
-                    for split, begin, end in _split_runs(plan, start + writer.rows_done, stop)]
+        segments = [(models.of(split).model, ImageRows(files, plan.preprocess, range(begin, end), plan.n_images,
+                                                       transform, start, contents))
+                    for split, begin, end in _split_runs(plan, first, stop)]
+    if reused:
+        log.info("%s: %d of %d rows reused from %s; embedding %d new or changed", path.name, stop - first - len(todo),
+                 stop - first, ", ".join(p.name for p in reused.files), len(todo))
     try:
-        return _run(segments, plan, writer, start, device, progress)
+        return _run(segments, plan, writer, start, device, progress, reused, contents[first - start:])
     finally:
         writer.close()
+
+
+def _earlier_rows(plan: Plan) -> ReusableRows | None:
+    """The rows of earlier files of this recipe, by content; None where there are none or the plan cannot reuse."""
+    if plan.config.adapt_bn:
+        if earlier_files(plan.path, plan.recipe):
+            log.info("--adapt-bn: each split's features depend on all of its images, so every row is embedded "
+                     "again (no rows reused from earlier files)")
+        return None
+    reused = ReusableRows(earlier_files(plan.path, plan.recipe))
+    return reused if reused.files else None
 
 
 class _ModelsBySplit:
@@ -192,35 +225,30 @@ def _split_runs(plan: Plan, start: int, stop: int) -> list[tuple[str, int, int]]
     return [tuple(run) for run in runs]
 
 
-def _run(segments, plan: Plan, writer, offset: int, device, progress) -> ExtractResult:
-    """Embed each segment's ``rows`` with its model into ``writer``, whose first row is the plan's row ``offset``."""
+def _run(segments, plan: Plan, writer, offset: int, device, progress, reused: ReusableRows | None = None,
+         contents: list[str] = ()) -> ExtractResult:
+    """Write rows from ``writer.rows_done`` on: each segment's rows embedded with its model, and with ``reused``
+    the rows it holds (``contents`` names them) copied in between. ``writer``'s first row is the plan's ``offset``."""
     from tqdm.auto import tqdm
 
-    config, n_images = plan.config, plan.n_images  # later rows are copies, whose failures repeat their source's
+    n_images = plan.n_images  # later rows are copies, whose failures repeat their source's
 
     def path_of(row: int) -> str:
         return plan.samples[row - plan.first_row].path
 
     resumed_from = writer.rows_done
-    views = fixed_views(config.aug, plan.preprocess.size, config.tta_views)
     failed: list[tuple[str, str]] = []
     began = time.perf_counter()
     bar = tqdm(total=writer.n_rows, initial=resumed_from, unit="img", desc=writer.label, disable=not progress,
                dynamic_ncols=True)
     with torch.inference_mode(), autocast(device, plan.precision), bar:
-        batches = ((model, batch) for model, rows in segments
-                   for batch in decoded_batches(rows, config, device, plan.decoder))
-        for model, (images, ok, errors) in batches:
-            features = embed(model, images.to(device, non_blocking=True), tta=config.tta,
-                             views=views).float().cpu().numpy()
-            ok = ok.numpy()
-            overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
-            errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]
-            ok = ok & ~overflowed
-            features[~ok] = 0.0
+        blocks = _embedded(segments, plan, device)
+        if reused:
+            blocks = _with_reused(blocks, reused, contents, plan.config.batch_size)
+        for features, ok, errors in blocks:
             row = offset + writer.rows_done
             failed += [(path_of(row + i), e) for i, e in enumerate(errors) if e and row + i < n_images]
-            writer.write(features.astype(config.dtype), ok, list(errors))
+            writer.write(features, ok, list(errors))
             bar.update(len(features))
             if failed:
                 bar.set_postfix(failed=len(failed))
@@ -231,8 +259,52 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress) -> Extract
     if failed:
         log.warning("%d of %d images could not be read and were skipped (recorded in 'errors')",
                     len(failed), writer.n_rows)
+    reused_rows = sum(c in reused for c in contents) if reused else 0
     return ExtractResult(path=path, cached=False, rows=writer.n_rows, label=writer.label, resumed_from=resumed_from,
-                         seconds=seconds, failed=failed)
+                         seconds=seconds, failed=failed, reused=reused_rows)
+
+
+def _embedded(segments, plan: Plan, device):
+    """``(features, ok, errors)`` of each segment's rows, batch by batch in order, features in the file's dtype."""
+    config = plan.config
+    views = fixed_views(config.aug, plan.preprocess.size, config.tta_views)
+    for model, rows in segments:
+        for images, ok, errors in decoded_batches(rows, config, device, plan.decoder):
+            features = embed(model, images.to(device, non_blocking=True), tta=config.tta,
+                             views=views).float().cpu().numpy()
+            ok = ok.numpy()
+            overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
+            errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]
+            ok = ok & ~overflowed
+            features[~ok] = 0.0
+            yield features.astype(config.dtype), ok, errors
+
+
+def _with_reused(embedded, reused: ReusableRows, contents: list[str], batch_size: int):
+    """Blocks of rows in file order: the rows ``reused`` holds read from their files, the others taken in turn from
+    ``embedded`` (which embeds exactly those, in order)."""
+    waiting: list[tuple[np.ndarray, np.ndarray, list[str]]] = []  # embedded rows not written yet, one per row
+
+    def take(count: int):
+        while len(waiting) < count:
+            features, ok, errors = next(embedded)
+            waiting.extend(zip(features, ok, errors))
+        taken = waiting[:count]
+        del waiting[:count]
+        return taken
+
+    for begin in range(0, len(contents), batch_size):
+        block = contents[begin:begin + batch_size]
+        old = [k for k, content in enumerate(block) if content in reused]
+        fresh = [k for k, content in enumerate(block) if content not in reused]
+        rows = [None] * len(block)
+        if old:
+            features, ok, errors = reused.read([block[k] for k in old])
+            for k, item in zip(old, zip(features, ok, errors)):
+                rows[k] = item
+        for k, item in zip(fresh, take(len(fresh))):
+            rows[k] = item
+        yield np.stack([r[0] for r in rows]), np.array([r[1] for r in rows]), [r[2] for r in rows]
 
 
 def decoded_batches(rows: ImageRows, config: ExtractConfig, device: torch.device, decoder: str):
@@ -276,7 +348,7 @@ def _tensor_batches(rows: ImageRows, config: ExtractConfig, device: torch.device
     spans = [(begin, min(begin + config.batch_size, len(rows))) for begin in range(0, len(rows), config.batch_size)]
 
     def files(span):
-        return [rows.files[rows.start + i - rows.first_row] for i in range(*span)]
+        return [rows.file(i) for i in range(*span)]
 
     with ThreadPoolExecutor(max_workers=1) as reader, decoder:
         upcoming = reader.submit(decoder.read, files(spans[0])) if spans else None
@@ -285,10 +357,9 @@ def _tensor_batches(rows: ImageRows, config: ExtractConfig, device: torch.device
             if k + 1 < len(spans):
                 upcoming = reader.submit(decoder.read, files(spans[k + 1]))
             pixels, ok, errors = decoder.decode(files(span), contents)
-            for i in range(*span):  # augmented copies, seeded by their row number as on the Pillow path
-                row = rows.start + i
-                if row >= rows.first_copy and ok[i - span[0]]:
-                    pixels[i - span[0]] = seeded(rows.transform, pixels[i - span[0]], row)
+            for i in range(*span):  # augmented copies, seeded as on the Pillow path
+                if ok[i - span[0]]:
+                    pixels[i - span[0]] = rows.copied(i, pixels[i - span[0]])
             yield pixels, ok, errors
 
 

@@ -228,12 +228,18 @@ def embed(model: nn.Module, images: torch.Tensor, tta: bool = False, views=()) -
     """Features of a uint8 batch, averaged with the horizontal flip's when ``tta``, and over the plain batch and
     each of ``views`` (functions of a batch: ``augment.fixed_views``) when there are any.
 
-    On a CPU the forward runs ``CPU_CHUNK`` images at a time.
+    On a CPU the forward runs ``CPU_CHUNK`` images at a time, a last short chunk padded with blank images: oneDNN
+    picks its kernels by batch size, and an image's features then do not depend on the images batched with it
+    (so rows reused from another file equal rows embedded afresh, bit for bit).
     """
     def forward(batch):
         if batch.device.type != "cpu":
             return model(batch)
-        return torch.cat([model(chunk) for chunk in batch.split(CPU_CHUNK)])
+        out = []
+        for chunk in batch.split(CPU_CHUNK):
+            blank = chunk.new_zeros((CPU_CHUNK - len(chunk), *chunk.shape[1:]))
+            out.append(model(torch.cat([chunk, blank]))[:len(chunk)] if len(blank) else model(chunk))
+        return torch.cat(out)
 
     def features_of(batch):
         features = forward(batch)

@@ -103,10 +103,11 @@ class ExtractResult:
     resumed_from: int = 0
     seconds: float = 0.0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    reused: int = 0  # rows copied from earlier files of the same recipe (``featx.store.reuse``), not embedded
 
     @property
     def images_per_second(self) -> float:
-        return (self.rows - self.resumed_from) / self.seconds if self.seconds else 0.0
+        return (self.rows - self.resumed_from - self.reused) / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Plan:
     decoder: str = "pillow"
     first_row: int = 0
     backbone_validation: dict | None = None  # the images a checkpoint fine-tuned on these images held out
+    contents: list[str] | None = None  # every row's ``row_contents``, found when first asked (hashes the images)
 
     @property
     def n_rows(self) -> int:
@@ -138,7 +140,17 @@ class Plan:
         """The plan of rows ``start:stop`` alone: what one shard's task needs, not the whole dataset's list."""
         rows = self.samples[start - self.first_row:stop - self.first_row]
         self.dataset.fingerprint()  # computed once here, carried in the copy
-        return replace(self, samples=rows, first_row=start, dataset=replace(self.dataset, samples=[]))
+        return replace(self, samples=rows, first_row=start, contents=self.row_contents(start, stop),
+                       dataset=replace(self.dataset, samples=[], _contents=None))
+
+    def row_contents(self, start: int, stop: int) -> list[str]:
+        """What identifies rows ``start:stop`` wherever they stand: an image's content hash; for augmented copy k of
+        an image, its hash and ``#k`` (which also seeds the copy's transforms, ``augment.copy_seed``)."""
+        if self.contents is None:
+            images = self.dataset.contents()
+            train = [c for c, s in zip(images, self.dataset.samples) if s.split == "train"]
+            self.contents = images + [f"{c}#{k}" for k in range(1, self.config.augment + 1) for c in train]
+        return self.contents[start - self.first_row:stop - self.first_row]
 
     def attrs(self, device: str) -> dict:
         """The provenance every file of this extraction records."""
@@ -190,7 +202,7 @@ def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = Ext
         "dtype": config.dtype, "precision": precision,
     }
     if config.augment:  # only when asked, so keys of files made without copies stay as they were
-        recipe["augment"] = {"copies": config.augment, "aug": config.aug}
+        recipe["augment"] = {"copies": config.augment, "aug": config.aug, "seeds": "content"}
     if config.tta_views:
         recipe["tta_views"] = {"views": config.tta_views, "aug": config.aug}
     if config.adapt_bn:

@@ -118,8 +118,9 @@ def _allocate_for_tensors() -> None:
         pass
 
 
-def run_shard(plan: Plan, index: int, path: Path) -> dict:
-    """One task: embed the plan's rows into the shard ``path`` (resuming it); what a summary needs.
+def run_shard(plan: Plan, index: int, path: Path, reuse: bool = True) -> dict:
+    """One task: embed the plan's rows into the shard ``path`` (resuming it; with ``reuse``, copying the rows of
+    images an earlier file of the recipe holds, ``embed_rows``); what a summary needs.
 
     A worker keeps the model of the last extraction it ran, so its next shards do not build it again.
     Only workers import the model side (torch): the client plans and publishes without it.
@@ -136,11 +137,11 @@ def run_shard(plan: Plan, index: int, path: Path) -> dict:
         _MODELS[plan.key] = load_model(plan)
     result = embed_rows(plan, start, stop, path, extra_attrs={"shard_rows": [start, stop],
                                                                "cache_key": shard_key(plan, start, stop)},
-                        loaded=_MODELS[plan.key])
+                        loaded=_MODELS[plan.key], reuse=reuse)
     seconds = time.perf_counter() - began
     return {"index": index, "file": path.name, "rows": [start, stop], "seconds": round(seconds, 2),
-            "images_per_second": round((stop - start - result.resumed_from) / max(seconds, 1e-9), 1),
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "failed": result.failed}
+            "images_per_second": round((stop - start - result.resumed_from - result.reused) / max(seconds, 1e-9), 1),
+            "reused": result.reused, "worker": f"{socket.gethostname()}:{os.getpid()}", "failed": result.failed}
 
 
 def _finished(path: Path, key: str) -> dict | None:
@@ -195,7 +196,7 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
         if todo:
             client = client or cluster.enter_context(connect(address, gpu=gpu))
             log.info(describe(client))
-            results = _submit(client, plan, ranges, paths, todo, progress, rows_before)
+            results = _submit(client, plan, ranges, paths, todo, progress, rows_before, reuse=not force)
             for index, outcome in results.items():
                 if isinstance(outcome, BaseException):
                     failures.append((index, outcome))
@@ -212,7 +213,8 @@ def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows:
                              "only the missing ones")
         publish_shards(plan.path, paths, plan.n_rows, [summary[i] for i in sorted(summary)])
     return ExtractResult(path=plan.path, cached=False, rows=plan.n_rows, label=plan.source.label,
-                         resumed_from=rows_before, seconds=time.perf_counter() - began, failed=failed_images)
+                         resumed_from=rows_before, seconds=time.perf_counter() - began, failed=failed_images,
+                         reused=sum(summary[i].get("reused", 0) for i in todo if i in summary))
 
 
 def _summary_of(plan: Plan, index: int, path: Path, meta: dict) -> dict:
@@ -225,14 +227,16 @@ def _summary_of(plan: Plan, index: int, path: Path, meta: dict) -> dict:
             "worker": "an earlier run", "failed_images": failed}
 
 
-def _submit(client, plan: Plan, ranges, paths, todo: list[int], progress: bool, rows_before: int) -> dict:
+def _submit(client, plan: Plan, ranges, paths, todo: list[int], progress: bool, rows_before: int,
+            reuse: bool = True) -> dict:
     """One task per shard to do, each asking for a GPU when the plan runs on CUDA; outcome (or error) per shard."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     gpu = {"GPU": 1} if plan.config.device.startswith("cuda") else None
     futures = {
-        client.submit(run_shard, plan.part(*ranges[index]), index, paths[index], key=f"featx-shard-{plan.key}-{index}",
+        client.submit(run_shard, plan.part(*ranges[index]), index, paths[index], reuse,
+                      key=f"featx-shard-{plan.key}-{index}",
                       retries=RETRIES, resources=gpu, pure=False): index
         for index in todo
     }

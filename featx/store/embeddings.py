@@ -33,7 +33,8 @@ PARTIAL_SUFFIX = ".partial"
 # Split name of the rows that hold augmented copies of train images (``featx extract --augment K``).
 AUGMENTED = "augmented"
 CHUNK_ROWS = 256  # rows per HDF5 chunk of every checksummed column: the unit of damage and of roll-back
-SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors")  # SHA-256 each in the "checksums" attribute
+CONTENT = "content"  # each row's content identity (``featx.store.reuse``); files before featx 0.6 have none
+SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors", CONTENT)  # SHA-256 each in the "checksums" attribute
 SHARD_PLAN = "plan.json"  # in a shards folder: the row ranges its extraction chose (featx.embed.shards)
 SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond the data: HDF5 metadata and chunk rewrites
 _STR = h5py.string_dtype("utf-8")
@@ -125,14 +126,15 @@ class EmbeddingWriter:
     surrogate escapes, as ``os.fsdecode`` does).
     """
 
-    def __init__(self, path: Path, *, dim: int, paths, labels, splits, attrs: dict, dtype: str = "float16"):
+    def __init__(self, path: Path, *, dim: int, paths, labels, splits, attrs: dict, dtype: str = "float16",
+                 contents=None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.n_rows = len(paths)
         self.row_bytes = dim * np.dtype(dtype).itemsize
         self._file = self._open_existing(attrs["cache_key"], dim) if self.partial.exists() else None
         if self._file is None:
-            self._file = self._create(dim, paths, labels, splits, attrs, dtype)
+            self._file = self._create(dim, paths, labels, splits, attrs, dtype, contents)
         self.rows_done = int(self._file.attrs["rows_done"])
         self.label = attrs.get("label") or attrs["backbone"]
 
@@ -163,12 +165,12 @@ class EmbeddingWriter:
         log.info("resuming %s at row %d of %d", self.partial, good, self.n_rows)
         return handle
 
-    def _create(self, dim, paths, labels, splits, attrs, dtype):
+    def _create(self, dim, paths, labels, splits, attrs, dtype, contents):
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         encoded = [os.fsencode(p) for p in paths]
         check_space(self.partial.parent, self.n_rows * self.row_bytes + sum(map(len, encoded)) * 2)
         handle = h5py.File(self.partial, "w")
-        create_columns(handle, self.n_rows, dim, dtype, encoded, labels, splits)
+        create_columns(handle, self.n_rows, dim, dtype, encoded, labels, splits, contents)
         handle.attrs.update({k: _attr_value(v) for k, v in attrs.items()})
         handle.attrs["schema"] = SCHEMA
         handle.attrs["dtype"] = dtype
@@ -224,8 +226,10 @@ class EmbeddingWriter:
             log.debug("%s: close failed (%s)", self.partial, err)
 
 
-def create_columns(handle: h5py.File, n_rows: int, dim: int, dtype: str, paths, labels, splits) -> None:
-    """The six columns of a ``featx.embeddings/1`` file: features, ok and errors to fill, the rest given."""
+def create_columns(handle: h5py.File, n_rows: int, dim: int, dtype: str, paths, labels, splits,
+                   contents=None) -> None:
+    """The columns of a ``featx.embeddings/1`` file: features, ok and errors to fill, the rest given (``content``
+    where the rows' content identities are known)."""
     chunk_rows = max(1, min(n_rows, CHUNK_ROWS))
     handle.create_dataset("features", shape=(n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim),
                           compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
@@ -234,6 +238,8 @@ def create_columns(handle: h5py.File, n_rows: int, dim: int, dtype: str, paths, 
     handle.create_dataset("split", data=list(splits), dtype=_STR)
     handle.create_dataset("ok", shape=(n_rows,), dtype=bool, fillvalue=False, chunks=(chunk_rows,), fletcher32=True)
     handle.create_dataset("errors", shape=(n_rows,), dtype=_STR, fillvalue="")
+    if contents is not None:
+        handle.create_dataset(CONTENT, data=[c.replace("\0", " ") for c in contents], dtype=_STR)
 
 
 def _rows_digest(handle: h5py.File, start: int, stop: int) -> str:
@@ -277,7 +283,7 @@ def read_failures(path: Path) -> list[tuple[int, str, str]]:
 def column_checksums(handle: h5py.File) -> dict[str, str]:
     """SHA-256 of each small column (the features have Fletcher32 per chunk instead)."""
     sums = {}
-    for name in SUMMED_COLUMNS:
+    for name in (n for n in SUMMED_COLUMNS if n in handle):
         column = handle[name]
         data = column[()] if column.dtype.kind != "O" else b"\0".join(column[()])
         sums[name] = hashlib.sha256(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
@@ -353,6 +359,7 @@ class Embeddings:
     errors: np.ndarray
     _features: np.ndarray
     _labels: np.ndarray
+    contents: np.ndarray | None = None  # each row's content identity (``featx.store.reuse``), where recorded
 
     def rows(self, split: str | None = None) -> np.ndarray:
         """Indices of the readable rows of ``split`` (every image once when None: no augmented copies)."""
@@ -411,7 +418,8 @@ class Embeddings:
             return self
         kept = self.splits != AUGMENTED
         return replace(self, paths=self.paths[kept], splits=self.splits[kept], ok=self.ok[kept],
-                       errors=self.errors[kept], _features=self._features[kept], _labels=self._labels[kept])
+                       errors=self.errors[kept], _features=self._features[kept], _labels=self._labels[kept],
+                       contents=None if self.contents is None else self.contents[kept])
 
     @property
     def backbone(self) -> str:
@@ -507,6 +515,7 @@ def load_embeddings(path: str | Path, lazy: bool = False) -> Embeddings:
                 _features=LazyFeatures(path, handle["features"].shape, handle["features"].dtype) if lazy
                 else handle["features"][:],
                 _labels=handle["labels"][:],
+                contents=handle[CONTENT].asstr()[:] if CONTENT in handle else None,
             )
     except OSError as err:  # Fletcher32 or a compressed chunk that no longer decodes
         raise damaged(path, _first_line(err)) from None
@@ -696,7 +705,8 @@ def publish_shards(path: Path, shards: list[Path], n_rows: int, summary: list[di
     first = metas[ranges[0][1]]
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     with h5py.File(ranges[0][1], "r", locking=False) as sample:
-        columns = {name: (sample[name].dtype, sample[name].shape[1:]) for name in DATASETS}
+        columns = {name: (sample[name].dtype, sample[name].shape[1:]) for name in (*DATASETS, CONTENT)
+                   if name in sample}
     with h5py.File(partial, "w") as handle:
         for name, (dtype, tail) in columns.items():
             layout = h5py.VirtualLayout(shape=(n_rows, *tail), dtype=dtype)
@@ -739,7 +749,8 @@ def consolidate(path: str | Path) -> Path:
         merged = path.with_name(path.name + ".consolidating")
         with h5py.File(merged, "w") as target:
             create_columns(target, n_rows, dim, source["features"].dtype.name, source["paths"][()],
-                           source["labels"][()], source["split"][()])
+                           source["labels"][()], source["split"][()],
+                           source[CONTENT].asstr()[()] if CONTENT in source else None)
             for start in range(0, n_rows, CHUNK_ROWS * 16):
                 stop = min(start + CHUNK_ROWS * 16, n_rows)
                 target["features"][start:stop] = source["features"][start:stop]
