@@ -26,7 +26,7 @@ from featx.embed.feature_model import (adapt_batchnorm, autocast, build_feature_
 from featx.data.images import ImageError, Preprocess, load_image
 from featx.embed.planning import (ADAPT_BN_BATCH, ExtractConfig, ExtractResult, Plan, adaptation_sample, cached_result,
                             plan_extraction)
-from featx.store.embeddings import AUGMENTED, CacheLock, EmbeddingWriter
+from featx.store.embeddings import AUGMENTED, CHUNK_ROWS, CacheLock, EmbeddingWriter
 from featx.store.reuse import ReusableRows, earlier_files
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,8 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
         return _run(segments, plan, writer, start, device, progress, reused, contents[first - start:])
     finally:
         writer.close()
+        if reused:
+            reused.close()
 
 
 def _earlier_rows(plan: Plan) -> ReusableRows | None:
@@ -243,8 +245,8 @@ def _run(segments, plan: Plan, writer, offset: int, device, progress, reused: Re
                dynamic_ncols=True)
     with torch.inference_mode(), autocast(device, plan.precision), bar:
         blocks = _embedded(segments, plan, device)
-        if reused:
-            blocks = _with_reused(blocks, reused, contents, plan.config.batch_size)
+        if reused:  # written a chunk at a time: a batch at a time, writing reused rows cost more than reading them
+            blocks = _with_reused(blocks, reused, contents, max(plan.config.batch_size, CHUNK_ROWS))
         for features, ok, errors in blocks:
             row = offset + writer.rows_done
             failed += [(path_of(row + i), e) for i, e in enumerate(errors) if e and row + i < n_images]

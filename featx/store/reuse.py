@@ -50,7 +50,7 @@ class ReusableRows:
     """The rows of ``files`` by content identity (the first file holding one wins), read back in any order."""
 
     def __init__(self, files: list[Path]):
-        self.files, self.where = [], {}
+        self.files, self.where, self._open = [], {}, {}
         for path in files:
             try:
                 remembered_of_file("intact", path, lambda: check_intact(path) and "verified")
@@ -71,22 +71,33 @@ class ReusableRows:
         return content in self.where
 
     def dim(self) -> int:
-        with h5py.File(self.files[0], "r", locking=False) as handle:
-            return int(handle["features"].shape[1])
+        return int(self._handle(0)["features"].shape[1])
+
+    def _handle(self, index: int) -> h5py.File:
+        if index not in self._open:
+            self._open[index] = h5py.File(self.files[index], "r", locking=False)
+        return self._open[index]
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
 
     def read(self, contents: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features, ok and errors of the rows holding ``contents``, in that order."""
         places = [self.where[c] for c in contents]
         features = ok = None
         errors = [""] * len(contents)
-        for index, path in enumerate(self.files):
+        for index in range(len(self.files)):
             wanted = [(k, row) for k, (i, row) in enumerate(places) if i == index]
             if not wanted:
                 continue
             rows, back = np.unique([row for _, row in wanted], return_inverse=True)
-            with h5py.File(path, "r", locking=False) as handle:
-                block, block_ok = handle["features"][rows], handle["ok"][rows]
-                block_errors = handle["errors"].asstr()[rows]
+            handle = self._handle(index)
+            # one contiguous read from the first to the last row wanted: whole chunks, each decompressed once
+            span = slice(int(rows[0]), int(rows[-1]) + 1)
+            block, block_ok = handle["features"][span][rows - span.start], handle["ok"][span][rows - span.start]
+            block_errors = handle["errors"].asstr()[span][rows - span.start]
             if features is None:
                 features = np.empty((len(contents), block.shape[1]), dtype=block.dtype)
                 ok = np.empty(len(contents), dtype=bool)
