@@ -165,6 +165,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean | Fractions] 
     "seed": Interval(int, 0),
     "split_seed": Interval(int, 0),
     "split": Maybe(Fractions()),
+    "split_by": OneOf(("shuffle", "path")),
     "val_seed": Maybe(Interval(int, 0)),
     "val_fraction": Interval(float, 0.05, 0.5),
     "cv": Maybe(Interval(int, 2)),

@@ -144,3 +144,32 @@ def test_one_image_listing_for_datasets_and_predict(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images in"):
         list_images([tmp_path / "empty"])
+
+
+def test_a_split_by_path_never_moves_an_image_when_images_are_added(tmp_path):
+    """1,000 names in three classes, then 10 % more: every image keeps its split, and each class's shares stay
+    within a binomial sample's spread of the fractions (a split that decides each image alone cannot be exact)."""
+    sizes = {"a": 500, "b": 300, "c": 200}
+    for name, count in sizes.items():
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            (tmp_path / name / f"{name}{i:04d}.jpg").write_bytes(b"x")
+    before = scan_dataset(tmp_path, split_by="path", seed=3)
+    assert before.split_source == "hashed 0.7,0.15,0.15 seed=3"
+    for name, count in sizes.items():
+        for i in range(count, count + count // 10):
+            (tmp_path / name / f"{name}{i:04d}.jpg").write_bytes(b"x")
+    after = scan_dataset(tmp_path, split_by="path", seed=3)
+    placed = {s.path: s.split for s in after.samples}
+    assert len(after.samples) == 1100 and all(placed[s.path] == s.split for s in before.samples)
+    for label, name in enumerate(after.classes):
+        splits = [s.split for s in after.samples if s.label == label]
+        for split, fraction in zip(("train", "val", "test"), (0.7, 0.15, 0.15)):
+            spread = (fraction * (1 - fraction) / len(splits)) ** 0.5
+            assert abs(splits.count(split) / len(splits) - fraction) < 4 * spread, (name, split)
+    reseeded = scan_dataset(tmp_path, split_by="path", seed=4)
+    assert [s.split for s in reseeded.samples] != [s.split for s in after.samples]
+    shuffled = scan_dataset(tmp_path, seed=3)  # the default cuts each class exactly, and moves images instead
+    for label, count in enumerate(sizes.values()):
+        tested = sum(s.split == "test" and s.label == label for s in shuffled.samples)
+        assert abs(tested - count * 1.1 * 0.15) <= 1

@@ -104,6 +104,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @options.seed("Seed of the stratified split.")
 @click.option("--split-from", type=click.Path(exists=True, path_type=Path),
               help="CSV with path,split columns giving each image's split.")
+@options.option("split_by", default="shuffle", show_default=True,
+                help="How that split is drawn: shuffle (each class shuffled with --seed and cut at the fractions: "
+                     "exact shares) or path (each image by a seeded hash of its class and relative path: images "
+                     "added later never move one already split; shares vary by a few points).")
 @click.option("--verify-content", is_flag=True,
               help="Hash every file again for the dataset's fingerprint instead of trusting the hashes remembered "
                    "while files keep their sizes, modification and change times.")
@@ -114,8 +118,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
                                                 "of one worker's work that shrink to a few seconds' towards the end; "
                                                 "a re-run keeps the shards the first run planned).")
 @click.pass_context
-def extract(ctx, data_dir, sample, backbones, split, seed, split_from, verify_content, allow_outside_root, force,
-            cluster, shard_rows, **recipe):
+def extract(ctx, data_dir, sample, backbones, split, seed, split_from, split_by, verify_content, allow_outside_root,
+            force, cluster, shard_rows, **recipe):
     """Embed every image under DATA_DIR (class folders, train/val/test folders, or a CSV
     of path,label[,split[,group]]) with each backbone, into the HDF5 cache.
 
@@ -130,7 +134,7 @@ def extract(ctx, data_dir, sample, backbones, split, seed, split_from, verify_co
     if sample == (data_dir is not None):
         raise click.UsageError("give either DATA_DIR or --sample")
     source = sample_path() if sample else data_dir
-    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from,
+    dataset = scan_dataset(source, split=split, seed=seed, split_from=split_from, split_by=split_by,
                            allow_outside_root=allow_outside_root, verify_content=verify_content)
     summary = ", ".join(f"{name} {sum(c.values())}" for name, c in dataset.counts().items())
     echo(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes ({summary}); "

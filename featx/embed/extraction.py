@@ -75,6 +75,7 @@ def extract(
     split: str | None = None,
     seed: int = 0,
     split_from: str | Path | None = None,
+    split_by: str = "shuffle",
     progress: bool = True,
     force: bool = False,
 ) -> ExtractResult:
@@ -82,7 +83,8 @@ def extract(
 
     A cached file is used only once it verifies; ``force`` re-extracts it anyway (over a damaged one).
     """
-    return extract_planned(plan_extraction(data, config, split=split, seed=seed, split_from=split_from),
+    return extract_planned(plan_extraction(data, config, split=split, seed=seed, split_from=split_from,
+                                           split_by=split_by),
                            progress=progress, force=force)
 
 

@@ -174,13 +174,13 @@ class Plan:
 
 def plan_extraction(data: ImageDataset | str | Path, config: ExtractConfig = ExtractConfig(), *,
                     split: str | None = None, seed: int = 0, split_from: str | Path | None = None,
-                    device_here: bool = True) -> Plan:
+                    split_by: str = "shuffle", device_here: bool = True) -> Plan:
     """Scan, resolve the backbone and preprocessing, and compute the cache key, without building a model.
 
     ``device_here=False`` (a cluster) trusts the workers to have the asked device: the client may have none.
     """
     dataset = data if isinstance(data, ImageDataset) else scan_dataset(data, split=split, seed=seed,
-                                                                       split_from=split_from)
+                                                                       split_from=split_from, split_by=split_by)
     layers = parse_layer(config.layer)
     source = backbone_source(config.backbone, config.weights, config.checkpoint)
     backbone_validation = checkpoint_validation(source, dataset)

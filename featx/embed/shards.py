@@ -158,14 +158,16 @@ def _finished(path: Path, key: str) -> dict | None:
 
 
 def extract_on_cluster(data, config: ExtractConfig, address: str, *, shard_rows: int | None = None,
-                       split: str | None = None, seed: int = 0, split_from=None, progress: bool = True,
+                       split: str | None = None, seed: int = 0, split_from=None, split_by: str = "shuffle",
+                       progress: bool = True,
                        force: bool = False) -> ExtractResult:
     """``featx.extract`` as shards on the Dask cluster at ``address``; returns the published file's result."""
     if config.adapt_bn:
         raise ConfigError("--adapt-bn runs on one machine: every shard would estimate the statistics again; "
                           "leave out --cluster")
     began = time.perf_counter()
-    plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from, device_here=False)
+    plan = plan_extraction(data, config, split=split, seed=seed, split_from=split_from, split_by=split_by,
+                           device_here=False)
     cached = None if force else cached_result(plan.path, plan.key)
     if cached:
         return cached

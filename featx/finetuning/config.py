@@ -57,6 +57,7 @@ class FinetuneConfig:
     split_seed: int = setting(0, "Seed of that split (featx extract's --seed); --seed never moves it.")
     split_from: str | None = setting(None, "CSV with path,split columns giving each image's split, as featx "
                                            "extract's --split-from.", path="file")
+    split_by: str = setting("shuffle", "How that split is drawn, as featx extract's --split-by: shuffle or path.")
     val_fraction: float = shared_setting("val_fraction", 0.15)
     seed: int = setting(0, "Seed for the head's initialisation, the batch order and augmentation, and the carved "
                            "validation split unless --val-seed is given.")

@@ -246,7 +246,7 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         self.dataset = data if isinstance(data, ImageDataset) else scan_dataset(
-            data, split=config.split, seed=config.split_seed, split_from=config.split_from)
+            data, split=config.split, seed=config.split_seed, split_from=config.split_from, split_by=config.split_by)
         self.spec = get_backbone(config.backbone)
         self.preprocess = self.spec.preprocess_for(config.image_size, config.fit)
         self.device = resolve_device(config.device)
