@@ -191,13 +191,16 @@ def _list_some(title: str, items: list[tuple[str, str]], more: str = "") -> None
 @main.command(name="ls")
 @click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
 def list_cache(cache_dir):
-    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete, how each was made
-    (input size and fit, augmented copies, AdaBN, TTA and test-time views, the fine-tuned checkpoint it came from)."""
+    """List the embedding files under CACHE_DIR: dataset, backbone, rows, dim, size, complete (or superseded by a
+    newer file of the same dataset and recipe: `featx prune` removes those), how each was made (input size and fit,
+    augmented copies, AdaBN, TTA and test-time views, the fine-tuned checkpoint it came from)."""
     from featx.store.embeddings import list_cache as entries_of
+    from featx.store.prune import superseded
 
     if not cache_dir.is_dir():
         raise DataError(f"{cache_dir}: no such folder")
     entries = entries_of(cache_dir)
+    newer = {str(old): new.name for old, new in superseded(cache_dir).items()}
     if not entries:
         echo(f"{cache_dir}: no embedding files")
         return
@@ -207,11 +210,43 @@ def list_cache(cache_dir):
             rows.append(("?", "?", "", "", f"{e['size_mb']:.1f}", "unreadable", e["path"], ""))
             continue
         state = "yes" if e["complete"] else f"no ({e['rows_done']}/{e['rows']})"
+        if e["path"] in newer:
+            state = f"yes, superseded by {newer[e['path']]}"
         if not e["complete"] and e["resumes_at"] < e["rows_done"]:
             state = f"damaged after row {e['resumes_at']} (resumes there)"
         rows.append((e["dataset"], e["backbone"], str(e["rows"]), str(e["dim"]), f"{e['size_mb']:.1f}", state,
                      e["path"], e["made_with"]))
     echo(_table(rows))
+
+
+@main.command()
+@click.argument("cache_dir", default="cache", type=click.Path(path_type=Path))
+@click.option("--yes", is_flag=True, help="Remove them; without it, only say what would go.")
+@click.option("--runs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A run folder, or a folder of them, whose embedding files to keep besides the runs featx "
+                   "registered (runs saved before featx 0.6). Repeatable.")
+def prune(cache_dir, yes, runs):
+    """Say what under CACHE_DIR is no longer needed, and the space it takes: files superseded by a newer file of
+    the same dataset and recipe, unfinished files of superseded extractions, shards no file reads, records of run
+    folders that are gone, memo entries of files that changed. Removes them with --yes. A file a run folder still
+    uses is kept."""
+    from featx.store.prune import plan_prune, prune as remove
+
+    found = plan_prune(cache_dir, list(runs))
+    if yes:
+        remove(found)
+    verb = "removed" if yes else "would remove"
+    for removal in found.removals:
+        echo(f"{verb} {removal.path} ({removal.size / 1e6:.1f} MB): {removal.why}")
+    for path, why in found.kept:
+        echo(f"kept {path}: {why}")
+    if found.memo:
+        echo(f"{'forgot' if yes else 'would forget'} {len(found.memo)} memo entries of files that are gone or changed")
+    if not found.removals and not found.memo:
+        echo(f"{cache_dir}: nothing to prune")
+    else:
+        echo(f"{'freed' if yes else 'would free'} {found.size / 1e6:.1f} MB" + ("" if yes else
+             "; run again with --yes to remove"))
 
 
 @main.command()

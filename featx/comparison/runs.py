@@ -34,6 +34,7 @@ from featx.errors import DataError
 from featx.comparison.leaderboard import Leaderboard
 from featx.heads.registry import save_head
 from featx.store.memo import file_sha256
+from featx.store.prune import register_run
 from featx.heads.metrics import predict_labels
 from featx.heads.openset import OpenSet
 from featx.comparison.plots import plot_confusion, plot_roc
@@ -175,6 +176,7 @@ def save_run(board: Leaderboard, out: str | Path) -> Path:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    register_run(out, [Path(p) for e in board.inputs for p in (e.meta.get("parts") or [e.path])])
     return out
 
 

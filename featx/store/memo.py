@@ -75,3 +75,32 @@ def file_sha256(path: str | Path) -> str:
 
 def remembered_sha256(path: str | Path) -> str:
     return remembered_of_file("sha256", path, lambda: file_sha256(path))
+
+
+def stale_entries() -> list[str]:
+    """Keys of facts about files that are gone or changed since (a file's hash or check, a dataset folder's
+    fingerprint): they can never be asked for again."""
+    stale = []
+    for key in _read():
+        kind, _, rest = key.partition(":")
+        if kind == "dataset":
+            if not Path(rest.rsplit(":", 1)[0]).is_dir():
+                stale.append(key)
+        elif rest.count(":") >= 3:  # remembered_of_file: kind:path:size:mtime:ctime
+            path, size, mtime, ctime = rest.rsplit(":", 3)
+            try:
+                stat = Path(path).stat()
+            except OSError:
+                stale.append(key)
+                continue
+            if f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}" != f"{size}:{mtime}:{ctime}":
+                stale.append(key)
+    return stale
+
+
+def forget(keys: list[str]) -> None:
+    """Drop ``keys`` from the index."""
+    entries = _read()
+    for key in keys:
+        entries.pop(key, None)
+    _write(entries)
