@@ -145,6 +145,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean | Fractions] 
     "max_pixels": Interval(int, 1),
     "batch_size": Interval(int, 1),
     "workers": Maybe(Interval(int, 0)),
+    "prefetch": Maybe(Interval(int, 0, 64)),
     "shard_rows": Maybe(Interval(int, 1)),
     "cluster": Maybe(Pattern(r"local(?::[1-9]\d*)?|(?:tcp|tls|ucx|inproc)://.+",
                              "local, local:N or a scheduler address such as tcp://host:8786")),

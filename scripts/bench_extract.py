@@ -90,7 +90,7 @@ def time_featx(folder: Path, config: ExtractConfig) -> float:
 
 def time_decoding(files: list[Path], spec, config: ExtractConfig, device) -> float:
     """Images/s of featx's decoding alone, as ``featx extract`` feeds its model (batches on the device)."""
-    rows = ImageRows(files, spec.preprocess, 0, len(files), len(files))
+    rows = ImageRows(files, spec.preprocess, range(len(files)), len(files))
     began = time.perf_counter()
     for pixels, _, _ in decoded_batches(rows, config, device, config.decode):
         pixels.to(device, non_blocking=True)
@@ -139,7 +139,9 @@ def weights_for(spec):
 @click.option("--decode", "decoders", multiple=True, default=["pillow", "tensor"], show_default=True)
 @click.option("--workers", type=int, default=None, help="DataLoader workers of the Pillow path (default: featx's).")
 @click.option("--tta-views", default=0, show_default=True, help="Also time featx extract with this many test-time views.")
-def main(device, images, image_px, backbones, batch_size, precisions, decoders, workers, tta_views):
+@click.option("--prefetch", "prefetches", multiple=True, type=int,
+              help="Time (b) with this many batches decoded ahead (repeatable; default: featx's own choice).")
+def main(device, images, image_px, backbones, batch_size, precisions, decoders, workers, tta_views, prefetches):
     torch.manual_seed(0)
     device = torch.device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
@@ -170,11 +172,14 @@ def main(device, images, image_px, backbones, batch_size, precisions, decoders, 
                 print(f"  (a) bare model forward, pre-decoded on {device.type:4s} : {bare:8.1f} img/s")
                 end_to_end = {}
                 for decode in decoders:
-                    config = ExtractConfig(backbone=backbone, weights=weights_arg, precision=precision, decode=decode,
-                                           device=device.type, batch_size=batch_size, workers=workers)
-                    end_to_end[decode] = time_featx(folder, config)
-                    print(f"  (b) featx extract, {decode:6s} decoding         : {end_to_end[decode]:8.1f} img/s   "
-                          f"b/a = {end_to_end[decode] / bare:.2f}   b/c = {end_to_end[decode] / tutorial:.2f}")
+                    for depth in prefetches or (None,):
+                        config = ExtractConfig(backbone=backbone, weights=weights_arg, precision=precision,
+                                               decode=decode, device=device.type, batch_size=batch_size,
+                                               workers=workers, prefetch=depth)
+                        end_to_end[decode] = time_featx(folder, config)
+                        ahead = "" if depth is None else f", {depth} ahead"
+                        print(f"  (b) featx extract, {decode:6s} decoding{ahead:9s}: {end_to_end[decode]:8.1f} img/s   "
+                              f"b/a = {end_to_end[decode] / bare:.2f}   b/c = {end_to_end[decode] / tutorial:.2f}")
                 if tta_views:
                     config = replace(config, decode=decoders[0], tta_views=tta_views, aug="xray")
                     with_views = time_featx(folder, config)

@@ -28,8 +28,12 @@ from featx.embed.planning import (ADAPT_BN_BATCH, ExtractConfig, ExtractResult, 
                             plan_extraction)
 from featx.store.embeddings import AUGMENTED, CHUNK_ROWS, CacheLock, EmbeddingWriter
 from featx.store.reuse import ReusableRows, earlier_files
+from featx.embed.prefetch import prefetched
 
 log = logging.getLogger(__name__)
+# Batches decoded ahead by default. On 2 CPU cores decoding ahead competes with the forward for the same cores
+# (scripts/bench_extract.py --prefetch: b/a measured in docs/performance.md), so a CPU decodes between forwards.
+PREFETCH = {"cpu": 0, "cuda": 2}
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 
 
@@ -272,10 +276,10 @@ def _embedded(segments, plan: Plan, device):
     """``(features, ok, errors)`` of each segment's rows, batch by batch in order, features in the file's dtype."""
     config = plan.config
     views = fixed_views(config.aug, plan.preprocess.size, config.tta_views)
+    depth = config.prefetch if config.prefetch is not None else PREFETCH[device.type]
     for model, rows in segments:
-        for images, ok, errors in decoded_batches(rows, config, device, plan.decoder):
-            features = embed(model, images.to(device, non_blocking=True), tta=config.tta,
-                             views=views).float().cpu().numpy()
+        for images, ok, errors in prefetched(decoded_batches(rows, config, device, plan.decoder), device, depth):
+            features = embed(model, images, tta=config.tta, views=views).float().cpu().numpy()
             ok = ok.numpy()
             overflowed = ok & ~np.isfinite(features).all(axis=1)  # fp16/bf16 overflow: a row no head may see
             errors = [NON_FINITE if bad else e for bad, e in zip(overflowed, errors)]

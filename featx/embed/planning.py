@@ -59,6 +59,8 @@ class ExtractConfig:
                                     "Weights stay frozen.")
     workers: int | None = setting(None, "DataLoader decoding worker processes (default: a thread pool on CPU, 8 on "
                                         "GPU).")
+    prefetch: int | None = setting(None, "Batches decoded ahead while the model embeds one (default: 2 on a GPU, 0 "
+                                         "on a CPU, whose cores the forward already keeps busy).", metavar="N")
     decode: str = setting("auto", "How images are decoded: tensor (JPEGs in batches on the device: nvJPEG on a GPU), "
                                   "pillow (one by one on CPU threads or DataLoader workers), or auto (pillow: the "
                                   "faster of the two where measured).")  # featx.embed.decoding
