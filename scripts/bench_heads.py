@@ -175,6 +175,40 @@ def compare_seconds(file: Path, out: Path, env: dict | None = None) -> tuple[flo
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"], {r["head"]: r["fit_s"] for r in rows}
 
 
+LIGHTGBM_FIT = """
+import sys, time, numpy as np
+from featx.heads.registry import import_lightgbm
+lightgbm = import_lightgbm()
+rng = np.random.default_rng(0)
+X = rng.normal(size=(54000, 64)).astype(np.float32); y = rng.integers(0, 10, 54000); X[:, :10] += np.eye(10)[y] * 1.5
+model = lightgbm.LGBMClassifier(n_estimators=150, learning_rate=0.05, num_leaves=15, data_sample_strategy="goss",
+                                colsample_bytree=0.8, random_state=0, verbose=-1, n_jobs=int(sys.argv[1]))
+began = time.perf_counter(); model.fit(X, y); print(time.perf_counter() - began)
+"""
+
+
+def lightgbm_threads() -> list[str]:
+    """One LightGBM fit (54,000 × 64, 10 classes, as the head's on PCA-64) alone and beside a busy process, per
+    thread count and OpenMP wait policy, each in a fresh process."""
+    import os
+
+    lines = ["| threads | OMP_WAIT_POLICY | alone s | busy s | busy / alone |", "|---|---|---|---|---|"]
+    for threads, policy in ((2, "ACTIVE"), (2, "PASSIVE"), (1, "ACTIVE")):
+        seconds = []
+        for busy_too in (False, True):
+            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if busy_too else None
+            try:
+                done = subprocess.run([sys.executable, "-c", LIGHTGBM_FIT, str(threads)], check=True,
+                                      capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": policy})
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+            seconds.append(float(done.stdout.strip().splitlines()[-1]))
+        lines.append(f"| {threads} | {policy} | {seconds[0]:.1f} | {seconds[1]:.1f} | {seconds[1] / seconds[0]:.2f} |")
+    return lines
+
+
 def shared_core(file: Path, tmp: Path) -> list[str]:
     """The compare alone, then while one busy process takes a core, then alone again, in one run."""
     lines = ["| while | total s | logreg fit s | svm fit s | lightgbm fit s |", "|---|---|---|---|---|"]
@@ -197,6 +231,8 @@ def shared_core(file: Path, tmp: Path) -> list[str]:
 @click.option("--shared-core", "shared_core_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Only `featx compare FILE --heads logreg,svm,lightgbm` alone and while a busy process shares "
                    "the cores (section 5).")
+@click.option("--lightgbm-threads", "lightgbm_threads_only", is_flag=True, help="Only one LightGBM fit alone and beside a busy process, per "
+                                                       "thread count and OpenMP wait policy.")
 @click.option("--docs", type=click.Path(dir_okay=False, path_type=Path), help="With --shared-core: also write the "
                                                                             "table to this markdown file.")
 @click.option("--chest-xray", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -204,7 +240,7 @@ def shared_core(file: Path, tmp: Path) -> list[str]:
 @click.option("--quick", is_flag=True, help="Skip the 70,000-row table.")
 @click.option("--sixty-thousand", "sixty_thousand_only", is_flag=True, help="Only the 60,000-row `featx compare` (section 4).")
 @click.option("--baseline-rev", help="With --sixty-thousand: also run featx at this git revision, for a ratio.")
-def main(shared_core_file, docs, chest_xray, quick, sixty_thousand_only, baseline_rev):
+def main(shared_core_file, lightgbm_threads_only, docs, chest_xray, quick, sixty_thousand_only, baseline_rev):
     import os
     import tempfile
 
@@ -212,6 +248,9 @@ def main(shared_core_file, docs, chest_xray, quick, sixty_thousand_only, baselin
     from featx.store.embeddings import read_meta
 
     print(f"{cpu_model()}, {os.cpu_count()} cores")
+    if lightgbm_threads_only:
+        print("\n".join(lightgbm_threads()))
+        return
     if shared_core_file:
         meta = read_meta(shared_core_file)
         with tempfile.TemporaryDirectory() as tmp:

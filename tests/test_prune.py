@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import h5py
+import pytest
 from click.testing import CliRunner
 
 from featx.cli.commands import main
@@ -17,18 +18,29 @@ from featx.store.prune import plan_prune, superseded
 from tests.conftest import make_class_folders, make_image
 
 
-def grown_cache(tmp_path):
-    data = make_class_folders(tmp_path / "colours", per_class=4, splits=("train", "val", "test"))
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A cache holding a file of a dataset and a newer one of the same dataset with an image added."""
+    root = tmp_path_factory.mktemp("prune")
+    data = make_class_folders(root / "colours", per_class=4, splits=("train", "val", "test"))
     config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, batch_size=8, precision="fp32",
-                           cache_dir=str(tmp_path / "cache"))
+                           cache_dir=str(root / "cache"))
     old = extract(data, config, progress=False).path
     make_image(data / "train" / "red" / "added.jpg", (240, 20, 20), seed=7)
     new = extract(data, config, progress=False).path
-    return data, config, old, new
+    return root, old, new
 
 
-def test_ls_marks_and_prune_removes_a_superseded_file_only_with_yes(tmp_path):
-    _, config, old, new = grown_cache(tmp_path)
+def grown_cache(made, tmp_path):
+    """A copy of that cache (times kept) for one test to change."""
+    root, old, new = made
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    config = ExtractConfig(backbone="resnet18", weights="none", image_size=48, cache_dir=str(cache))
+    return root / "colours", config, cache / old.relative_to(root / "cache"), cache / new.relative_to(root / "cache")
+
+
+def test_ls_marks_and_prune_removes_a_superseded_file_only_with_yes(made, tmp_path):
+    _, config, old, new = grown_cache(made, tmp_path)
     assert superseded(config.cache_dir) == {old: new}
     listed = CliRunner().invoke(main, ["ls", config.cache_dir])
     assert f"superseded by {new.name}" in listed.output
@@ -41,8 +53,8 @@ def test_ls_marks_and_prune_removes_a_superseded_file_only_with_yes(tmp_path):
     assert "nothing to prune" in CliRunner().invoke(main, ["prune", config.cache_dir]).output
 
 
-def test_a_file_a_run_uses_is_kept_until_the_run_is_gone(tmp_path):
-    _, config, old, new = grown_cache(tmp_path)
+def test_a_file_a_run_uses_is_kept_until_the_run_is_gone(made, tmp_path):
+    _, config, old, new = grown_cache(made, tmp_path)
     save_run(compare([old], ["logreg"]), tmp_path / "runs" / "first")
     found = plan_prune(config.cache_dir)
     assert not found.removals and found.kept[0][0] == old and "runs/first uses it" in found.kept[0][1]
@@ -51,16 +63,16 @@ def test_a_file_a_run_uses_is_kept_until_the_run_is_gone(tmp_path):
     assert {r.path for r in found.removals} >= {old} and any(".runs" in str(r.path) for r in found.removals)
 
 
-def test_runs_saved_elsewhere_are_kept_when_named(tmp_path):
-    _, config, old, _ = grown_cache(tmp_path)
+def test_runs_saved_elsewhere_are_kept_when_named(made, tmp_path):
+    _, config, old, _ = grown_cache(made, tmp_path)
     save_run(compare([old], ["logreg"]), tmp_path / "runs" / "first")
     shutil.rmtree(old.parent / ".runs")  # as a run saved before featx registered runs
     assert plan_prune(config.cache_dir).removals
     assert not plan_prune(config.cache_dir, [tmp_path / "runs"]).removals
 
 
-def test_stale_partials_orphan_shards_and_memo_entries(tmp_path):
-    _, config, old, new = grown_cache(tmp_path)
+def test_stale_partials_orphan_shards_and_memo_entries(made, tmp_path):
+    _, config, old, new = grown_cache(made, tmp_path)
     partial = old.with_name("resnet18-0123456789.h5.partial")  # an unfinished extraction of the older images
     shutil.copy(old, partial)
     with h5py.File(partial, "r+") as handle:

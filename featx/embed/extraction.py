@@ -31,8 +31,9 @@ from featx.store.reuse import ReusableRows, earlier_files
 from featx.embed.prefetch import prefetched
 
 log = logging.getLogger(__name__)
-# Batches decoded ahead by default. On 2 CPU cores decoding ahead competes with the forward for the same cores
-# (scripts/bench_extract.py --prefetch: b/a measured in docs/performance.md), so a CPU decodes between forwards.
+# Batches decoded ahead by default. On 2 CPU cores decoding ahead competes with the forward for the same cores:
+# b/a 0.59 with none ahead, 0.64 with one, 0.58 with two (AMD EPYC, lite0 fp32, one run of scripts/bench_extract.py
+# --prefetch; within the run-to-run spread), so a CPU keeps decoding between forwards.
 PREFETCH = {"cpu": 0, "cuda": 2}
 NON_FINITE = "features were NaN or infinite (overflow in reduced precision?); try --precision fp32"
 

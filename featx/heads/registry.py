@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -197,6 +198,27 @@ class HingeSGD(ClassifierMixin, BaseEstimator):
         return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(1)]
 
 
+def import_lightgbm():
+    """LightGBM, its OpenMP threads waiting passively (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose a policy.
+
+    Spinning threads made a fit 2.8× slower while another process used one of two cores, passive ones 1.3×, for
+    6 % more time alone (AMD EPYC, 2 threads, 54,000 × 64: scripts/bench_heads.py --lightgbm-threads). Fewer threads
+    when the machine is busy would do better still, but LightGBM's trees change with the thread count, and the
+    leaderboard must not change with the machine's load. OpenMP reads the policy when LightGBM loads it: set
+    around the first import only.
+    """
+    if "lightgbm" in sys.modules:
+        return sys.modules["lightgbm"]
+    chosen = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import lightgbm
+    finally:
+        if chosen is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    return lightgbm
+
+
 LIGHTGBM_MIN_LEAF = 20  # LightGBM's min_child_samples default: fewer rows in a leaf are never split off
 
 SAMPLING = {"bagging": {"subsample": 0.8, "subsample_freq": 1}, "goss": {"data_sample_strategy": "goss"}}
@@ -221,8 +243,7 @@ class EarlyStoppedLightGBM(ClassifierMixin, BaseEstimator):
         self.seed = seed
 
     def fit(self, X, y):
-        import lightgbm
-
+        lightgbm = import_lightgbm()
         X, y = validate_data(self, X, y)
         check_classification_targets(y)
         if self.sampling not in SAMPLING:
