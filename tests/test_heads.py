@@ -222,3 +222,25 @@ def test_large_training_sets_get_the_sgd_linear_svm_and_halved_lightgbm(tmp_path
     assert np.array_equal(again.predict_proba(Xv), lightgbm.pipeline.predict_proba(Xv))
     with pytest.raises(ConfigError, match="sampling"):
         heads.EarlyStoppedLightGBM(sampling="gos").fit(Xt, yt)
+
+
+def test_lightgbm_is_loaded_with_passive_openmp_threads_and_the_environment_is_left_as_it_was():
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import builtins, os\n"
+             "seen, original = {}, builtins.__import__\n"
+             "def spy(name, *args, **kwargs):\n"
+             "    if name == 'lightgbm': seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+             "    return original(name, *args, **kwargs)\n"
+             "builtins.__import__ = spy\n"
+             "from featx.heads.registry import import_lightgbm\n"
+             "import_lightgbm()\n"
+             "print(seen.get('policy'), os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert shown.stdout.split() == ["PASSIVE", "None"]
+    chosen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert chosen.stdout.split() == ["ACTIVE", "ACTIVE"]
