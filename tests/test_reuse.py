@@ -110,3 +110,17 @@ def test_the_command_line_says_what_it_reused(grown, tmp_path):
     make_image(data / "train" / "blue" / "added.jpg", (20, 20, 240), seed=9)
     done = CliRunner().invoke(main, arguments)
     assert done.exit_code == 0 and "36 rows reused from earlier files, 1 embedded" in done.output
+
+
+@pytest.mark.parametrize("chunk", [256, 0])  # 0: the rows count as scattered, read chunk by chunk
+def test_rows_are_read_back_in_any_order(grown, chunk, monkeypatch):
+    from featx.store import reuse
+
+    monkeypatch.setattr(reuse, "CHUNK_ROWS", chunk)
+    data, config = grown
+    made = load_embeddings(extract(data, replace(config, augment=0, tta_views=0), progress=False).path)
+    rows = reuse.ReusableRows([made.path])
+    order = [0, 35, 1, 17, 35]  # far apart, back and forth, one twice
+    features, ok, errors = rows.read([made.contents[k] for k in order])
+    rows.close()
+    assert np.array_equal(features, made.features_at(np.array(order))) and ok.all() and errors == [""] * 5

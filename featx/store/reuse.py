@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from featx.errors import DataError
-from featx.store.embeddings import CONTENT, check_intact, read_meta
+from featx.store.embeddings import CHUNK_ROWS, CONTENT, check_intact, read_meta
 from featx.store.memo import remembered_of_file
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,13 @@ class ReusableRows:
                 continue
             rows, back = np.unique([row for _, row in wanted], return_inverse=True)
             handle = self._handle(index)
-            # one contiguous read from the first to the last row wanted: whole chunks, each decompressed once
-            span = slice(int(rows[0]), int(rows[-1]) + 1)
-            block, block_ok = handle["features"][span][rows - span.start], handle["ok"][span][rows - span.start]
-            block_errors = handle["errors"].asstr()[span][rows - span.start]
+            if rows[-1] - rows[0] < 4 * len(rows) + CHUNK_ROWS:
+                # rows close together (a grown dataset keeps its order): one contiguous read, each chunk decoded once
+                span = slice(int(rows[0]), int(rows[-1]) + 1)
+                block, block_ok = handle["features"][span][rows - span.start], handle["ok"][span][rows - span.start]
+                block_errors = handle["errors"].asstr()[span][rows - span.start]
+            else:  # scattered: only the chunks that hold them
+                block, block_ok, block_errors = handle["features"][rows], handle["ok"][rows], handle["errors"].asstr()[rows]
             if features is None:
                 features = np.empty((len(contents), block.shape[1]), dtype=block.dtype)
                 ok = np.empty(len(contents), dtype=bool)
