@@ -92,3 +92,10 @@ def test_stale_partials_orphan_shards_and_memo_entries(made, tmp_path):
     CliRunner().invoke(main, ["prune", config.cache_dir, "--yes"])
     assert not partial.exists() and not orphan.exists() and new.exists()
     assert not any(str(gone) in key for key in stale_entries())
+
+
+def test_a_file_kept_outside_the_cache_gets_nothing_written_beside_it(made, tmp_path):
+    _, config, old, _ = grown_cache(made, tmp_path)
+    fixture = shutil.copy(old, tmp_path / "fixture.h5")  # as a test fixture or a colleague's copy is named
+    save_run(compare([fixture], ["logreg"]), tmp_path / "run")
+    assert not (tmp_path / ".runs").exists()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from featx.store.reuse import DATA_KEYS
 
 log = logging.getLogger(__name__)
 RUNS = ".runs"  # in a cache folder: one small JSON per run folder that used files of it
+CACHED_NAME = re.compile(r"-[0-9a-f]{10}\.h5$")  # store.embeddings.cache_path's names
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,14 @@ class PrunePlan:
 
 
 def register_run(run: Path, files: list[Path]) -> None:
-    """Record in each file's cache folder that the run folder ``run`` uses it (``prune`` keeps it while it does)."""
+    """Record in each file's cache folder that the run folder ``run`` uses it (``prune`` keeps it while it does).
+    Only files named as the cache names them (``<backbone>-<key>.h5``): a file kept elsewhere (a test fixture,
+    a colleague's copy) gets nothing written beside it."""
     run = Path(run).resolve()
     by_folder: dict[Path, list[str]] = {}
     for path in files:
         path = Path(path).resolve()
-        if path.suffix == ".h5" and path.exists():
+        if CACHED_NAME.search(path.name) and path.exists():
             by_folder.setdefault(path.parent, []).append(str(path))
     for folder, used in by_folder.items():
         record = folder / RUNS / f"{hashlib.sha256(str(run).encode()).hexdigest()[:16]}.json"
