@@ -71,16 +71,23 @@ def register_run(run: Path, files: list[Path]) -> None:
 def superseded(cache_dir: str | Path) -> dict[Path, Path]:
     """Each complete file made by the same recipe from the same dataset folder as a newer complete file, with that
     newer file (images added, removed or edited since)."""
-    groups: dict[str, list[tuple[tuple, Path]]] = {}
-    for path, meta in _files(Path(cache_dir)):
+    return _superseded(_complete(Path(cache_dir)))
+
+
+def _complete(cache_dir: Path) -> dict[str, list[tuple[tuple, Path, dict]]]:
+    """The complete files under ``cache_dir`` that record their recipe, by dataset folder and recipe, oldest first:
+    (age, path, meta) each, read once."""
+    groups: dict[str, list[tuple[tuple, Path, dict]]] = {}
+    for path, meta in _files(cache_dir):
         if meta["complete"] and meta.get("recipe"):
-            groups.setdefault(_group(meta), []).append((_age(path, meta), path))
-    found = {}
+            groups.setdefault(_group(meta), []).append((_age(path, meta), path, meta))
     for members in groups.values():
-        members.sort()
-        for _, older in members[:-1]:
-            found[older] = members[-1][1]
-    return found
+        members.sort(key=lambda member: member[0])
+    return groups
+
+
+def _superseded(groups: dict) -> dict[Path, Path]:
+    return {path: members[-1][1] for members in groups.values() for _, path, _ in members[:-1]}
 
 
 def plan_prune(cache_dir: str | Path, runs: list[Path] = ()) -> PrunePlan:
@@ -91,24 +98,22 @@ def plan_prune(cache_dir: str | Path, runs: list[Path] = ()) -> PrunePlan:
         raise DataError(f"{cache_dir}: no such folder")
     used = _used_keys(cache_dir, runs)
     removals, kept = [], []
-    newer = superseded(cache_dir)
+    groups = _complete(cache_dir)
+    newer, newest = _superseded(groups), {group: members[-1][0] for group, members in groups.items()}
+    metas = {path: meta for members in groups.values() for _, path, meta in members}
     for path, by in sorted(newer.items()):
-        key = read_meta(path)["cache_key"]
+        key = metas[path]["cache_key"]
         if key in used:
             kept.append((path, f"superseded by {by.name}, but {used[key]} uses it"))
         else:
             shards = path.with_name(path.stem + ".shards")
             removals.append(Removal(path, _size(path) + (_size(shards) if shards.is_dir() else 0),
                                     f"superseded by {by.name} (same recipe, other images)"))
-    groups: dict[str, tuple] = {}  # each group's newest complete file's age
-    for path, meta in _files(cache_dir):
-        if meta["complete"] and meta.get("recipe"):
-            groups[_group(meta)] = max(groups.get(_group(meta), ()), _age(path, meta))
     for path, meta in _files(cache_dir, partial=True):
-        why = _stale_partial(path, meta, groups)
+        why = _stale_partial(path, meta, newest)
         if why and not _busy(path):
             removals.append(Removal(path, _size(path), why))
-    removals += _orphan_shards(cache_dir, newer)
+    removals += _orphan_shards(cache_dir, newer, newest)
     removals += [Removal(p, _size(p), "records a run folder that is gone") for p in _stale_records(cache_dir)]
     return PrunePlan(removals, kept, stale_entries())
 
@@ -150,12 +155,12 @@ def _group(meta: dict) -> str:
     return json.dumps([meta.get("dataset_root"), recipe], sort_keys=True)
 
 
-def _stale_partial(path: Path, meta: dict, groups: dict) -> str:
+def _stale_partial(path: Path, meta: dict, newest: dict[str, tuple]) -> str:
     final = path.with_name(path.name[:-len(PARTIAL_SUFFIX)])
     if final.exists():
         return f"left over: {final.name} is complete"
-    newest = groups.get(_group(meta)) if meta.get("recipe") else None
-    if newest is not None and newest > _age(path, meta):
+    latest = newest.get(_group(meta)) if meta.get("recipe") else None
+    if latest is not None and latest > _age(path, meta):
         return "an unfinished extraction of images a newer complete file supersedes"
     return ""  # the latest attempt: the same command resumes it
 
@@ -169,7 +174,7 @@ def _busy(path: Path) -> bool:
         return True
 
 
-def _orphan_shards(cache_dir: Path, newer: dict[Path, Path]) -> list[Removal]:
+def _orphan_shards(cache_dir: Path, newer: dict[Path, Path], newest: dict[str, tuple]) -> list[Removal]:
     """Shards no published file reads: all of a consolidated file's, or those of an extraction superseded before
     it was published."""
     found = []
@@ -182,7 +187,7 @@ def _orphan_shards(cache_dir: Path, newer: dict[Path, Path]) -> list[Removal]:
             with h5py.File(published, "r", locking=False) as handle:
                 if handle["features"].is_virtual:
                     used = {os.path.normpath(published.parent / s[1]) for s in handle["features"].virtual_sources()}
-        elif not _shards_superseded(folder):
+        elif not _shards_superseded(folder, newest):
             continue  # an unfinished cluster extraction: the same command goes on from its shards
         state = "is one contiguous file" if published.exists() else "was superseded before it was published"
         found += [Removal(shard, _size(shard), f"a shard no file reads ({published.name} {state})")
@@ -190,7 +195,7 @@ def _orphan_shards(cache_dir: Path, newer: dict[Path, Path]) -> list[Removal]:
     return found
 
 
-def _shards_superseded(folder: Path) -> bool:
+def _shards_superseded(folder: Path, newest: dict[str, tuple]) -> bool:
     """Whether a complete file of the same group, newer than these unpublished shards, exists."""
     shards = sorted(folder.glob("*.h5"))
     if not shards:
@@ -201,8 +206,7 @@ def _shards_superseded(folder: Path) -> bool:
         return False
     if not meta.get("recipe"):
         return False
-    return any(_group(other) == _group(meta) and _age(path, other) > _age(shards[0], meta)
-               for path, other in _files(folder.parent) if other["complete"] and other.get("recipe"))
+    return newest.get(_group(meta), ()) > _age(shards[0], meta)
 
 
 def _used_keys(cache_dir: Path, runs) -> dict[str, str]:

@@ -28,7 +28,7 @@ from featx.heads.registry import load_head
 from featx.heads.to_onnx import ML_OPSET, head_to_onnx
 from featx.shift.remedies import REMEDIES, check_steps, replay_scores
 from featx.shift.remedy import Remedy
-from featx.use.predict import Backbone, head_probabilities, head_steps
+from featx.use.predict import Backbone, head_probabilities, head_steps, validation_threshold
 from featx.version import __version__
 from featx.vocab import OPEN_SET_SCORES
 
@@ -91,7 +91,7 @@ def export_onnx(run: str | Path, out: str | Path, head: str | None = None, trust
         raise DataError(f"{head_file}: {err}") from None
     open_set = OpenSet.load(head_file.parent) if head is None else None
     threshold = replay_scores(steps, np.zeros((0, 1)), np.zeros((0, len(loaded["classes"]))),
-                              loaded.get("validation_threshold", loaded.get("threshold")))[1]
+                              validation_threshold(loaded))[1]
     _finish(onnx, graph, steps, open_set)
     metadata = _metadata(Path(run), head_file, loaded, backbones, threshold, open_set)
     onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in metadata.items()})

@@ -224,13 +224,18 @@ def head_probabilities(head: dict, features: np.ndarray, steps: list[dict] | Non
     steps = head_steps(head) if steps is None else steps
     features = replay_features(steps, features)
     proba = head["pipeline"].predict_proba(features)
-    start = head["validation_threshold"] if "validation_threshold" in head else head.get("threshold")
-    proba, threshold = replay_scores(steps, features, proba, start)
+    proba, threshold = replay_scores(steps, features, proba, validation_threshold(head))
     return features, proba, threshold
 
 
 def _name(source: Path | tuple[str, bytes]) -> str:
     return source[0] if isinstance(source, tuple) else str(source)
+
+
+def validation_threshold(head: dict) -> float | None:
+    """The decision threshold chosen on validation, which the run's remedies start from (heads saved before featx
+    kept it apart have only ``threshold``)."""
+    return head["validation_threshold"] if "validation_threshold" in head else head.get("threshold")
 
 
 def head_steps(head: dict) -> list[dict]:
