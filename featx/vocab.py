@@ -27,6 +27,7 @@ OPEN_SET_SCORES = ("knn", "centroid", "max_prob")
 SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss")  # validation metrics that rank
 ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.shift.align)
 PRIOR_SHIFTS = ("off", "estimate", "auto")  # the test split's class balance: ignored, reported, applied if it helps
+TABLE_FORMATS = ("parquet", "npy")  # an embedding file for other tools (featx.store.tables)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,9 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean | Fractions] 
     "score": OneOf(OPEN_SET_SCORES),
     "top_k": Interval(int, 1),
     "sample_per_class": Interval(int, 2),
+    # embeddings where analysts work
+    "format": OneOf(TABLE_FORMATS),
+    "k": Interval(int, 1),
 }
 
 

@@ -44,6 +44,19 @@ def test_top_k_probabilities_in_order_and_bad_files_reported(tiny_run, tmp_path)
     assert [r.top_k[0][0] for r in good] == ["red", "green", "blue"]
 
 
+def test_predictions_as_a_dataframe_hold_every_class_probability(tiny_run, tmp_path):
+    data, _, run, _ = tiny_run
+    good = make_image(tmp_path / "new" / "red.png", (200, 30, 30), seed=9, fmt="PNG")
+    (tmp_path / "new" / "broken.jpg").write_bytes(b"not an image")
+    predictor = Predictor(run)
+    frame = predictor.predict_frame([tmp_path / "new"])
+    assert list(frame.columns) == ["path", "prediction", "unknown_score", "error", *predictor.classes]
+    broken, red = frame.iloc[0], frame.iloc[1]
+    assert broken.error and np.isnan(broken[predictor.classes].astype(float)).all()
+    assert red.path == str(good) and abs(red[predictor.classes].astype(float).sum() - 1) < 1e-5
+    assert red[predictor.classes].astype(float).idxmax() == predictor.predict([good], top_k=1)[0].top_k[0][0]
+
+
 def test_cli_json_and_csv(tiny_run, tmp_path):
     data, _, run, _ = tiny_run
     image = next((data / "test" / "red").glob("*.jpg"))

@@ -23,7 +23,8 @@ REFUSED = {"precision": "fp8", "dtype": "int8", "device": "gpu", "fit": "stretch
            "score": "distance", "top_k": 0, "sample_per_class": 1, "max_pixels": 0, "shard_rows": 0, "max_train_rows": 5, "cluster": "my-gpus",
            "align": "mean", "prior_shift": "on", "duplicate_cosine": 0.3, "smooth_test": -1,
            "exclude_leaked": "maybe", "adapt_bn": "sometimes",
-           "split": "0.7,nan,0.3", "prefetch": -1, "split_by": "random"}
+           "split": "0.7,nan,0.3", "prefetch": -1, "split_by": "random",
+           "format": "csv", "k": 0}
 ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": "full", "decode": "tensor", "aug": "xray", "augment": 2,
             "tta_views": 4, "layer": "stage2, penultimate", "image_size": None, "batch_size": 1, "workers": 0, "unfreeze": "all",
             "bn": "train", "epochs": 0, "head_epochs": 1, "lr": 3e-4, "lr_min": None, "weight_decay": 0.0,
@@ -32,7 +33,8 @@ ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": 
             "sample_per_class": 2, "max_pixels": 1000, "shard_rows": None, "max_train_rows": 10,
             "cluster": "local:2", "align": "coral", "prior_shift": "auto", "duplicate_cosine": 0.943, "smooth_test": 10,
             "exclude_leaked": True, "adapt_bn": False,
-            "split": "0.7,0.15,0.15", "prefetch": 2, "split_by": "path"}
+            "split": "0.7,0.15,0.15", "prefetch": 2, "split_by": "path",
+            "format": "npy", "k": 1}
 
 
 def test_every_parameter_has_cases_here():

@@ -609,18 +609,44 @@ def serve(run_dir, host, port, token, score, max_bytes, max_files, max_pixels, b
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The ONNX file to write (replaced whole if it exists).")
-@click.option("--head", help="A saved head of that kind (logreg, svm, ...) instead of the run's best; the best alone "
-                             "carries the open-set scores.")
-@click.option("--trust", is_flag=True, help="Load a joblib head (run folders of featx before 0.2), which can run any "
-                                            "code it holds: only for folders whose source you trust.")
-def export(run_dir, onnx_path, head, trust):
-    """Write RUN_DIR's best head and its backbone as one ONNX graph: uint8 pixels (N, H, W, 3), resized and
-    cropped as the run's preprocessing says, to class probabilities (and open-set scores), with the class names,
-    preprocessing and thresholds in its metadata. Checked against featx's own answers before it is written.
-    Needs pip install 'featx[export]'."""
+@click.argument("source", metavar="RUN_DIR|FILE.h5", type=click.Path(exists=True, path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="RUN_DIR: the ONNX file to write (replaced whole if it exists).")
+@click.option("--head", help="RUN_DIR: a saved head of that kind (logreg, svm, ...) instead of the run's best; the "
+                             "best alone carries the open-set scores.")
+@click.option("--trust", is_flag=True, help="RUN_DIR: load a joblib head (run folders of featx before 0.2), which can "
+                                            "run any code it holds: only for folders whose source you trust.")
+@options.option("format", help="FILE.h5: parquet (one row per image, the embedding a fixed-size float32 list) or npy (features "
+                   "beside a CSV of the same rows and a JSON of the file's provenance).")
+@click.option("--split", "split_name", help="FILE.h5: only the rows of this split (train, val, test, augmented).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="FILE.h5: the file to write  [default: <file stem>[-<split>].<format> here]")
+def export(source, onnx_path, head, trust, format, split_name, out):
+    """Put a run or an embedding file to work elsewhere.
+
+    RUN_DIR --onnx model.onnx: the run's best head and its backbone as one ONNX graph: uint8 pixels (N, H, W, 3),
+    resized and cropped as the run's preprocessing says, to class probabilities (and open-set scores), with the
+    class names, preprocessing and thresholds in its metadata; checked against featx's own answers before it is
+    written. Needs pip install 'featx[export]'.
+
+    FILE.h5 --format parquet|npy: every row of the embedding file (path, label, split, ok, error, content hash,
+    features as float32) in file order, read and written a block at a time. Parquet needs pip install
+    'featx[pandas]'.
+    """
+    if source.is_dir():
+        if onnx_path is None or format or split_name or out:
+            raise click.UsageError("a run folder exports with --onnx FILE (and --head, --trust)")
+        _export_onnx(source, onnx_path, head, trust)
+    else:
+        if format is None or onnx_path or head or trust:
+            raise click.UsageError("an embedding file exports with --format parquet|npy (and --split, --out)")
+        from featx.store.tables import export_table
+
+        written = export_table(source, format, out=out, split=split_name)
+        echo(f"wrote {', '.join(map(str, written))} ({written[0].stat().st_size / 1e6:.1f} MB)")
+
+
+def _export_onnx(run_dir: Path, onnx_path: Path, head: str | None, trust: bool) -> None:
     from featx.use.export import export_onnx
 
     echo(f"exporting {run_dir} (tracing the backbone takes a while)", err=True)

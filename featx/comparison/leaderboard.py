@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from featx.errors import ConfigError
 from featx.heads.registry import FittedHead
 from featx.shift.remedy import Splits
 from featx.store.embeddings import Embeddings
@@ -96,6 +97,14 @@ class Leaderboard:
 
     def to_json(self) -> str:
         return json.dumps(self.rows, indent=2, default=float)
+
+    def to_pandas(self):
+        """The rows as a DataFrame, in this leaderboard's order (intervals stay [low, high] lists)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ConfigError("Leaderboard.to_pandas needs pandas: pip install 'featx[pandas]'") from None
+        return pd.DataFrame(self.rows)
 
     def __str__(self) -> str:
         return self.to_markdown()

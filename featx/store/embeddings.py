@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.errors import DataError, FeatxError, SchemaError
+from featx.errors import ConfigError, DataError, FeatxError, SchemaError
 
 SCHEMA = "featx.embeddings/1"
 DATASETS = ("features", "labels", "paths", "split", "ok", "errors")
@@ -36,6 +36,9 @@ CHUNK_ROWS = 256  # rows per HDF5 chunk of every checksummed column: the unit of
 CONTENT = "content"  # each row's content identity (``featx.store.reuse``); files before featx 0.6 have none
 SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors", CONTENT)  # SHA-256 each in the "checksums" attribute
 SHARD_PLAN = "plan.json"  # in a shards folder: the row ranges its extraction chose (featx.embed.shards)
+# What a file records about its own writing, not about its rows: never carried into another file.
+WRITING_ATTRS = {"schema", "created", "rows_done", "complete", "checksums", "last_batch", "dtype", "n_rows", "dim",
+                 "shards"}
 SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond the data: HDF5 metadata and chunk rewrites
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
@@ -363,15 +366,9 @@ class Embeddings:
 
     def rows(self, split: str | None = None) -> np.ndarray:
         """Indices of the readable rows of ``split`` (every image once when None: no augmented copies)."""
-        mask = self.ok.copy()
-        if split is None:
-            mask &= self.splits != AUGMENTED
-        else:
-            if split not in set(self.splits.tolist()):
-                present = sorted(set(self.splits.tolist()) - {""})
-                raise DataError(f"{self.path}: no rows in split {split!r}; splits present: {present}")
-            mask &= self.splits == split
-        return np.flatnonzero(mask)
+        rows = self.rows_of(split)
+        kept = self.ok[rows] & (self.splits[rows] != AUGMENTED if split is None else True)
+        return rows[kept]
 
     def features(self, split: str | None = None) -> np.ndarray:
         """float32 features of the readable rows of ``split``."""
@@ -420,6 +417,37 @@ class Embeddings:
         return replace(self, paths=self.paths[kept], splits=self.splits[kept], ok=self.ok[kept],
                        errors=self.errors[kept], _features=self._features[kept], _labels=self._labels[kept],
                        contents=None if self.contents is None else self.contents[kept])
+
+    def columns(self, rows: np.ndarray) -> dict[str, list]:
+        """The columns of ``rows`` beside their features, as a table shows them: path, label (the class name, empty
+        where unlabelled), label_index (-1 there), split, ok, error, content (empty where the file has none)."""
+        labels = self._labels[rows]
+        return {"path": self.paths[rows].tolist(), "label": [self.classes[i] if i >= 0 else "" for i in labels],
+                "label_index": labels.tolist(), "split": self.splits[rows].tolist(), "ok": self.ok[rows].tolist(),
+                "error": self.errors[rows].tolist(),
+                "content": self.contents[rows].tolist() if self.contents is not None else [""] * len(rows)}
+
+    def rows_of(self, split: str | None = None) -> np.ndarray:
+        """Every row of ``split`` (of the file when None), readable or not, augmented copies included."""
+        if split is None:
+            return np.arange(len(self))
+        if split not in set(self.splits.tolist()):
+            present = sorted(set(self.splits.tolist()) - {""})
+            raise DataError(f"{self.path}: no rows in split {split!r}; splits present: {present}")
+        return np.flatnonzero(self.splits == split)
+
+    def to_pandas(self, split: str | None = None):
+        """A DataFrame of every row of ``split`` (of the file when None), indexed by file row: the ``columns`` and
+        ``embedding`` (each row's float32 features). Unreadable rows and augmented copies are in it: select with
+        ``df[df.ok]`` and ``split``, as ``features()`` does."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ConfigError("Embeddings.to_pandas needs pandas: pip install 'featx[pandas]'") from None
+        rows = self.rows_of(split)
+        frame = pd.DataFrame(self.columns(rows), index=pd.Index(rows, name="row"))
+        frame["embedding"] = list(self.features_at(rows))
+        return frame
 
     @property
     def backbone(self) -> str:

@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
-from featx.store.embeddings import AUGMENTED, EmbeddingWriter, load_embeddings, read_meta
+from featx.store.embeddings import AUGMENTED, WRITING_ATTRS, EmbeddingWriter, load_embeddings, read_meta
 from featx.version import __version__
 from featx.vocab import check, invalid
 
-# What a file records about its own writing, not about its rows: never carried into another file.
-WRITING_ATTRS = {"schema", "created", "rows_done", "complete", "checksums", "last_batch", "dtype", "n_rows", "dim",
-                 "shards"}
 
 
 def _write(path: Path, features: np.ndarray, labels, paths, splits, attrs: dict, dtype: str,

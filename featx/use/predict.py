@@ -170,6 +170,22 @@ class Predictor:
         """Files, and every image under folders, in that order."""
         return self.classify(list_images(paths), top_k, batch_size)
 
+    def predict_frame(self, paths: list[str | Path], batch_size: int = 32):
+        """``predict`` as a DataFrame, one row per image: path, prediction, unknown_score, error, and each class's
+        probability in a column named after the class (empty for an image that could not be read)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ConfigError("Predictor.predict_frame needs pandas: pip install 'featx[pandas]'") from None
+        results = self.predict(paths, top_k=len(self.classes), batch_size=batch_size)
+        frame = pd.DataFrame({"path": [r.path for r in results], "prediction": [r.prediction for r in results],
+                              "unknown_score": [r.unknown_score for r in results],
+                              "error": [r.error for r in results]})
+        probabilities = [dict(r.top_k) for r in results]
+        for name in self.classes:
+            frame[name] = [p.get(name, float("nan")) for p in probabilities]
+        return frame
+
     def classify(self, files: list[Path | tuple[str, bytes]], top_k: int = 3, batch_size: int = 32,
                  score: str | None = None) -> list[Prediction]:
         """``files`` (paths, or (name, bytes) of uploads) in their order, unreadable ones with their error;
