@@ -101,17 +101,18 @@ def _write_npy(emb: Embeddings, rows: np.ndarray, out: Path) -> list[Path]:
     partials = [_partial(p) for p in (out, table, about)]
     columns = list(emb.columns(rows[:0]))
     try:
-        features = np.lib.format.open_memmap(partials[0], mode="w+", dtype=np.float32, shape=(len(rows), emb.dim))
-        with open(partials[1], "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        # Written block by block through a file handle: a memory map's dirty pages would count as the process's
+        # memory until the end.
+        with open(partials[0], "wb") as features, \
+                open(partials[1], "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (len(rows), emb.dim)}
+            np.lib.format.write_array_header_1_0(features, header)
             writer = csv.writer(handle)
             writer.writerow(columns)
-            done = 0
             for block, values in _blocks(emb, rows):
-                features[done:done + len(block)] = values
-                done += len(block)
+                features.write(np.ascontiguousarray(values).tobytes())
                 writer.writerows(zip(*(emb.columns(block)[c] for c in columns)))
-        features.flush()
-        del features
         partials[2].write_text(json.dumps({**provenance(emb), "rows": len(rows), "columns": columns}, indent=1))
         for partial, final in zip(partials, (out, table, about)):
             os.replace(partial, final)
