@@ -22,6 +22,7 @@ from featx.embed.planning import ExtractConfig
 from featx.finetuning.config import FinetuneConfig
 from featx.embed.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
 from featx.errors import DataError, FeatxError
+from featx.store.neighbours import INDEXES
 from featx.version import __version__
 
 
@@ -656,6 +657,34 @@ def _export_onnx(run_dir: Path, onnx_path: Path, head: str | None, trust: bool) 
          f"{' + '.join(info['backbones'])}, input image uint8 (N, {info['input']['height']}, {info['input']['width']}, "
          f"3), outputs {', '.join(info['outputs'])}; onnxruntime agrees with featx within "
          f"{exported.difference:.1g} on probe images")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("query", metavar="IMAGE_OR_ROW")
+@options.option("k", "-k", default=10, show_default=True, help="How many images.")
+@click.option("--split", "split_name", help="Search only this split (default: every image of the file).")
+@click.option("--index", type=click.Choice(INDEXES), default="exact", show_default=True,
+              help="exact (brute force, scikit-learn) or faiss (an HNSW graph: faster on large files, may miss a "
+                   "neighbour; pip install 'featx[similar]').")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def similar(file, query, k, split_name, index, as_json):
+    """The K images of FILE nearest IMAGE_OR_ROW by cosine similarity, with their labels and splits.
+
+    IMAGE_OR_ROW is a row number of FILE (left out of its own answer) or an image file, embedded first as FILE's
+    rows were (its backbone, weights, preprocessing and precision)."""
+    import json
+    from dataclasses import asdict
+
+    from featx.use.similar import similar as nearest
+
+    found = nearest(file, query, k=k, split=split_name, index=index)
+    if as_json:
+        echo(json.dumps([asdict(n) for n in found], indent=2))
+        return
+    rows = [("rank", "similarity", "row", "split", "label", "path")]
+    rows += [(str(i + 1), f"{n.similarity:.4f}", str(n.row), n.split, n.label, n.path) for i, n in enumerate(found)]
+    echo(_table(rows))
 
 
 @main.command()

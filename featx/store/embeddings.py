@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 
 from featx.errors import ConfigError, DataError, FeatxError, SchemaError
+from featx.store.neighbours import Neighbour, NeighbourIndex
+from featx.vocab import check
 
 SCHEMA = "featx.embeddings/1"
 DATASETS = ("features", "labels", "paths", "split", "ok", "errors")
@@ -448,6 +450,27 @@ class Embeddings:
         frame = pd.DataFrame(self.columns(rows), index=pd.Index(rows, name="row"))
         frame["embedding"] = list(self.features_at(rows))
         return frame
+
+    def neighbours(self, query: int | np.ndarray, k: int = 10, split: str | None = None,
+                   index: str = "exact") -> list[Neighbour]:
+        """The ``k`` readable images of ``split`` (of the file, no augmented copies, when None) nearest ``query``
+        by cosine, nearest first: ``query`` is a file row (which is left out of its own answer) or a feature
+        vector (``featx similar`` embeds a new image with this file's recipe first)."""
+        check("Embeddings.neighbours", k=k)
+        rows = self.rows(split)
+        if isinstance(query, (int, np.integer)):
+            if not 0 <= query < len(self):
+                raise DataError(f"{self.path}: no row {query}; rows are 0 to {len(self) - 1}")
+            vector, rows = self.features_at([query]), rows[rows != query]
+        else:
+            vector = np.asarray(query, dtype=np.float32).reshape(1, -1)
+            if vector.shape[1] != self.dim:
+                raise DataError(f"{self.path}: a query of {vector.shape[1]} features; this file's have {self.dim}")
+        if not len(rows):
+            raise DataError(f"{self.path}: no readable rows to search" + (f" in split {split!r}" if split else ""))
+        found, similarities = NeighbourIndex(self.features_at(rows), index).query(vector, k)
+        return [Neighbour(int(rows[i]), self.paths[rows[i]], self.columns([rows[i]])["label"][0],
+                          self.splits[rows[i]], float(s)) for i, s in zip(found[0], similarities[0]) if i >= 0]
 
     @property
     def backbone(self) -> str:
