@@ -60,6 +60,9 @@ setup(
         "pandas": ["pandas>=1.5", "pyarrow>=14"],
         # featx similar --index faiss: an HNSW graph answers a query on 60,000 rows in well under a millisecond.
         "similar": ["faiss-cpu>=1.8"],
+        # featx map --method umap (auto picks it where installed): UMAP keeps more of the global layout than
+        # t-SNE; it brings numba, whose first import compiles for half a minute, so it is not in the test extra.
+        "map": ["umap-learn>=0.5"],
         # Hypothesis generates the CSV contents and file names that the hardening tests feed featx; the cluster
         # tests run on a LocalCluster.
         # httpx: Starlette's TestClient drives the API tests; the export extra, the ONNX round trips.

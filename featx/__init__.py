@@ -16,6 +16,7 @@ _LAZY = {
     "finetune": "featx.finetuning.training", "FinetuneConfig": "featx.finetuning.config",
     "compare": "featx.comparison.evaluate", "CompareConfig": "featx.comparison.config", "list_heads": "featx.heads.registry",
     "save_run": "featx.comparison.runs", "load_run": "featx.comparison.runs",
+    "dataset_map": "featx.comparison.embedding_map",
     "Predictor": "featx.use.predict", "write_report": "featx.use.report", "advise": "featx.use.advisor",
 }
 __all__ = [

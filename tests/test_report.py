@@ -21,10 +21,12 @@ def test_report_has_every_section_and_escapes_user_strings(tmp_path, tiny_config
     result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     html = (tmp_path / "run" / "report.html").read_text()
-    for section in ("leaderboard", "heads", "examples", "wrong", "provenance"):
+    for section in ("leaderboard", "heads", "examples", "wrong", "provenance", "map"):
         assert f'id="{section}"' in html
     assert "<script>" not in html and "&lt;script&gt;" in html
-    assert len(re.findall(r'src="data:image/png;base64,', html)) == 6  # confusion val + test, ROC test; 2 heads
+    # confusion val + test and ROC test of 2 heads, and the map of the dataset, also left in the run folder
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 7
+    assert (tmp_path / "run" / "plots" / f"map_{emb.path.stem}.png").stat().st_size > 10_000
     assert len(re.findall(r'src="data:image/jpeg;base64,', html)) >= 3  # example thumbnails
     assert 'src="http' not in html and "src='http" not in html  # self-contained
     assert emb.cache_key in html

@@ -659,6 +659,29 @@ def _export_onnx(run_dir: Path, onnx_path: Path, head: str | None, trust: bool) 
          f"{exported.difference:.1g} on probe images")
 
 
+@main.command(name="map")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="The PNG to write  [default: <file stem>-map.png here]")
+@options.option("map_method", "--method", default="auto", show_default=True,
+                help="tsne (scikit-learn), umap (needs umap-learn), or auto: umap where installed.")
+@options.option("max_points", "--max-points", default=2000, show_default=True,
+                help="Beyond this many images, a seeded sample (the marked ones always in it).")
+@options.seed("Seed of the layout and of the sample.")
+def map_command(file, out, map_method, max_points, seed):
+    """A 2-D map of FILE's images (t-SNE or UMAP of the embeddings) coloured by class and shaped by split, with
+    the likely label errors among train and the test images least like train marked. Seeded: the same file
+    gives the same picture."""
+    from featx.comparison.embedding_map import dataset_map
+    from featx.store.embeddings import load_embeddings
+
+    made = dataset_map(load_embeddings(file), method=map_method, max_points=max_points, seed=seed)
+    written = made.save(out or Path(f"{file.stem}-map.png"))
+    echo(f"wrote {written}: {made.method} of {len(made.rows)} of {made.total} images; {len(made.label_errors)} "
+         f"likely label errors and {len(made.least_like_train)} test images least like train marked"
+         + (f" ({made.note})" if made.note else ""))
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("query", metavar="IMAGE_OR_ROW")

@@ -9,10 +9,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from featx.comparison.plots import confusion_figure, roc_figure
 from featx.errors import ConfigError
+from featx.heads.metrics import predict_labels
 from featx.heads.registry import FittedHead
 from featx.shift.remedy import Splits
 from featx.store.embeddings import Embeddings
+from featx.notebook import html_table
 from featx.vocab import check
 
 REPORTED_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "accuracy_ci", "roc_auc_ci")
@@ -39,6 +42,27 @@ class HeadResult:
 
     def decision_threshold(self, split: str) -> float | None:
         return self.threshold if split == "val" else self.test_threshold
+
+    def confusion_figure(self, split: str = "test"):
+        """The confusion matrix of ``split`` (counts and row-normalised) as a matplotlib Figure."""
+        truth, proba = self._scored(split)
+        return confusion_figure(truth, predict_labels(proba, self.decision_threshold(split)), self.classes,
+                                self._title(split, truth))
+
+    def roc_figure(self, split: str = "test"):
+        """The ROC curve(s) of ``split`` as a matplotlib Figure."""
+        truth, proba = self._scored(split)
+        return roc_figure(truth, proba, self.classes, self._title(split, truth))
+
+    def _scored(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        truth, proba = (self.val_truth, self.val_proba) if split == "val" else (self.test_truth, self.test_proba)
+        if split not in ("val", "test") or truth is None:
+            raise ConfigError(f"{self.row['head']} on {self.row['backbone']} has no {split!r} scores; "
+                              f"choose {'val or test' if self.test_truth is not None else 'val'}")
+        return truth, proba
+
+    def _title(self, split: str, truth: np.ndarray) -> str:
+        return f"{self.row['backbone']} + {self.row['head']} ({split}, n={len(truth)})"
 
 
 @dataclass
@@ -98,6 +122,9 @@ class Leaderboard:
     def to_json(self) -> str:
         return json.dumps(self.rows, indent=2, default=float)
 
+    def _repr_html_(self) -> str:
+        return rows_html(self.rows, self.rows.index(self.best()), self.sort_by)
+
     def to_pandas(self):
         """The rows as a DataFrame, in this leaderboard's order (intervals stay [low, high] lists)."""
         try:
@@ -108,6 +135,14 @@ class Leaderboard:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+def rows_html(rows: list[dict], best: int, sort_by: str) -> str:
+    """Leaderboard rows as an HTML table, row ``best`` marked."""
+    columns = [c for c in Leaderboard.COLUMNS if any(c in r for r in rows)]
+    cells = [[("★ " if i == best else "") + format_cell(r.get(columns[0]))]
+             + [format_cell(r.get(c), seconds=c.endswith("_s")) for c in columns[1:]] for i, r in enumerate(rows)]
+    return html_table(columns, cells, marked=best, caption=f"ranked by val_{sort_by}; ★ the best")
 
 
 def format_cell(value, seconds: bool = False) -> str:

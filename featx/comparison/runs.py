@@ -18,6 +18,7 @@ A run is written into a hidden sibling (``.RUN.partial-*``) that takes RUN's pla
 from __future__ import annotations
 
 import csv
+import html
 import json
 import logging
 import os
@@ -31,14 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
-from featx.comparison.leaderboard import Leaderboard
+from featx.comparison.leaderboard import Leaderboard, rows_html
 from featx.heads.registry import save_head
 from featx.store.memo import file_sha256
 from featx.store.prune import register_run
 from featx.heads.metrics import predict_labels
 from featx.heads.openset import OpenSet
-from featx.comparison.plots import plot_confusion, plot_roc
+from featx.comparison.plots import confusion_figure, roc_figure, save
 from featx.store.embeddings import CacheLock, LockBusy, package_version
+from featx.notebook import inline_png
 from featx.version import __version__
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,11 @@ def predictions_path(run_dir: Path, file_name: str, head: str, split: str) -> Pa
 
 def plot_path(run_dir: Path, kind: str, file_name: str, head: str, split: str) -> Path:
     return Path(run_dir) / "plots" / f"{kind}_{result_stem(file_name, head)}_{split}.png"
+
+
+def map_path(run_dir: Path, file_name: str) -> Path:
+    """The map of one input's images (``featx report`` draws it)."""
+    return Path(run_dir) / "plots" / f"map_{Path(file_name).stem}.png"
 
 
 def best_head(path: str | Path) -> Path:
@@ -313,11 +320,11 @@ def _save_plots(out: Path, board: Leaderboard) -> list[str]:
             if truth is None:
                 continue
             title = f"{row['backbone']} + {row['head']} ({split}, n={len(truth)})"
-            written.append(plot_confusion(plot_path(out, "confusion", row["file"], row["head"], split), truth,
-                                          predict_labels(proba, result.decision_threshold(split)), classes, title))
+            figure = confusion_figure(truth, predict_labels(proba, result.decision_threshold(split)), classes, title)
+            written.append(save(figure, plot_path(out, "confusion", row["file"], row["head"], split)))
             if split == "test" or result.test_truth is None:
-                written.append(plot_roc(plot_path(out, "roc", row["file"], row["head"], split), truth, proba,
-                                        classes, title))
+                written.append(save(roc_figure(truth, proba, classes, title),
+                                    plot_path(out, "roc", row["file"], row["head"], split)))
     return [str(p.relative_to(out)) for p in written]
 
 
@@ -343,6 +350,15 @@ class Run:
         """The confusion matrix and ROC curve of one row's ``split``, those that exist."""
         candidates = (plot_path(self.folder, kind, file_name, head, split) for kind in ("confusion", "roc"))
         return [p for p in candidates if p.exists()]
+
+    def _repr_html_(self) -> str:
+        """The leaderboard, best row marked, and the best head's confusion matrix (test, else val) inline."""
+        best = self.rows[0]
+        plots = [p for split in reversed(SPLITS) for p in self.plots(best["file"], best["head"], split)
+                 if p.name.startswith("confusion")]
+        sort_by = (self.info.get("config") or {}).get("sort_by", "balanced_accuracy")
+        return (f"<p><b>{html.escape(str(self.folder))}</b></p>" + rows_html(self.rows, 0, sort_by)
+                + (inline_png(plots[0]) if plots else ""))
 
     def predictions(self, file_name: str, head: str) -> tuple[Path, str] | None:
         """One row's per-image predictions file and its split (test, else val), if saved."""

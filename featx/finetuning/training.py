@@ -41,7 +41,7 @@ from featx.embed.hardware import resolve_precision
 from featx.heads.registry import load_head
 from featx.data.images import ImageError, Preprocess, load_image, open_rgb
 from featx.heads.metrics import classification_metrics
-from featx.comparison.plots import plot_history, plot_lr_finder
+from featx.comparison.plots import history_figure, lr_finder_figure, save
 from featx.comparison.runs import finetune_file, head_files
 from featx.version import __version__
 from featx.vocab import STAGE_GROUPS
@@ -521,7 +521,7 @@ def lr_find(trainer: Trainer, *, start_lr: float = 1e-7, end_lr: float = 10.0, s
         p.requires_grad_(flag)
     result = suggest_lr(np.array(lrs), np.array(losses))
     trainer.out.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(plot_lr_finder(finetune_file(trainer.out, "lr_find_plot"), lrs, losses, result))
+    result["plot"] = str(save(lr_finder_figure(lrs, losses, result), finetune_file(trainer.out, "lr_find_plot")))
     finetune_file(trainer.out, "lr_find_json").write_text(
         json.dumps({**result, "lrs": lrs, "losses": losses}, indent=2) + "\n")
     return result
@@ -557,4 +557,4 @@ def _write_history(out: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    plot_history(finetune_file(out, "history_plot"), history)
+    save(history_figure(history), finetune_file(out, "history_plot"))

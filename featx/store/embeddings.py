@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from featx.errors import ConfigError, DataError, FeatxError, SchemaError
+from featx.notebook import definition_list, html_table
 from featx.store.neighbours import Neighbour, NeighbourIndex
 from featx.vocab import check
 
@@ -34,6 +35,7 @@ REQUIRED_ATTRS = ("schema", "backbone", "classes", "cache_key", "rows_done", "co
 PARTIAL_SUFFIX = ".partial"
 # Split name of the rows that hold augmented copies of train images (``featx extract --augment K``).
 AUGMENTED = "augmented"
+SPLIT_ORDER = ("train", "val", "test", AUGMENTED)
 CHUNK_ROWS = 256  # rows per HDF5 chunk of every checksummed column: the unit of damage and of roll-back
 CONTENT = "content"  # each row's content identity (``featx.store.reuse``); files before featx 0.6 have none
 SUMMED_COLUMNS = ("labels", "paths", "split", "ok", "errors", CONTENT)  # SHA-256 each in the "checksums" attribute
@@ -514,6 +516,23 @@ class Embeddings:
             f"Embeddings({self.path.name}: {self.backbone}, {len(self)} rows × {self._features.shape[1]}, "
             f"{len(self.classes)} classes; {counts})"
         )
+
+
+    def _repr_html_(self) -> str:
+        """Images per class and split (readable ones; augmented copies and unreadable rows counted apart) and
+        how the file was made."""
+        present = set(self.splits.tolist())
+        splits = [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+        labels = self._labels
+        names = [(i, c) for i, c in enumerate(self.classes)] + ([(-1, "(unlabelled)")] if (labels < 0).any() else [])
+        rows = [[name] + [int((self.ok & (labels == i) & (self.splits == s)).sum()) for s in splits]
+                for i, name in names]
+        rows.append(["not readable"] + [int((~self.ok & (self.splits == s)).sum()) for s in splits])
+        made = {"file": self.path, "backbone": self.label, "rows × features": f"{len(self)} × {self.dim}",
+                **{k: self.meta[k] for k in ("weights", "precision", "dtype", "image_size", "created",
+                                              "featx_version", "cache_key") if k in self.meta}}
+        return (html_table(["class"] + [s or "(none)" for s in splits], rows, caption=f"{self.path.name}")
+                + definition_list(made))
 
 
 class LazyFeatures:

@@ -2,9 +2,9 @@
 
 Exact search is one matrix product with the unit vectors, kept normalised (scikit-learn's brute-force cosine
 ``NearestNeighbors`` normalises the whole file again at every query: 15× slower at 60,000 rows of 1,280
-dimensions, docs/results/similar.md). ``faiss`` (extra ``[similar]``) builds a
-graph once (16 s at 60,000 rows) and answers in under a millisecond (14 ms exact), at the price of sometimes missing a true neighbour: its recall
-against the exact answer is measured by ``scripts/bench_similar.py``.
+dimensions, 14 ms a query; docs/results/similar.md). ``faiss`` (extra ``[similar]``) builds a graph once (16 s
+at 60,000 rows) and answers in under a millisecond, at the price of sometimes missing a true neighbour: its
+recall against the exact answer is measured by ``scripts/bench_similar.py``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from featx.shift.audit import label_issues, outliers
 from featx.errors import DataError
 from featx.comparison.leaderboard import Leaderboard, format_cell
 from featx.data.images import ImageError, open_rgb
-from featx.comparison.runs import finetune_plots, load_run
+from featx.comparison.embedding_map import dataset_map
+from featx.comparison.runs import finetune_plots, load_run, map_path
 from featx.store.embeddings import load_embeddings, read_meta
 
 REPORT_TEMPLATE = """<!doctype html>
@@ -62,6 +63,12 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 {% if audit.issues %}<div class="grid">{% for t in audit.issues %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>
 {% else %}<p class="muted">{{ audit.issues_note }}</p>{% endif %}
 {% if audit.outliers %}<h3>Training images least like any class</h3><div class="grid">{% for t in audit.outliers %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
+
+<h2 id="map">Map of the dataset</h2>
+{% if dataset_map.image %}<img class="plot" src="data:image/png;base64,{{ dataset_map.image }}" alt="map of {{ dataset_map.file }}">
+<p class="muted">{{ dataset_map.method }} of {{ dataset_map.points }} of {{ dataset_map.total }} images of {{ dataset_map.file }}, seed {{ dataset_map.seed }} (<code>featx map</code> draws it again): colour is the class, shape the split; red crosses mark the likely label errors in train listed above, black rings the test images least like any train image{% if dataset_map.note %}; {{ dataset_map.note }}{% endif %}.</p>
+{% if dataset_map.unlike %}<h3>Test images least like any train image</h3><div class="grid">{% for t in dataset_map.unlike %}<figure><img src="data:image/jpeg;base64,{{ t.data }}" alt="{{ t.caption }}"><figcaption>{{ t.caption }}</figcaption></figure>{% endfor %}</div>{% endif %}
+{% else %}<p class="muted">{{ dataset_map.note }}</p>{% endif %}
 
 {% if finetune %}<h2 id="finetune">Fine-tuning</h2>
 {% for item in finetune %}<h3>{{ item.title }}</h3>{% for img in item.images %}<img class="plot" src="data:image/png;base64,{{ img }}" alt="{{ item.title }}">{% endfor %}{% endfor %}
@@ -160,6 +167,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         wrong_title=f"{best['backbone']} + {best['head']}, {predictions[1]}" if predictions else "",
         finetune=_finetune_plots(run["inputs"]), provenance=provenance,
         audit=_audit(run, Path(source) if source else None, root if reachable else None),
+        dataset_map=_dataset_map(run_dir, best["file"], Path(source) if source else None,
+                                 root if reachable else None),
     )
     path = run_dir / "report.html"
     partial = path.with_name(path.name + ".partial")
@@ -218,6 +227,20 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
                                for row, distance in outliers(emb, "train", count // 2)
                                if (data := _thumbnail(root / emb.paths[row]))]
     return section
+
+
+def _dataset_map(run_dir: Path, file_name: str, embeddings_path: Path | None, root: Path | None) -> dict:
+    """The map of the best input's images, written into the run folder, and thumbnails of the test images least
+    like train where the images are reachable."""
+    if embeddings_path is None or not embeddings_path.exists():
+        return {"note": "The embedding file is not reachable from here."}
+    emb = load_embeddings(embeddings_path)
+    made = dataset_map(emb)
+    png = made.save(map_path(run_dir, file_name))
+    unlike = [{"data": data, "caption": emb.paths[row].split("/")[-1]} for row in made.least_like_train[:8]
+              if root and (data := _thumbnail(root / emb.paths[row]))]
+    return {"image": _b64(png), "file": embeddings_path.name, "method": made.method, "points": len(made.rows),
+            "total": made.total, "seed": made.seed, "note": made.note, "unlike": unlike}
 
 
 def _embeddings_meta(path) -> dict:
