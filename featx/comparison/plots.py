@@ -7,15 +7,30 @@ left open, whether headless or in Jupyter.
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
 
 import numpy as np
 
 
 def _figure(**options):
+    return _shown_figure()(**options)
+
+
+@functools.cache
+def _shown_figure():
+    """A ``Figure`` that Jupyter shows as a PNG (IPython's ``_repr_png_``) even where pyplot was never imported;
+    made on first use, so that importing this module does not import matplotlib."""
     from matplotlib.figure import Figure
 
-    return Figure(**options)
+    class ShownFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+            return buffer.getvalue()
+
+    return ShownFigure
 
 
 def save(fig, path: Path) -> Path:
