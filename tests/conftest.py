@@ -18,6 +18,10 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 # between commands (featx.store.memo) goes to a folder of this test session's, not the user's.
 os.environ["FEATX_OFFLINE"] = "1"
 os.environ["FEATX_HOME"] = tempfile.mkdtemp(prefix="featx-home-")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One thread per worker (and for the processes tests start): two workers share the two cores without
+    # oversubscribing them, and every feature a worker computes comes from the same kernels.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def make_image(path: Path, colour, size=(48, 40), seed=0, fmt=None) -> Path:

@@ -24,8 +24,8 @@ from tests.conftest import make_class_folders, make_image
 # the same properties with images.
 API_CHECKS = ("check_no_attributes_set_in_init", "check_parameters_default_constructible",
               "check_get_params_invariance", "check_set_params", "check_estimator_repr",
-              "check_estimator_tags_renamed", "check_valid_tag_types", "check_do_not_raise_errors_in_init_or_set_params",
-              "check_estimator_cloneable", "check_estimators_unfitted", "check_mixin_order",
+              "check_estimator_tags_renamed", "check_valid_tag_types",
+              "check_do_not_raise_errors_in_init_or_set_params", "check_estimator_cloneable", "check_estimators_unfitted", "check_mixin_order",
               "check_n_features_in_after_fitting")
 
 

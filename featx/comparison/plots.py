@@ -1,4 +1,5 @@
-"""Every figure featx draws: confusion matrices and ROC curves (scikit-learn's Displays), fine-tuning history, LR finder.
+"""Every figure featx draws: confusion matrices and ROC curves (scikit-learn's Displays), fine-tuning history, the
+LR finder, the dataset map.
 
 Each ``*_figure`` returns a matplotlib ``Figure`` (a notebook shows it; the API hands it out), and ``save`` writes
 it as a PNG where the caller says. Figures are made without pyplot: no global state, no backend to choose, nothing
@@ -142,7 +143,8 @@ def map_figure(xy: np.ndarray, classes: list[str], splits: list[str], label_erro
     handles = [Line2D([], [], marker="o", linestyle="", color=colours[n], label=n or "(unlabelled)") for n in names]
     handles += [Line2D([], [], marker=SPLIT_MARKERS.get(s, "D"), linestyle="", color="grey", label=s)
                 for s in present]
-    handles += [Line2D([], [], marker="x", linestyle="", color="red", label=f"likely label error ({len(label_errors)})"),
+    handles += [Line2D([], [], marker="x", linestyle="", color="red",
+                       label=f"likely label error ({len(label_errors)})"),
                 Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="black",
                        label=f"test image least like train ({len(least_like_train)})")]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
