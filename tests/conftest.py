@@ -82,3 +82,19 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     embeddings = extract(data, config, progress=False).path
     save_run(compare([embeddings], ["logreg"]), root / "run")
     return TinyRun(data, embeddings, root / "run", config)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many images the backbone embeds (test-time views and flips count once per image)."""
+    import featx.embed.extraction as extraction
+
+    seen = {"images": 0}
+    real = extraction.embed
+
+    def counting(model, images, **options):
+        seen["images"] += len(images)
+        return real(model, images, **options)
+
+    monkeypatch.setattr(extraction, "embed", counting)
+    return seen

@@ -13,7 +13,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
-import featx.embed.extraction as extraction
 from featx.errors import DataError
 from featx.sklearn import ImageEmbedder
 from tests.conftest import make_class_folders, make_image
@@ -34,19 +33,6 @@ def images(tmp_path_factory):
     data = make_class_folders(tmp_path_factory.mktemp("embedder") / "colours", per_class=6, splits=("train",))
     paths = sorted(str(p) for p in data.rglob("*.jpg"))
     return paths, [p.split("/")[-2] for p in paths]
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    seen = {"images": 0}
-    real = extraction.embed
-
-    def counting(model, batch, **options):
-        seen["images"] += len(batch)
-        return real(model, batch, **options)
-
-    monkeypatch.setattr(extraction, "embed", counting)
-    return seen
 
 
 def tiny(cache) -> ImageEmbedder:

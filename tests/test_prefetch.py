@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from featx.embed.extraction import ExtractConfig, extract
+from featx.embed.extraction import extract
 from featx.embed.prefetch import prefetched
 from featx.store.embeddings import load_embeddings
 

@@ -17,20 +17,6 @@ from tests.conftest import make_class_folders, make_image
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """How many images the backbone embeds (test-time views and flips count once per image)."""
-    seen = {"images": 0}
-    real = extraction.embed
-
-    def counting(model, images, **options):
-        seen["images"] += len(images)
-        return real(model, images, **options)
-
-    monkeypatch.setattr(extraction, "embed", counting)
-    return seen
-
-
-@pytest.fixture
 def grown(tmp_path):
     data = make_class_folders(tmp_path / "colours", per_class=4, splits=("train", "val", "test"))
     config = ExtractConfig(backbone="resnet18", weights="none", image_size=64, batch_size=8, precision="fp32",
