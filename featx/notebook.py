@@ -19,7 +19,7 @@ def html_table(header: list[str], rows: list[list], marked: int | None = None, c
         cells = "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
         style = ' style="font-weight:bold"' if i == marked else ""
         body.append(f"<tr{style}>{cells}</tr>")
-    title = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
+    title = f"<caption style='text-align:left;white-space:nowrap'>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 

@@ -91,7 +91,7 @@ def test_html_of_a_file_a_leaderboard_and_a_run(tmp_path):
                             for s in ("train", "val", "test"))]
     assert emb.cache_key in page
     board = compare([emb], heads=["logreg", "knn"])
-    marked = re.search(r'<tr style="font-weight:bold"><td>★ synthetic</td><td>(\w+)</td>', board._repr_html_())
+    marked = re.search(r'<tr style="font-weight:bold"><td>★\u00a0synthetic</td><td>(\w+)</td>', board._repr_html_())
     assert marked and marked.group(1) == board.best()["head"]
     result = board.result_of(board.best())
     assert len(result.confusion_figure("val").axes) == 2 and isinstance(result.roc_figure(), Figure)

@@ -140,7 +140,7 @@ class Leaderboard:
 def rows_html(rows: list[dict], best: int, sort_by: str) -> str:
     """Leaderboard rows as an HTML table, row ``best`` marked."""
     columns = [c for c in Leaderboard.COLUMNS if any(c in r for r in rows)]
-    cells = [[("★ " if i == best else "") + format_cell(r.get(columns[0]))]
+    cells = [[("★\u00a0" if i == best else "") + format_cell(r.get(columns[0]))]
              + [format_cell(r.get(c), seconds=c.endswith("_s")) for c in columns[1:]] for i, r in enumerate(rows)]
     return html_table(columns, cells, marked=best, caption=f"ranked by val_{sort_by}; ★ the best")
 
