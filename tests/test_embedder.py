@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
+from featx.embed.extraction import extract
 from featx.errors import DataError
+from featx.store.embeddings import load_embeddings
 from featx.sklearn import ImageEmbedder
 from tests.conftest import make_class_folders, make_image
 
@@ -53,6 +56,17 @@ def test_grid_search_embeds_each_image_once_across_folds_and_candidates(images, 
     counted["images"] = 0
     again = make_pipeline(tiny(tmp_path), LogisticRegression(max_iter=300)).fit(paths[::-1], labels[::-1])
     assert counted["images"] == 0 and list(again.predict(paths)) == list(search.predict(paths))
+
+
+def test_images_featx_extract_embedded_are_not_embedded_again(images, counted, tmp_path):
+    paths, _ = images
+    root = Path(paths[0]).parents[2]  # the dataset folder: root/train/<class>/<image>
+    extracted = load_embeddings(extract(root, tiny(tmp_path).config(), progress=False).path)
+    counted["images"] = 0
+    features = tiny(tmp_path).fit_transform(paths[::-1])
+    assert counted["images"] == 0  # every row copied from the dataset's own file, in another cache folder
+    by_path = {str(root / p): row for row, p in enumerate(extracted.paths)}
+    assert np.array_equal(features, extracted.features_at([by_path[p] for p in paths[::-1]]))
 
 
 def test_features_follow_the_paths_order_and_subsets_and_survive_pickling(images, tmp_path):

@@ -110,3 +110,16 @@ def test_rows_are_read_back_in_any_order(grown, chunk, monkeypatch):
     features, ok, errors = rows.read([made.contents[k] for k in order])
     rows.close()
     assert np.array_equal(features, made.features_at(np.array(order))) and ok.all() and errors == [""] * 5
+
+
+def test_a_renamed_copy_of_a_dataset_reuses_every_row_from_the_other_cache_folder(grown, counted, tmp_path):
+    import shutil
+
+    data, config = grown
+    first = extract(data, config, progress=False)
+    copy = shutil.copytree(data, tmp_path / "colours-2026")
+    counted["images"] = 0
+    renamed = extract(copy, config, progress=False)
+    assert renamed.path.parent.name == "colours-2026" and renamed.path.parent != first.path.parent
+    assert counted["images"] == 0 and renamed.reused == renamed.rows == first.rows
+    same_file(renamed.path, first.path)

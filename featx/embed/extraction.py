@@ -188,12 +188,13 @@ def embed_rows(plan: Plan, start: int, stop: int, path: Path, *, progress: bool 
 
 def _earlier_rows(plan: Plan) -> ReusableRows | None:
     """The rows of earlier files of this recipe, by content; None where there are none or the plan cannot reuse."""
+    earlier = earlier_files(plan.path, plan.recipe, None if plan.config.out else plan.config.cache_dir)
     if plan.config.adapt_bn:
-        if earlier_files(plan.path, plan.recipe):
+        if earlier:
             log.info("--adapt-bn: each split's features depend on all of its images, so every row is embedded "
                      "again (no rows reused from earlier files)")
         return None
-    reused = ReusableRows(earlier_files(plan.path, plan.recipe))
+    reused = ReusableRows(earlier)
     return reused if reused.files else None
 
 

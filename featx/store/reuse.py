@@ -31,19 +31,25 @@ def same_recipe_but_data(a: dict | None, b: dict | None) -> bool:
     return ({k: v for k, v in a.items() if k not in DATA_KEYS} == {k: v for k, v in b.items() if k not in DATA_KEYS})
 
 
-def earlier_files(path: Path, recipe: dict) -> list[Path]:
-    """Complete files beside ``path`` (its cache folder) made by ``recipe`` from other images, newest first."""
+def earlier_files(path: Path, recipe: dict, cache_dir: str | Path | None = None) -> list[Path]:
+    """Complete files made by ``recipe`` from other images: beside ``path`` (its dataset's cache folder) first,
+    then in the other folders of ``cache_dir`` (a renamed or copied dataset, ``ImageEmbedder``'s files), newest
+    first within each."""
+    folders = [path.parent]
+    if cache_dir is not None and Path(cache_dir).is_dir():
+        folders += sorted(f for f in Path(cache_dir).iterdir() if f.is_dir() and f != path.parent)
     found = []
-    for candidate in path.parent.glob("*.h5"):
-        if candidate == path:
-            continue
-        try:
-            meta = read_meta(candidate)
-        except DataError:
-            continue
-        if meta["complete"] and same_recipe_but_data(meta.get("recipe"), recipe):
-            found.append((candidate.stat().st_mtime, candidate))
-    return [candidate for _, candidate in sorted(found, reverse=True)]
+    for rank, folder in enumerate(folders):
+        for candidate in folder.glob("*.h5"):
+            if candidate == path:
+                continue
+            try:
+                meta = read_meta(candidate)
+            except DataError:
+                continue
+            if meta["complete"] and same_recipe_but_data(meta.get("recipe"), recipe):
+                found.append((-rank, candidate.stat().st_mtime, candidate))
+    return [candidate for *_, candidate in sorted(found, reverse=True)]
 
 
 class ReusableRows:
