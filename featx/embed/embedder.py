@@ -2,9 +2,9 @@
 
 Every call embeds its list of images as an embedding file of its own in ``cache_dir/images/``, whose rows of
 images embedded before with the same recipe (by an earlier call, or by ``featx extract`` into the same cache) are
-copied from the earlier files by content (``featx.store.reuse``), not embedded again. So ``GridSearchCV`` over a pipeline that starts with it embeds
-each image once across all folds and candidates, and a second notebook session embeds nothing. ``featx prune``
-cleans the folder up (each call's file supersedes the one before it).
+copied from the earlier files by content (``featx.store.reuse``), not embedded again. So ``GridSearchCV`` over a
+pipeline that starts with it embeds each image once across all folds and candidates, and a second notebook
+session embeds nothing. ``featx prune`` cleans the folder up (each call's file supersedes the one before it).
 """
 
 from __future__ import annotations
