@@ -167,10 +167,11 @@ def sixty_thousand(tmp: Path, baseline_rev: str | None) -> None:
 BUSY = "import time\nend = time.monotonic() + 1800\nwhile time.monotonic() < end:\n    pass\n"  # bounded
 
 
-def compare_seconds(file: Path, out: Path, env: dict | None = None) -> tuple[float, dict]:
-    """`featx compare FILE --heads logreg,svm,lightgbm` in a fresh process: seconds, and fit seconds per head."""
+def compare_seconds(file: Path, out: Path, env: dict | None = None, tree: Path | None = None) -> tuple[float, dict]:
+    """`featx compare FILE --heads logreg,svm,lightgbm` in a fresh process (of featx in ``tree``, this one by
+    default): seconds, and fit seconds per head."""
     done = subprocess.run([sys.executable, "-c", COMPARE, "-q", "compare", str(file), "--heads", "logreg,svm,lightgbm",
-                           "--out", str(out)], check=True, capture_output=True, text=True, env=env)
+                           "--out", str(out)], check=True, capture_output=True, text=True, env=env, cwd=tree)
     rows = json.loads((out / "leaderboard.json").read_text())
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"], {r["head"]: r["fit_s"] for r in rows}
 
@@ -209,21 +210,44 @@ def lightgbm_threads() -> list[str]:
     return lines
 
 
-def shared_core(file: Path, tmp: Path) -> list[str]:
-    """The compare alone, then while one busy process takes a core, then alone again, in one run."""
-    lines = ["| while | total s | logreg fit s | svm fit s | lightgbm fit s |", "|---|---|---|---|---|"]
-    totals = {}
-    for k, label in enumerate(("alone", "one busy process", "alone again")):
-        busy = subprocess.Popen([sys.executable, "-c", BUSY]) if label == "one busy process" else None
-        try:
-            total, fits = compare_seconds(file, tmp / f"run{k}")
-        finally:
-            if busy is not None:
-                busy.kill()
-                busy.wait()
-        totals[label] = total
-        lines.append(f"| {label} | {total:.1f} | {fits['logreg']:.1f} | {fits['svm']:.1f} | {fits['lightgbm']:.1f} |")
-    lines.append(f"\nbusy / alone: {totals['one busy process'] / min(totals['alone'], totals['alone again']):.2f}×")
+TIMINGS = ("fit_s", "predict_s", "model")  # what differs between two runs of the same comparison
+
+
+def shared_core(file: Path, tmp: Path, baseline_rev: str | None = None) -> list[str]:
+    """The compare alone, then while one busy process takes a core, then alone again, in one run; first, with
+    ``baseline_rev``, featx at that revision alone (and whether it gives the same leaderboard)."""
+    lines = ["| featx | while | total s | logreg fit s | svm fit s | lightgbm fit s |", "|---|---|---|---|---|---|"]
+    root = Path(__file__).resolve().parents[1]
+    runs = [("this tree", "alone", None), ("this tree", "one busy process", None), ("this tree", "alone again", None)]
+    if baseline_rev:
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "baseline"), baseline_rev],
+                       check=True, capture_output=True)
+        runs.insert(0, (f"at {baseline_rev}", "alone", tmp / "baseline"))
+    totals, boards = {}, {}
+    try:
+        for k, (featx, label, tree) in enumerate(runs):
+            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if label == "one busy process" else None
+            try:
+                total, fits = compare_seconds(file, tmp / f"run{k}", tree=tree)
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+            totals[featx, label] = total
+            boards[featx] = [{key: value for key, value in row.items() if key not in TIMINGS}
+                             for row in json.loads((tmp / f"run{k}" / "leaderboard.json").read_text())]
+            lines.append(f"| {featx} | {label} | {total:.1f} | {fits['logreg']:.1f} | {fits['svm']:.1f} | "
+                         f"{fits['lightgbm']:.1f} |")
+    finally:
+        if baseline_rev:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "baseline")],
+                           capture_output=True)
+    alone = min(totals["this tree", "alone"], totals["this tree", "alone again"])
+    lines.append(f"\nbusy / alone: {totals['this tree', 'one busy process'] / alone:.2f}×")
+    if baseline_rev:
+        same = boards[f"at {baseline_rev}"] == boards["this tree"]
+        lines.append(f"at {baseline_rev} / this tree, alone: {totals[f'at {baseline_rev}', 'alone'] / alone:.2f}×; "
+                     f"the same leaderboard scores: {'yes' if same else 'NO'}")
     return lines
 
 
@@ -239,7 +263,8 @@ def shared_core(file: Path, tmp: Path) -> list[str]:
               help="Embeddings of the full chest X-ray set (from `featx extract ../shared/data/chest_xray`).")
 @click.option("--quick", is_flag=True, help="Skip the 70,000-row table.")
 @click.option("--sixty-thousand", "sixty_thousand_only", is_flag=True, help="Only the 60,000-row `featx compare` (section 4).")
-@click.option("--baseline-rev", help="With --sixty-thousand: also run featx at this git revision, for a ratio.")
+@click.option("--baseline-rev", help="With --sixty-thousand or --shared-core: also run featx at this git revision, "
+                                     "for a ratio.")
 def main(shared_core_file, lightgbm_threads_only, docs, chest_xray, quick, sixty_thousand_only, baseline_rev):
     import os
     import tempfile
@@ -254,11 +279,13 @@ def main(shared_core_file, lightgbm_threads_only, docs, chest_xray, quick, sixty
     if shared_core_file:
         meta = read_meta(shared_core_file)
         with tempfile.TemporaryDirectory() as tmp:
-            lines = shared_core(shared_core_file, Path(tmp))
+            lines = shared_core(shared_core_file, Path(tmp), baseline_rev)
         print("\n".join(lines))
         if docs:
             docs.write_text(f"# Heads that share the machine\n\nGenerated by `python scripts/bench_heads.py "
-                            f"--shared-core {shared_core_file}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.\n"
+                            f"--shared-core {shared_core_file}"
+                            + (f" --baseline-rev {baseline_rev}" if baseline_rev else "")
+                            + f"` on {time.strftime('%Y-%m-%d')}; do not edit by hand.\n"
                             f"Machine: {cpu_model()}, {os.cpu_count()} cores. `featx compare FILE --heads "
                             f"logreg,svm,lightgbm` on {meta['n_rows']} × {meta['dim']} embeddings of "
                             f"{meta.get('dataset_name')} ({meta['backbone']}), in a fresh process each time; the busy "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -31,6 +32,9 @@ from featx.store.embeddings import Embeddings, concat_embeddings, load_embedding
 
 log = logging.getLogger(__name__)
 SHIFT_CHECK_ROWS = 100  # train and test rows each before compare checks for shift (see check_shift)
+# Train values (rows × features) from which heads are fitted in parallel processes here: below, starting the
+# processes costs more than it saves.
+PARALLEL_MIN_VALUES = 5_000_000
 
 
 def _check_classes(emb: Embeddings, y_train: np.ndarray, others: dict[str, np.ndarray]) -> None:
@@ -392,6 +396,11 @@ def _averaged_input(members: list[PreparedInput], config: CompareConfig, setting
     return _recorded(PreparedInput(emb, splits, steps, fitted), settings)
 
 
+def _one_thread(score, *args, **kwargs) -> HeadOutcome:
+    with threadpool_limits(limits=1):
+        return score(*args, **kwargs)
+
+
 def _fit_and_score(name: str, splits: Splits, *, cv, seed, params) -> HeadOutcome:
     """One head on one input: tune and fit, then its validation and test probabilities (a task on a cluster)."""
     fitted = fit_head(name, splits.train.features, splits.train.labels, splits.val.features, splits.val.labels, cv=cv,
@@ -535,10 +544,17 @@ def _run_jobs(jobs: list[tuple[str, Splits]], config: CompareConfig) -> list[Hea
     score = functools.partial(_fit_and_score, cv=config.cv, seed=config.seed)
     params = config.head_params
     address = cluster_address(config.cluster)
+    import joblib
+
     if not address:
+        workers = min(len(jobs), os.cpu_count() or 1)
+        if workers > 1 and max(len(s.train) * s.train.features.shape[1] for _, s in jobs) >= PARALLEL_MIN_VALUES:
+            # Each head in a process of its own, one BLAS thread each as here: the same leaderboard, the cores kept
+            # busy (logreg's lbfgs uses one) instead of idle.
+            return joblib.Parallel(n_jobs=workers)(
+                joblib.delayed(_one_thread)(score, name, splits, params=params.get(name)) for name, splits in jobs)
         with threadpool_limits(limits=1):
             return [score(name, splits, params=params.get(name)) for name, splits in jobs]
-    import joblib
 
     with connect(address) as client, joblib.parallel_backend("dask"):
         log.info(describe(client))
