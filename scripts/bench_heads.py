@@ -170,8 +170,9 @@ BUSY = "import time\nend = time.monotonic() + 1800\nwhile time.monotonic() < end
 def compare_seconds(file: Path, out: Path, env: dict | None = None, tree: Path | None = None) -> tuple[float, dict]:
     """`featx compare FILE --heads logreg,svm,lightgbm` in a fresh process (of featx in ``tree``, this one by
     default): seconds, and fit seconds per head."""
-    done = subprocess.run([sys.executable, "-c", COMPARE, "-q", "compare", str(file), "--heads", "logreg,svm,lightgbm",
-                           "--out", str(out)], check=True, capture_output=True, text=True, env=env, cwd=tree)
+    done = subprocess.run([sys.executable, "-c", COMPARE, "-q", "compare", str(file.resolve()), "--heads",
+                           "logreg,svm,lightgbm", "--out", str(out)], check=True, capture_output=True, text=True,
+                          env=env, cwd=tree)
     rows = json.loads((out / "leaderboard.json").read_text())
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"], {r["head"]: r["fit_s"] for r in rows}
 

@@ -263,3 +263,18 @@ def test_bootstrap_aucs_equal_the_auc_of_each_resample(n_classes, n_rows):
     expected = np.array([_auc(y[i], proba[i]) for i in index])
     np.testing.assert_allclose(bootstrap_aucs(y, proba, index), expected, atol=1e-12)  # NaN where a class is missing
     assert n_rows > 20 or np.isnan(expected).any()
+
+
+def test_heads_fitted_in_parallel_processes_give_the_sequential_leaderboard(monkeypatch):
+    import featx.comparison.evaluate as evaluate
+
+    emb = load_embeddings(FIXTURE)
+    monkeypatch.setattr(evaluate, "PARALLEL_MIN_VALUES", 10**12)
+    one_by_one = compare([emb], ["logreg", "svm", "lightgbm"])
+    monkeypatch.setattr(evaluate, "PARALLEL_MIN_VALUES", 0)  # the fixture is small: parallel only when told
+    parallel = compare([emb], ["logreg", "svm", "lightgbm"])
+    timings = ("fit_s", "predict_s")
+    assert ([{k: v for k, v in r.items() if k not in timings} for r in parallel.rows]
+            == [{k: v for k, v in r.items() if k not in timings} for r in one_by_one.rows])
+    for a, b in zip(parallel.results, one_by_one.results):
+        assert np.array_equal(a.val_proba, b.val_proba) and np.array_equal(a.test_proba, b.test_proba)
