@@ -35,8 +35,8 @@ def test_torchvision_preprocessing_matches_its_weights(name):
     assert spec.mean == tuple(transforms.mean) and spec.std == tuple(transforms.std)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg16", "densenet121", "mobilenet_v3_large", "efficientnet_b0",
-                                  "convnext_tiny", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("vgg16", marks=pytest.mark.slow), "densenet121",
+                                  "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "efficientnet_lite0"])
 def test_feature_dims_and_stages(name):
     spec = get_backbone(name)
     model = build_feature_model(spec, resolve_weights(spec, "none"), "stage2,penultimate")
