@@ -17,14 +17,13 @@ import numpy as np
 
 from featx.comparison.plots import map_figure, save
 from featx.errors import ConfigError, DataError
-from featx.shift.audit import label_issues
+from featx.shift.audit import LabelIssue, checked_labels
 from featx.store.embeddings import Embeddings
 from featx.store.neighbours import NeighbourIndex
 from featx.vocab import check
 
 MAX_POINTS = 2000  # t-SNE of 2,000 points of 50 dimensions: about 12 s on 2 cores
 MARKED = 12  # images marked of each kind
-LABEL_CHECK_MAX_ROWS = 20_000  # beyond, the out-of-fold label check costs minutes: `featx audit` does it
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,16 @@ class DatasetMap:
 
 
 def dataset_map(emb: Embeddings, method: str = "auto", max_points: int = MAX_POINTS, seed: int = 0,
-                marked: int = MARKED) -> DatasetMap:
-    """The map of ``emb``'s readable images (augmented copies left out)."""
+                marked: int = MARKED, checked: tuple[list[LabelIssue], str] | None = None) -> DatasetMap:
+    """The map of ``emb``'s readable images (augmented copies left out); ``checked``: its label check
+    (``audit.checked_labels``) where the caller made it already."""
     check("dataset_map", map_method=method, max_points=max_points, seed=seed)
     method = resolve_method(method)
     rows = emb.rows()
     if len(rows) < 5:
         raise DataError(f"{emb.path}: {len(rows)} readable images; a map needs at least 5")
-    errors, note = _label_errors(emb, seed, marked)
+    issues, note = checked if checked is not None else checked_labels(emb, seed)
+    errors = [issue.row for issue in issues[:marked]]
     unlike = _least_like_train(emb, marked)
     rows = _sample(rows, set(errors) | set(unlike), max_points, seed)
     xy = _layout(emb.features_at(rows), method, seed)
@@ -80,17 +81,6 @@ def resolve_method(method: str) -> str:
     if method == "umap" and not installed:
         raise ConfigError("--method umap needs umap-learn: pip install 'featx[map]' (or use --method tsne)")
     return ("umap" if installed else "tsne") if method == "auto" else method
-
-
-def _label_errors(emb: Embeddings, seed: int, marked: int) -> tuple[list[int], str]:
-    if "train" not in emb.split_names:
-        return [], "no train split: no label check"
-    if len(emb.rows("train")) > LABEL_CHECK_MAX_ROWS:
-        return [], f"more than {LABEL_CHECK_MAX_ROWS} train images: label errors not marked (featx audit lists them)"
-    try:
-        return [issue.row for issue in label_issues(emb, "train", seed=seed)[:marked]], ""
-    except DataError as err:
-        return [], str(err).split(": ", 1)[-1]
 
 
 def _least_like_train(emb: Embeddings, marked: int) -> list[int]:

@@ -52,6 +52,8 @@ COMPONENTS = 32  # the test runs on the leading principal components: fast, and 
 # cosine ≥ 0.898 with the original (median 0.94), distinct photos ≤ 0.81; of all 9.3 million flowers5 pairs,
 # 851 (0.009 %) reach 0.88, an upper bound of the false-positive rate since that set holds real duplicates.
 DUPLICATE_COSINE = 0.88
+# Train rows up to which the report and the map look for label errors themselves (seconds); beyond, `featx audit`.
+LABEL_CHECK_MAX_ROWS = 20_000
 CONFIRM_PAIRS = 5000  # closest pairs checked by perceptual hash where the images are at hand (reading them costs)
 # A 256-bit difference hash (16×16). Measured on 40 images of each shared set: JPEG-q60 and half-size copies differ
 # from their original in at most 12 bits, 2 %-a-side crops in at most 34 (5 % crops: median 48-59). Of 19,900 random
@@ -368,6 +370,18 @@ def label_issues(emb: Embeddings, split: str = "train", seed: int = 0, folds: in
     flagged = np.flatnonzero((confident.max(1) >= 0) & (p_other > p_given))
     return [LabelIssue(int(rows[i]), int(y[i]), int(suggested[i]), float(p_given[i]), float(p_other[i]))
             for i in flagged[np.argsort(p_given[flagged], kind="stable")]]
+
+
+def checked_labels(emb: Embeddings, seed: int = 0) -> tuple[list[LabelIssue], str]:
+    """``label_issues`` of train where a quick look can afford them; else none, and why not."""
+    if "train" not in emb.split_names:
+        return [], "no train split: no label check"
+    if len(emb.rows("train")) > LABEL_CHECK_MAX_ROWS:
+        return [], f"more than {LABEL_CHECK_MAX_ROWS} training rows: run `featx audit {emb.path}` for the list"
+    try:
+        return label_issues(emb, "train", seed=seed), ""
+    except DataError as err:
+        return [], str(err)
 
 
 def outliers(emb: Embeddings, split: str = "train", count: int = 20) -> list[tuple[int, float]]:

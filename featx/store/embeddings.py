@@ -517,7 +517,6 @@ class Embeddings:
             f"{len(self.classes)} classes; {counts})"
         )
 
-
     def _repr_html_(self) -> str:
         """Images per class and split (readable ones; augmented copies and unreadable rows counted apart) and
         how the file was made."""

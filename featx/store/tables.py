@@ -3,8 +3,8 @@
 Row for row, in file order: path, label (the class name, empty where unlabelled), label_index (-1 there), split,
 ok, error, content (the image's content hash, where the file records it) and the features as float32 — every
 row, unreadable ones (zeros, ``ok`` false) and augmented copies included, so that ``ok`` and ``split`` select as
-``Embeddings.rows`` does. The file is read and written a block of rows at a time (Parquet row groups, a memory-
-mapped ``.npy``), so memory stays flat whatever the number of rows. The file's provenance goes with it: Parquet's
+``Embeddings.rows`` does. The file is read and written a block of rows at a time (Parquet row groups, the ``.npy``
+appended to), so memory stays flat whatever the number of rows. The file's provenance goes with it: Parquet's
 key-value metadata under ``featx``, or a JSON file beside the ``.npy``.
 """
 

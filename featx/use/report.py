@@ -12,13 +12,13 @@ from pathlib import Path
 
 from jinja2 import Environment
 
-from featx.shift.audit import label_issues, outliers
+from featx.shift.audit import LabelIssue, checked_labels, outliers
 from featx.errors import DataError
 from featx.comparison.leaderboard import Leaderboard, format_cell
 from featx.data.images import ImageError, open_rgb
 from featx.comparison.embedding_map import dataset_map
 from featx.comparison.runs import finetune_plots, load_run, map_path
-from featx.store.embeddings import load_embeddings, read_meta
+from featx.store.embeddings import Embeddings, load_embeddings, read_meta
 
 REPORT_TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>featx report: {{ name }}</title>
@@ -98,7 +98,6 @@ img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 </body></html>
 """
 TEXT_COLUMNS = {"backbone", "head", "test_accuracy_ci", "test_roc_auc_ci", "not_reproducible_by_predict"}
-MAX_AUDIT_ROWS = 20_000  # training rows up to which the report looks for label errors itself (seconds)
 
 
 def _b64(path: Path) -> str:
@@ -146,6 +145,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
     reachable = root is not None and root.is_dir()
     examples = _examples(root, Path(source), examples_per_class) if reachable else {}
     predictions = loaded.predictions(best["file"], best["head"])
+    emb = load_embeddings(source) if source and Path(source).exists() else None
+    checked = checked_labels(emb) if emb is not None else ([], "The embedding file is not reachable from here.")
     wrong = _confidently_wrong(root, predictions[0], wrong_count) if predictions and reachable else []
 
     provenance = [("featx", run["featx_version"]), ("created", run["created"]),
@@ -166,9 +167,8 @@ def write_report(run_dir: str | Path, examples_per_class: int = 8, wrong_count: 
         heads=heads, examples=examples, dataset_root=str(root or "unknown"), wrong=wrong,
         wrong_title=f"{best['backbone']} + {best['head']}, {predictions[1]}" if predictions else "",
         finetune=_finetune_plots(run["inputs"]), provenance=provenance,
-        audit=_audit(run, Path(source) if source else None, root if reachable else None),
-        dataset_map=_dataset_map(run_dir, best["file"], Path(source) if source else None,
-                                 root if reachable else None),
+        audit=_audit(run, emb, root if reachable else None, checked),
+        dataset_map=_dataset_map(run_dir, best["file"], emb, root if reachable else None, checked),
     )
     path = run_dir / "report.html"
     partial = path.with_name(path.name + ".partial")
@@ -183,7 +183,8 @@ def remedy_lines(records: dict | None) -> list[dict]:
             for name, record in (records or {}).items()]
 
 
-def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: int = 12) -> dict:
+def _audit(run: dict, emb: Embeddings | None, root: Path | None, checked: tuple[list[LabelIssue], str],
+           count: int = 12) -> dict:
     """The report's audit section: what compare recorded (shift, leaks, alignment, class balance) and, on the best
     input's training rows, likely label errors and outliers with thumbnails where the images are reachable."""
     config = run["config"]
@@ -201,18 +202,9 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
               if "prior_shift" in r.get("remedies", {})]
     section = {"files": files, "priors": priors, "classes": list(priors[0]["source"]) if priors else [],
                "issues": [], "outliers": [], "issue_count": 0, "issues_note": ""}
-    if embeddings_path is None or not embeddings_path.exists():
-        section["issues_note"] = "The embedding file is not reachable from here."
-        return section
-    emb = load_embeddings(embeddings_path)
-    if len(emb.rows("train")) > MAX_AUDIT_ROWS:
-        section["issues_note"] = (f"More than {MAX_AUDIT_ROWS} training rows: run `featx audit {embeddings_path}` "
-                                  "for the list.")
-        return section
-    try:
-        issues = label_issues(emb, "train")
-    except DataError as err:
-        section["issues_note"] = str(err)
+    issues, why_not = checked
+    if emb is None or why_not:
+        section["issues_note"] = why_not
         return section
     section["issue_count"] = len(issues)
     section["issues_note"] = "None found." if not issues else "The images are not reachable from here."
@@ -229,17 +221,17 @@ def _audit(run: dict, embeddings_path: Path | None, root: Path | None, count: in
     return section
 
 
-def _dataset_map(run_dir: Path, file_name: str, embeddings_path: Path | None, root: Path | None) -> dict:
+def _dataset_map(run_dir: Path, file_name: str, emb: Embeddings | None, root: Path | None,
+                 checked: tuple[list[LabelIssue], str]) -> dict:
     """The map of the best input's images, written into the run folder, and thumbnails of the test images least
     like train where the images are reachable."""
-    if embeddings_path is None or not embeddings_path.exists():
+    if emb is None:
         return {"note": "The embedding file is not reachable from here."}
-    emb = load_embeddings(embeddings_path)
-    made = dataset_map(emb)
+    made = dataset_map(emb, checked=checked)
     png = made.save(map_path(run_dir, file_name))
     unlike = [{"data": data, "caption": emb.paths[row].split("/")[-1]} for row in made.least_like_train[:8]
               if root and (data := _thumbnail(root / emb.paths[row]))]
-    return {"image": _b64(png), "file": embeddings_path.name, "method": made.method, "points": len(made.rows),
+    return {"image": _b64(png), "file": emb.path.name, "method": made.method, "points": len(made.rows),
             "total": made.total, "seed": made.seed, "note": made.note, "unlike": unlike}
 
 
