@@ -71,6 +71,7 @@ def same_rows(a, b) -> None:
     np.testing.assert_allclose(a.features_at(), b.features_at(), rtol=1e-3, atol=1e-3)  # float16 storage
 
 
+@pytest.mark.slow  # the default run keeps sharded = sequential rows through the reuse and consolidate tests
 def test_shards_give_the_sequential_rows(cluster, data, sequential, tmp_path):
     address, _ = cluster
     config, whole = sequential

@@ -127,6 +127,7 @@ CRASHING_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the default run resumes to identical rows in test_hardening's full-disk test
 def test_killed_extraction_resumes_to_identical_rows(image_folder, tiny_config, tmp_path):
     crashed = tmp_path / "crashed"
     child = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(image_folder), str(crashed)],

@@ -28,6 +28,7 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # the default run trains in the resume and checkpoint round-trip tests
 def test_loss_decreases_on_a_learnable_task(colours, tmp_path):
     trainer = Trainer(colours, TINY, tmp_path / "run")
     optimizer, scheduler = trainer.optimizer_for("all", 30)
