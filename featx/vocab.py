@@ -28,6 +28,7 @@ SORTABLE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss") 
 ALIGNMENTS = ("none", "standardize", "coral")  # training features mapped towards the test images (featx.shift.align)
 PRIOR_SHIFTS = ("off", "estimate", "auto")  # the test split's class balance: ignored, reported, applied if it helps
 TABLE_FORMATS = ("parquet", "npy")  # an embedding file for other tools (featx.store.tables)
+NEIGHBOUR_INDEXES = ("exact", "faiss")  # exact search, or an HNSW graph from faiss (featx.store.neighbours)
 MAP_METHODS = ("auto", "tsne", "umap")  # auto: UMAP where umap-learn is installed (featx.comparison.dataset_map)
 
 
@@ -189,6 +190,7 @@ PARAMETERS: dict[str, OneOf | Interval | Pattern | Maybe | Boolean | Fractions] 
     # embeddings where analysts work
     "format": OneOf(TABLE_FORMATS),
     "k": Interval(int, 1),
+    "index": OneOf(NEIGHBOUR_INDEXES),
     "map_method": OneOf(MAP_METHODS),
     "max_points": Interval(int, 10),
 }

@@ -24,7 +24,7 @@ REFUSED = {"precision": "fp8", "dtype": "int8", "device": "gpu", "fit": "stretch
            "align": "mean", "prior_shift": "on", "duplicate_cosine": 0.3, "smooth_test": -1,
            "exclude_leaked": "maybe", "adapt_bn": "sometimes",
            "split": "0.7,nan,0.3", "prefetch": -1, "split_by": "random",
-           "format": "csv", "k": 0, "map_method": "pca", "max_points": 5}
+           "format": "csv", "k": 0, "index": "hnsw", "map_method": "pca", "max_points": 5}
 ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": "full", "decode": "tensor", "aug": "xray", "augment": 2,
             "tta_views": 4, "layer": "stage2, penultimate", "image_size": None, "batch_size": 1, "workers": 0, "unfreeze": "all",
             "bn": "train", "epochs": 0, "head_epochs": 1, "lr": 3e-4, "lr_min": None, "weight_decay": 0.0,
@@ -34,7 +34,7 @@ ACCEPTED = {"precision": "bf16", "dtype": "float32", "device": "cuda:1", "fit": 
             "cluster": "local:2", "align": "coral", "prior_shift": "auto", "duplicate_cosine": 0.943, "smooth_test": 10,
             "exclude_leaked": True, "adapt_bn": False,
             "split": "0.7,0.15,0.15", "prefetch": 2, "split_by": "path",
-            "format": "npy", "k": 1, "map_method": "tsne", "max_points": 10}
+            "format": "npy", "k": 1, "index": "faiss", "map_method": "tsne", "max_points": 10}
 
 
 def test_every_parameter_has_cases_here():

@@ -22,7 +22,6 @@ from featx.embed.planning import ExtractConfig
 from featx.finetuning.config import FinetuneConfig
 from featx.embed.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
 from featx.errors import DataError, FeatxError
-from featx.store.neighbours import INDEXES
 from featx.version import __version__
 
 
@@ -687,9 +686,9 @@ def map_command(file, out, map_method, max_points, seed):
 @click.argument("query", metavar="IMAGE_OR_ROW")
 @options.option("k", "-k", default=10, show_default=True, help="How many images.")
 @click.option("--split", "split_name", help="Search only this split (default: every image of the file).")
-@click.option("--index", type=click.Choice(INDEXES), default="exact", show_default=True,
-              help="exact (brute force, scikit-learn) or faiss (an HNSW graph: faster on large files, may miss a "
-                   "neighbour; pip install 'featx[similar]').")
+@options.option("index", default="exact", show_default=True,
+               help="exact (every row compared) or faiss (an HNSW graph: faster on large files, may miss a "
+                    "neighbour; pip install 'featx[similar]').")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def similar(file, query, k, split_name, index, as_json):
     """The K images of FILE nearest IMAGE_OR_ROW by cosine similarity, with their labels and splits.

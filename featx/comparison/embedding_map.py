@@ -61,16 +61,16 @@ def dataset_map(emb: Embeddings, method: str = "auto", max_points: int = MAX_POI
     (``audit.checked_labels``) where the caller made it already."""
     check("dataset_map", map_method=method, max_points=max_points, seed=seed)
     method = resolve_method(method)
-    rows = emb.rows()
-    if len(rows) < 5:
-        raise DataError(f"{emb.path}: {len(rows)} readable images; a map needs at least 5")
+    readable = emb.rows()
+    if len(readable) < 5:
+        raise DataError(f"{emb.path}: {len(readable)} readable images; a map needs at least 5")
     issues, note = checked if checked is not None else checked_labels(emb, seed)
     errors = [issue.row for issue in issues[:marked]]
     unlike = _least_like_train(emb, marked)
-    rows = _sample(rows, set(errors) | set(unlike), max_points, seed)
+    rows = _sample(readable, set(errors) | set(unlike), max_points, seed)
     xy = _layout(emb.features_at(rows), method, seed)
     columns = emb.columns(rows)
-    return DatasetMap(emb.path, method, seed, len(emb.rows()), rows, xy, columns["label"], columns["split"], errors,
+    return DatasetMap(emb.path, method, seed, len(readable), rows, xy, columns["label"], columns["split"], errors,
                       unlike, note)
 
 

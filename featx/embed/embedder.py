@@ -46,8 +46,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.progress = progress
 
     def fit(self, X, y=None):
-        features = self._embed(X)
-        self.n_features_out_ = features.shape[1]
+        self.fit_transform(X)
         return self
 
     def fit_transform(self, X, y=None, **fit_params):

@@ -14,15 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
+from featx.store.neighbours import unit_rows
 from featx.vocab import OPEN_SET_SCORES
 
 DEFAULT_SCORE = "knn"
 REFERENCE_ROWS = 2000  # training rows kept for the kNN distance; enough for a stable 5-NN estimate
 KNN = 5
-
-
-def _normalise(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -35,7 +32,7 @@ class OpenSet:
     coverage: float = 0.95
 
     def scores(self, features: np.ndarray, proba: np.ndarray) -> dict[str, np.ndarray]:
-        unit = _normalise(features.astype(np.float32))
+        unit = unit_rows(features.astype(np.float32))
         similarity = unit @ self.reference.T.astype(np.float32)
         k = min(KNN, similarity.shape[1])
         nearest = -np.sort(-similarity, axis=1)[:, :k]
@@ -48,8 +45,8 @@ class OpenSet:
     @classmethod
     def calibrate(cls, X_train, y_train, X_val, proba_val, coverage: float = 0.95, seed: int = 0) -> "OpenSet":
         """Thresholds at the ``coverage`` quantile of validation scores: that share of known images is accepted."""
-        unit = _normalise(X_train.astype(np.float32))
-        centroids = _normalise(np.stack([unit[y_train == k].mean(axis=0) for k in np.unique(y_train)]))
+        unit = unit_rows(X_train.astype(np.float32))
+        centroids = unit_rows(np.stack([unit[y_train == k].mean(axis=0) for k in np.unique(y_train)]))
         rows = np.random.default_rng(seed).permutation(len(unit))[:REFERENCE_ROWS]
         open_set = cls(centroids, unit[np.sort(rows)], coverage=coverage)
         val_scores = open_set.scores(X_val, proba_val)

@@ -37,6 +37,7 @@ from featx.errors import DataError
 from featx.data.images import ImageError, open_rgb
 from featx.store.memo import file_sha256
 from featx.store.embeddings import Embeddings
+from featx.store.neighbours import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,6 @@ def shift_between(emb: Embeddings, source: str = "train", target: str = "test", 
     return ShiftReport(source, target, overall, per_class, [str(paths[i]) for i in overall.least_alike])
 
 
-def _unit(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1, so that dot products are cosines."""
-    return X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
-
-
 @dataclass(frozen=True)
 class DuplicatePair:
     first: int  # rows of the file
@@ -220,7 +216,7 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
     Blocks of rows against all later rows: memory stays at ``block`` × rows, whatever the file's size.
     """
     rows, X = emb.rows(), emb.features()  # features() holds the rows of rows(), in order
-    X = _unit(X)
+    X = unit_rows(X)
     pairs = []
     for begin in range(0, len(X), block):
         similarity = X[begin:begin + block] @ X[begin:].T
@@ -233,11 +229,11 @@ def near_duplicates(emb: Embeddings, threshold: float = DUPLICATE_COSINE, block:
 def has_near_duplicate(X: np.ndarray, reference: np.ndarray, threshold: float = DUPLICATE_COSINE,
                        block: int = 512) -> np.ndarray:
     """For each row of ``X``, whether some row of ``reference`` has cosine ≥ ``threshold`` with it (blockwise)."""
-    reference = _unit(reference)
+    reference = unit_rows(reference)
     found = np.zeros(len(X), bool)
     for begin in range(0, len(X), block):
         part = X[begin:begin + block]
-        part = _unit(part)
+        part = unit_rows(part)
         found[begin:begin + block] = (part @ reference.T).max(axis=1, initial=-1.0) >= threshold
     return found
 
@@ -387,9 +383,9 @@ def checked_labels(emb: Embeddings, seed: int = 0) -> tuple[list[LabelIssue], st
 def outliers(emb: Embeddings, split: str = "train", count: int = 20) -> list[tuple[int, float]]:
     """The ``count`` rows of ``split`` least like every class: (row, 1 − cosine to the nearest class centroid)."""
     rows, X, y = emb.rows(split), emb.features(split), emb.labels(split)
-    unit = _unit(X)
+    unit = unit_rows(X)
     centroids = np.stack([unit[y == k].mean(0) for k in np.unique(y[y >= 0])])
-    centroids = _unit(centroids)
+    centroids = unit_rows(centroids)
     distance = 1.0 - (unit @ centroids.T).max(1)
     worst = np.argsort(-distance, kind="stable")[:count]
     return [(int(rows[i]), float(distance[i])) for i in worst]

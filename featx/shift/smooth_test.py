@@ -13,6 +13,7 @@ from scipy.special import softmax
 from sklearn.neighbors import NearestNeighbors
 
 from featx.shift.remedy import Context, Fitted, Remedy, Scores
+from featx.store.neighbours import unit_rows
 
 log = logging.getLogger(__name__)
 SPREAD_WEIGHT = 0.5  # the share of an image's smoothed scores that comes from its neighbours (label spreading's α)
@@ -30,7 +31,7 @@ def smooth_over_neighbours(X: np.ndarray, proba: np.ndarray, k: int) -> np.ndarr
     k = min(k, len(X) - 1)
     if k < 1:
         return proba
-    unit = X / np.clip(np.linalg.norm(X, axis=1, keepdims=True), 1e-12, None)
+    unit = unit_rows(X)
     found = NearestNeighbors(n_neighbors=k + 1).fit(unit).kneighbors(unit, return_distance=False)
     neighbours = np.array([[j for j in row if j != i][:k] for i, row in enumerate(found)])
     seeds = np.log(np.clip(proba, 1e-6, None))

@@ -471,8 +471,10 @@ class Embeddings:
         if not len(rows):
             raise DataError(f"{self.path}: no readable rows to search" + (f" in split {split!r}" if split else ""))
         found, similarities = NeighbourIndex(self.features_at(rows), index).query(vector, k)
-        return [Neighbour(int(rows[i]), self.paths[rows[i]], self.columns([rows[i]])["label"][0],
-                          self.splits[rows[i]], float(s)) for i, s in zip(found[0], similarities[0]) if i >= 0]
+        nearest = rows[found[0][found[0] >= 0]]  # faiss marks missing answers -1
+        columns = self.columns(nearest)
+        return [Neighbour(int(row), path, label, split, float(s)) for row, path, label, split, s
+                in zip(nearest, columns["path"], columns["label"], columns["split"], similarities[0])]
 
     @property
     def backbone(self) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx.errors import ConfigError
+from featx.vocab import check
 
-INDEXES = ("exact", "faiss")
 HNSW_LINKS = 32  # graph edges per node: faiss's usual choice for a few hundred to a few thousand dimensions
 HNSW_SEARCH = 128  # candidates kept while searching: recall against exact search, for a little more time
 
@@ -33,11 +33,9 @@ class Neighbour:
     similarity: float
 
 
-def unit_rows(features: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to length 1 (a zero row stays zero)."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.where(norms > 0, norms, 1)
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, so that dot products are cosines (a zero row stays zero)."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 class NeighbourIndex:
@@ -45,11 +43,9 @@ class NeighbourIndex:
     nearest first."""
 
     def __init__(self, features: np.ndarray, index: str = "exact"):
-        if index not in INDEXES:
-            raise ConfigError(f"The 'index' parameter of NeighbourIndex must be one of {', '.join(INDEXES)}. "
-                              f"Got {index!r} instead.")
+        check("NeighbourIndex", index=index)
         self.index, self.size = index, len(features)
-        vectors = unit_rows(features)
+        vectors = unit_rows(np.asarray(features, dtype=np.float32))
         if index == "exact":
             self._search = vectors
         else:
@@ -60,7 +56,7 @@ class NeighbourIndex:
 
     def query(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(rows, similarities), each ``(len(vectors), min(k, size))``, nearest first."""
-        vectors = unit_rows(np.atleast_2d(vectors))
+        vectors = unit_rows(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         k = min(k, self.size)
         if self.index == "exact":
             similarities = vectors @ self._search.T
